@@ -1,0 +1,294 @@
+"""Measure one GGUF file with llama.cpp, the way llama-bench does, through the low-level API.
+
+Runs inside the child process (:mod:`harness.worker`). For each depth and each test (pp, tg) a context of
+``n_prompt + n_gen + n_depth`` tokens is created, as llama-bench does; one untimed warm-up, then each
+repetition clears the KV cache, restores the pre-filled depth (untimed), and times only ``llama_decode``
+calls on seeded random token ids: no tokenization, no sampling. ``pp`` decodes the prompt in ``n_batch``
+chunks with logits for the last token only; ``tg`` decodes one token per call and synchronizes each token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from harness import memory
+from harness.llamalog import LogCapture, flash_attn_resolved, parse_buffers
+
+log = logging.getLogger(__name__)
+
+FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
+ALL_LAYERS = 999  # n_gpu_layers -1 means all; llama.cpp clamps to the model's layer count
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Test:
+    kind: str  # "pp" or "tg"
+    n_prompt: int
+    n_gen: int
+    n_depth: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_prompt + self.n_gen
+
+
+def tests_for(bench: dict[str, Any]) -> list[Test]:
+    """The tests of one model file, ordered like llama-bench: per depth, pp then tg."""
+    out = []
+    for d in bench["depths"]:
+        if bench["n_prompt"] > 0:
+            out.append(Test("pp", bench["n_prompt"], 0, d))
+        if bench["n_gen"] > 0:
+            out.append(Test("tg", 0, bench["n_gen"], d))
+    return out
+
+
+def device_of(model_buffers: dict[str, int]) -> str:
+    """Where the weights live, from llama.cpp's buffer names: CUDA0 -> cuda, Metal -> metal, else cpu."""
+    names = [n for n, size in model_buffers.items() if size > 0]
+    for prefix, dev in (("CUDA", "cuda"), ("ROCm", "rocm"), ("Metal", "metal"), ("MTL", "metal"),
+                        ("Vulkan", "vulkan"), ("SYCL", "sycl")):
+        if any(n.startswith(prefix) for n in names):
+            return dev
+    return "cpu"
+
+
+class _Batch:
+    """A llama_batch for up to `capacity` tokens of sequence 0, filled from numpy without Python loops."""
+
+    def __init__(self, llama_cpp, capacity: int):
+        self._lib = llama_cpp
+        self.capacity = capacity
+        self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        for i in range(capacity):
+            self.batch.n_seq_id[i] = 1
+            self.batch.seq_id[i][0] = 0
+        self._zeros = (ctypes.c_int8 * capacity)()
+
+    def fill(self, tokens: np.ndarray, pos0: int) -> None:
+        n = len(tokens)
+        b = self.batch
+        ctypes.memmove(b.token, tokens.ctypes.data, n * 4)
+        pos = np.arange(pos0, pos0 + n, dtype=np.int32)
+        ctypes.memmove(b.pos, pos.ctypes.data, n * 4)
+        ctypes.memmove(b.logits, self._zeros, n)
+        b.logits[n - 1] = 1  # logits of the last token only, as llama-bench
+        b.n_tokens = n
+
+    def free(self) -> None:
+        self._lib.llama_batch_free(self.batch)
+
+
+class Session:
+    """A loaded model plus what is needed to run llama-bench's tests on it."""
+
+    def __init__(self, path: str, bench: dict[str, Any], capture: LogCapture):
+        import llama_cpp
+
+        self.lib = llama_cpp
+        self.bench = bench
+        self.capture = capture
+        self.rng = np.random.default_rng(bench["seed"])
+        llama_cpp.llama_backend_init()
+        mp = llama_cpp.llama_model_default_params()
+        ngl = bench["n_gpu_layers"]
+        mp.n_gpu_layers = ALL_LAYERS if ngl < 0 else ngl
+        capture.take()
+        t0 = time.perf_counter_ns()
+        self.model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
+        self.load_ns = time.perf_counter_ns() - t0
+        self.load_log = capture.take()
+        if not self.model:
+            tail = "; ".join(x.strip() for x in self.load_log[-4:] if x.strip())
+            raise BenchError(f"llama.cpp failed to load the model: {tail or 'no reason logged'}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab) if llama_cpp.llama_vocab_get_add_bos(self.vocab) else None
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self.model, buf, len(buf))
+        self.desc = buf.value.decode(errors="replace")
+        self.size_bytes = int(llama_cpp.llama_model_size(self.model))
+        self.n_params = int(llama_cpp.llama_model_n_params(self.model))
+        self.model_buffers = parse_buffers(self.load_log).model
+        self.device = device_of(self.model_buffers)
+        self.gpu_offload_supported = bool(llama_cpp.llama_supports_gpu_offload())
+
+    def tokens(self, n: int, first_bos: bool) -> np.ndarray:
+        t = self.rng.integers(0, self.n_vocab, size=n, dtype=np.int32)
+        if first_bos and self.bos is not None and n:
+            t[0] = self.bos
+        return t
+
+    def context(self, test: Test):
+        lib, b = self.lib, self.bench
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = test.n_prompt + test.n_gen + test.n_depth
+        cp.n_batch = b["n_batch"]
+        cp.n_ubatch = b["n_ubatch"]
+        cp.n_threads = b["threads"]
+        cp.n_threads_batch = b["threads"]
+        cp.flash_attn_type = FLASH_ATTN_TYPES[b["flash_attn"]]
+        cp.swa_full = False
+        self.capture.take()
+        ctx = lib.llama_init_from_model(self.model, cp)
+        ctx_log = self.capture.take()
+        if not ctx:
+            tail = "; ".join(x.strip() for x in ctx_log[-4:] if x.strip())
+            raise BenchError(f"llama.cpp failed to create a context of {cp.n_ctx} tokens: {tail}")
+        return ctx, ctx_log
+
+    def _decode(self, ctx, batch: _Batch) -> None:
+        rc = self.lib.llama_decode(ctx, batch.batch)
+        if rc != 0:
+            raise BenchError(f"llama_decode failed with code {rc}")
+
+    def run_prompt(self, ctx, batch: _Batch, n: int, token_chunks: list[np.ndarray]) -> None:
+        """Decode `n` tokens in n_batch chunks (pre-drawn in `token_chunks`), then synchronize."""
+        mem = self.lib.llama_get_memory(ctx)
+        pos = self.lib.llama_memory_seq_pos_max(mem, 0) + 1
+        for chunk in token_chunks:
+            batch.fill(chunk, pos)
+            self._decode(ctx, batch)
+            pos += len(chunk)
+        self.lib.llama_synchronize(ctx)
+
+    def run_gen(self, ctx, batch: _Batch, tokens: np.ndarray) -> None:
+        """One llama_decode per token, synchronized after each, as llama-bench's test_gen."""
+        lib = self.lib
+        mem = lib.llama_get_memory(ctx)
+        pos = lib.llama_memory_seq_pos_max(mem, 0) + 1
+        b = batch.batch
+        b.n_tokens = 1
+        b.logits[0] = 1
+        for tok in tokens.tolist():
+            b.token[0] = tok
+            b.pos[0] = pos
+            rc = lib.llama_decode(ctx, b)
+            if rc != 0:
+                raise BenchError(f"llama_decode failed with code {rc}")
+            lib.llama_synchronize(ctx)
+            pos += 1
+
+    def prompt_chunks(self, n: int) -> list[np.ndarray]:
+        toks = self.tokens(n, first_bos=True)
+        nb = self.bench["n_batch"]
+        return [toks[i:i + nb] for i in range(0, n, nb)]
+
+    def gen_tokens(self, n: int) -> np.ndarray:
+        return self.tokens(n, first_bos=True)
+
+    def free(self) -> None:
+        if self.model:
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+
+def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], None],
+            capture: LogCapture, progress: Callable[[str], None] = lambda s: None) -> None:
+    """Load `path`, run every test, and emit one dict per timed repetition (fields of schema.Record)."""
+    nvml = memory.nvml_probe()
+    gpu_sampler = memory.PeakSampler(nvml.read, interval_s=0.02) if nvml else None
+    rss_before = memory.rss_bytes()
+    gpu_before = nvml.read() if nvml else None
+    if gpu_sampler:
+        gpu_sampler.__enter__()
+    s = None
+    try:
+        s = Session(path, bench, capture)
+        rss_after = memory.rss_bytes()
+        gpu_after = nvml.read() if nvml else None
+        if nvml and s.device == "cpu" and bench["n_gpu_layers"] != 0:
+            log.warning("NVML sees %s but llama.cpp put the weights on the CPU", nvml.name)
+        model_fields = {
+            "model_desc": s.desc, "model_size_bytes": s.size_bytes, "model_n_params": s.n_params,
+            "device": s.device, "gpu_offload_supported": s.gpu_offload_supported,
+            "model_buffers": s.model_buffers, "weights_bytes": sum(s.model_buffers.values()),
+            "rss_before_load_bytes": rss_before, "rss_after_load_bytes": rss_after, "load_ns": s.load_ns,
+            "gpu_name": nvml.name if nvml else None,
+            "gpu_used_before_load_bytes": gpu_before.device_used_bytes if gpu_before else None,
+            "gpu_used_after_load_bytes": gpu_after.device_used_bytes if gpu_after else None,
+            "n_threads": bench["threads"], "n_batch": bench["n_batch"], "n_ubatch": bench["n_ubatch"],
+            "n_gpu_layers": bench["n_gpu_layers"], "flash_attn": bench["flash_attn"],
+        }
+        skip = {tuple(c) for c in bench.get("skip_cells", ())}  # (test, depth, rep) done before a resume
+        for test in tests_for(bench):
+            reps = [r for r in range(bench["repetitions"]) if (test.kind, test.n_depth, r) not in skip]
+            if not reps:
+                continue
+            _run_test(s, test, reps, bench, model_fields, gpu_sampler, emit, progress)
+    finally:
+        if s is not None:
+            s.free()
+        if gpu_sampler:
+            gpu_sampler.__exit__(None, None, None)
+
+
+def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], model_fields: dict[str, Any],
+              gpu_sampler, emit, progress) -> None:
+    lib = s.lib
+    ctx, ctx_log = s.context(test)
+    batch = _Batch(lib, max(bench["n_batch"], 1))
+    try:
+        bufs = parse_buffers(ctx_log)
+        fa = flash_attn_resolved(ctx_log)
+        mem = lib.llama_get_memory(ctx)
+        label = f"{test.kind}{test.n_tokens}" + (f"@d{test.n_depth}" if test.n_depth else "")
+        depth_state = None
+        if bench["warmup"]:
+            progress(f"{label} warm-up")
+        for _ in range(bench["warmup"]):
+            lib.llama_memory_clear(mem, False)
+            if test.kind == "pp":
+                s.run_prompt(ctx, batch, test.n_prompt, s.prompt_chunks(test.n_prompt))
+            else:
+                s.run_gen(ctx, batch, s.gen_tokens(1))
+        for r in reps:
+            lib.llama_memory_clear(mem, False)
+            if test.n_depth:
+                if depth_state is None:
+                    s.run_prompt(ctx, batch, test.n_depth, s.prompt_chunks(test.n_depth))
+                    n = lib.llama_state_seq_get_size(ctx, 0)
+                    depth_state = (ctypes.c_uint8 * n)()
+                    lib.llama_state_seq_get_data(ctx, depth_state, n, 0)
+                elif lib.llama_state_seq_set_data(ctx, depth_state, len(depth_state), 0) == 0:
+                    lib.llama_memory_clear(mem, False)
+                    s.run_prompt(ctx, batch, test.n_depth, s.prompt_chunks(test.n_depth))
+            progress(f"{label} rep {r + 1}/{bench['repetitions']}")
+            if test.kind == "pp":
+                chunks = s.prompt_chunks(test.n_prompt)
+                t0 = time.perf_counter_ns()
+                s.run_prompt(ctx, batch, test.n_prompt, chunks)
+                wall = time.perf_counter_ns() - t0
+            else:
+                toks = s.gen_tokens(test.n_gen)
+                t0 = time.perf_counter_ns()
+                s.run_gen(ctx, batch, toks)
+                wall = time.perf_counter_ns() - t0
+            g = gpu_sampler.peak if gpu_sampler else None
+            emit({
+                **model_fields,
+                "test": test.kind, "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth,
+                "rep": r, "wall_ns": wall, "tokens_per_s": test.n_tokens * 1e9 / wall,
+                "n_ctx": test.n_prompt + test.n_gen + test.n_depth,
+                "kv_buffers": bufs.kv, "compute_buffers": bufs.compute, "output_buffers": bufs.output,
+                "kv_bytes": sum(bufs.kv.values()), "compute_bytes": sum(bufs.compute.values()),
+                "output_bytes": sum(bufs.output.values()),
+                "rss_peak_bytes": memory.peak_rss_bytes(),
+                "gpu_used_peak_bytes": g.device_used_bytes if g else None,
+                "gpu_process_bytes": g.process_bytes if g else None,
+                "extra": {"flash_attn_resolved": fa} if fa else {},
+            })
+    finally:
+        batch.free()
+        lib.llama_free(ctx)

@@ -1,0 +1,127 @@
+"""Command line: ``python -m harness {run,report,inspect,estimate} ...``.
+
+Exit status: 0 everything measured; 1 some quants failed (their error records say why) or a run could not
+start; 2 a mistake in the config or the command line; 130 interrupted (the results folder can be resumed).
+User mistakes are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from harness.config import ConfigError
+
+log = logging.getLogger("harness")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Subcommands other than `run`, each a module with add_parser(subparsers) and main(args) -> int.
+COMMANDS = {
+    # name: module
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, exit 2, as for config errors
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="measure every quant of a config", description=(
+        "Get each quant's GGUF file (build, download or find it), measure tokens/s and memory with llama.cpp "
+        "in a child process per file, and write results/<run-id>/records.jsonl."))
+    p.add_argument("config", type=Path, help="YAML config, e.g. configs/1b-synthetic.yaml")
+    p.add_argument("--out", type=Path, help="results folder to create (default: results/<utc>-<name>)")
+    p.add_argument("--resume", type=Path, metavar="RESULTS_DIR",
+                   help="finish an interrupted run: measure only the cells missing from its records")
+    p.add_argument("--quants", help="comma-separated subset or list of quants, overriding the config")
+    p.add_argument("--repetitions", type=int, help="override bench.repetitions")
+    p.add_argument("--threads", type=int, help="override bench.threads")
+    p.add_argument("--n-gpu-layers", type=int, dest="n_gpu_layers", help="override bench.n_gpu_layers")
+    p.add_argument("--timeout", type=float, dest="timeout_s", help="override bench.timeout_s (per model file)")
+    p.add_argument("--cache-dir", help="where synthetic models are built (default: $HARNESS_CACHE or "
+                                       "~/.cache/harness)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+
+def _run(args) -> int:
+    from harness import config, runner, schema, summary
+
+    overrides = {}
+    if args.quants:
+        overrides["quants"] = args.quants
+    for key in ("repetitions", "threads", "n_gpu_layers", "timeout_s"):
+        if getattr(args, key) is not None:
+            overrides[f"bench.{key}"] = getattr(args, key)
+    if args.cache_dir:
+        overrides["cache_dir"] = args.cache_dir
+    if args.out and args.resume:
+        raise ConfigError("--out and --resume exclude each other: --resume continues the folder it names")
+    cfg = config.load(args.config, overrides)
+    try:
+        run_dir, errors = runner.run(cfg, out=args.out, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        raise
+    records = schema.read_records(run_dir / "records.jsonl")
+    table = summary.per_quant(summary.records_frame(records))
+    print(summary.text_table(table))
+    for quant, err in errors.items():
+        print(f"{quant}: {err}")
+    if not args.no_report and "report" in COMMANDS:
+        report = importlib.import_module(COMMANDS["report"])
+        try:
+            out = report.write_report(run_dir)
+            print(f"report: {out}")
+        except Exception as e:  # noqa: BLE001 - a report failure must not hide the measurements
+            log.exception("report failed")
+            print(f"report failed: {e} (the records are intact; retry with python -m harness report {run_dir})",
+                  file=sys.stderr)
+    print(run_dir)
+    return EXIT_FAILED if errors else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m harness", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run(sub)
+    for module in COMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from harness.runner import RunError
+    from harness.sources import SourceError
+
+    try:
+        if args.command == "run":
+            return _run(args)
+        return importlib.import_module(COMMANDS[args.command]).main(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RunError, SourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "run":
+            hint = f"; resume with: python -m harness run {args.config} --resume RESULTS_DIR (the folder above)"
+        print(f"\ninterrupted: every finished measurement is on disk{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

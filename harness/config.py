@@ -1,0 +1,290 @@
+"""Run configuration: YAML in, frozen dataclasses out, validated strictly in this one place.
+
+Precedence is CLI > YAML > defaults (the CLI passes its overrides to :func:`load`). Every user mistake
+becomes a :class:`ConfigError` naming the field, with "did you mean ...?" for near misses; the CLI turns
+it into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness import quants
+from harness.quants import suggest
+
+SOURCES = ("synthetic", "hub", "local")
+ARCHITECTURES = ("llama-3.2-1b", "tiny")  # kept in step with harness.synthetic.ARCHS
+FLASH_ATTN = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+    """A mistake in the user's config or command line; the message is one line naming the field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str = "synthetic"  # where the GGUF files come from: synthetic | hub | local
+    architecture: str = "llama-3.2-1b"  # synthetic only: shape to build
+    seed: int = 0  # synthetic only: seed of the random weights
+    imatrix: bool = True  # synthetic only: quantize with a uniform importance matrix, as the Hub's files are
+    repo: str | None = None  # hub only: "owner/name"
+    file: str | None = None  # hub only: file name pattern with {quant}
+    revision: str | None = None  # hub only: branch, tag or commit to pin
+    path: str | None = None  # local only: path pattern with {quant}
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    n_prompt: int = 512  # tokens in the prompt-processing (pp) test; 0 skips pp
+    n_gen: int = 128  # tokens in the generation (tg) test; 0 skips tg
+    depths: tuple[int, ...] = (0,)  # KV-cache fill (tokens) before each test, pre-filled untimed
+    repetitions: int = 5  # timed repetitions per test
+    warmup: int = 1  # untimed warm-up runs per test
+    n_gpu_layers: int = -1  # layers to offload; -1 = all, where the build can offload
+    flash_attn: str = "auto"  # auto | on | off
+    threads: int | None = None  # CPU threads; None = physical cores (llama-bench's default)
+    n_batch: int = 512  # logical batch size
+    n_ubatch: int = 512  # physical batch size
+    seed: int = 42  # seed of the random token ids
+    timeout_s: float = 1800.0  # wall-clock limit for one model file in its child process
+    memory_limit_mb: int | None = None  # address-space limit on the child process; None = none
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    quants: tuple[str, ...] = quants.PAGE_QUANTS
+    bench: BenchSpec = field(default_factory=BenchSpec)
+    cache_dir: str | None = None  # where synthetic models are built; None = $HARNESS_CACHE or ~/.cache/harness
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["quants"] = list(self.quants)
+        d["bench"]["depths"] = list(self.bench.depths)
+        return d
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        env = os.environ.get("HARNESS_CACHE")
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "harness"
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _check_keys(where: str, data: dict, allowed: list[str]) -> None:
+    for key in data:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(
+                f"unknown key {prefix}{key}{suggest(str(key), allowed)}; allowed: {', '.join(allowed)}"
+            )
+
+
+def _typed(where: str, value: Any, kind: type | tuple, *, allow_none: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python; a YAML "yes" must not pass for a count.
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        names = " or ".join(k.__name__ for k in kinds) + (" or null" if allow_none else "")
+        raise ConfigError(f"{where} must be {names}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _positive(where: str, value: int, *, zero_ok: bool = False) -> int:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{where} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+    return value
+
+
+def _model(data: Any) -> ModelSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"model must be a mapping, got {type(data).__name__}")
+    _check_keys("model", data, _field_names(ModelSpec))
+    source = _typed("model.source", data.get("source", "synthetic"), str)
+    if source not in SOURCES:
+        raise ConfigError(f"model.source {source!r} is not one of {', '.join(SOURCES)}{suggest(source, SOURCES)}")
+    own = {
+        "synthetic": {"source", "architecture", "seed", "imatrix"},
+        "hub": {"source", "repo", "file", "revision"},
+        "local": {"source", "path"},
+    }[source]
+    for key in data:
+        if key not in own:
+            raise ConfigError(f"model.{key} does not apply to source {source!r} (it takes: {', '.join(sorted(own))})")
+    spec = ModelSpec(source=source)
+    if source == "synthetic":
+        arch = _typed("model.architecture", data.get("architecture", spec.architecture), str)
+        if arch not in ARCHITECTURES:
+            raise ConfigError(
+                f"model.architecture {arch!r} is not one of {', '.join(ARCHITECTURES)}{suggest(arch, ARCHITECTURES)}"
+            )
+        seed = _typed("model.seed", data.get("seed", 0), int)
+        imatrix = _typed("model.imatrix", data.get("imatrix", True), bool)
+        return ModelSpec(source=source, architecture=arch, seed=seed, imatrix=imatrix)
+    if source == "hub":
+        repo = data.get("repo")
+        if not repo:
+            raise ConfigError("model.repo is required for source 'hub' (e.g. bartowski/Llama-3.2-1B-Instruct-GGUF)")
+        repo = _typed("model.repo", repo, str)
+        if repo.count("/") != 1 or repo.startswith("/") or repo.endswith("/"):
+            raise ConfigError(f"model.repo must look like 'owner/name', got {repo!r}")
+        file = _typed("model.file", data.get("file"), str, allow_none=True)
+        if not file:
+            raise ConfigError("model.file is required for source 'hub': a file name pattern with {quant}")
+        _need_quant_pattern("model.file", file)
+        revision = _typed("model.revision", data.get("revision"), str, allow_none=True)
+        return ModelSpec(source=source, architecture="", repo=repo, file=file, revision=revision)
+    path = _typed("model.path", data.get("path"), str, allow_none=True)
+    if not path:
+        raise ConfigError("model.path is required for source 'local': a path pattern with {quant}")
+    _need_quant_pattern("model.path", path)
+    return ModelSpec(source=source, architecture="", path=path)
+
+
+def _need_quant_pattern(where: str, pattern: str) -> None:
+    if "{quant}" not in pattern:
+        raise ConfigError(f"{where} {pattern!r} must contain {{quant}}, which each quant name replaces")
+    try:
+        pattern.format(quant="Q4_K_M")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{where} {pattern!r} has a placeholder other than {{quant}}: {e}") from None
+
+
+def _quants(data: Any) -> tuple[str, ...]:
+    if isinstance(data, str):
+        data = [q.strip() for q in data.split(",") if q.strip()]
+    if not isinstance(data, list) or not data:
+        raise ConfigError("quants must be a non-empty list of quant names, e.g. [Q4_K_M, Q8_0]")
+    out: list[str] = []
+    for i, q in enumerate(data):
+        if not isinstance(q, str):
+            raise ConfigError(f"quants[{i}] must be a string, got {type(q).__name__} {q!r}")
+        try:
+            quants.get(q)
+        except quants.UnknownQuant as e:
+            raise ConfigError(f"quants[{i}]: {e}") from None
+        if q in out:
+            raise ConfigError(f"quants[{i}]: {q} is listed twice")
+        out.append(q)
+    return tuple(out)
+
+
+def _bench(data: Any) -> BenchSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"bench must be a mapping, got {type(data).__name__}")
+    _check_keys("bench", data, _field_names(BenchSpec))
+    d = BenchSpec()
+    kw: dict[str, Any] = {}
+    for name in ("n_prompt", "n_gen", "repetitions", "warmup"):
+        kw[name] = _positive(f"bench.{name}", _typed(f"bench.{name}", data.get(name, getattr(d, name)), int),
+                             zero_ok=name != "repetitions")
+    for name in ("n_batch", "n_ubatch"):
+        kw[name] = _positive(f"bench.{name}", _typed(f"bench.{name}", data.get(name, getattr(d, name)), int))
+    if kw["n_prompt"] == 0 and kw["n_gen"] == 0:
+        raise ConfigError("bench.n_prompt and bench.n_gen are both 0: nothing to measure")
+    if kw["n_ubatch"] > kw["n_batch"]:
+        raise ConfigError(f"bench.n_ubatch ({kw['n_ubatch']}) must not exceed bench.n_batch ({kw['n_batch']})")
+    depths = data.get("depths", list(d.depths))
+    if isinstance(depths, int) and not isinstance(depths, bool):
+        depths = [depths]
+    if not isinstance(depths, list) or not depths:
+        raise ConfigError("bench.depths must be a non-empty list of token counts, e.g. [0, 4096]")
+    kw["depths"] = tuple(
+        _positive(f"bench.depths[{i}]", _typed(f"bench.depths[{i}]", x, int), zero_ok=True)
+        for i, x in enumerate(depths)
+    )
+    if len(set(kw["depths"])) != len(kw["depths"]):
+        raise ConfigError(f"bench.depths lists a depth twice: {list(kw['depths'])}")
+    ngl = _typed("bench.n_gpu_layers", data.get("n_gpu_layers", d.n_gpu_layers), int)
+    if ngl < -1:
+        raise ConfigError(f"bench.n_gpu_layers must be -1 (all) or >= 0, got {ngl}")
+    kw["n_gpu_layers"] = ngl
+    fa = data.get("flash_attn", d.flash_attn)
+    if isinstance(fa, bool):  # YAML reads a bare on/off as a bool
+        fa = "on" if fa else "off"
+    fa = _typed("bench.flash_attn", fa, str)
+    if fa not in FLASH_ATTN:
+        raise ConfigError(f"bench.flash_attn {fa!r} is not one of {', '.join(FLASH_ATTN)}{suggest(fa, FLASH_ATTN)}")
+    kw["flash_attn"] = fa
+    threads = _typed("bench.threads", data.get("threads", d.threads), int, allow_none=True)
+    kw["threads"] = None if threads is None else _positive("bench.threads", threads)
+    kw["seed"] = _typed("bench.seed", data.get("seed", d.seed), int)
+    timeout = _typed("bench.timeout_s", data.get("timeout_s", d.timeout_s), float)
+    if timeout <= 0:
+        raise ConfigError(f"bench.timeout_s must be > 0, got {timeout}")
+    kw["timeout_s"] = timeout
+    mem = _typed("bench.memory_limit_mb", data.get("memory_limit_mb", d.memory_limit_mb), int, allow_none=True)
+    kw["memory_limit_mb"] = None if mem is None else _positive("bench.memory_limit_mb", mem)
+    return BenchSpec(**kw)
+
+
+def from_dict(data: Any, overrides: dict[str, Any] | None = None) -> Config:
+    """Validate a parsed YAML document (plus CLI overrides, dotted keys like 'bench.repetitions')."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping at the top level, got {type(data).__name__}")
+    data = json.loads(json.dumps(data))  # deep copy; also rejects YAML-only types like dates
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    _check_keys("", data, _field_names(Config))
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("name is required: a short name for the run, e.g. llama-3.2-1b-synthetic")
+    if any(c in name for c in "/\\\0") or name.startswith("."):
+        raise ConfigError(f"name {name!r} must not contain '/', '\\' or start with '.' (it names folders)")
+    model = _model(data.get("model", {}))
+    qs = _quants(data.get("quants", list(quants.PAGE_QUANTS)))
+    bench = _bench(data.get("bench", {}))
+    cache_dir = _typed("cache_dir", data.get("cache_dir"), str, allow_none=True)
+    return Config(name=name, model=model, quants=qs, bench=bench, cache_dir=cache_dir)
+
+
+def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
+    p = Path(path)
+    if not p.is_file():
+        hint = ""
+        folder = p.parent if str(p.parent) else Path(".")
+        if folder.is_dir():
+            names = [x.name for x in folder.glob("*.y*ml")]
+            hint = suggest(p.name, names)
+        raise ConfigError(f"config file {str(path)!r} not found{hint}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    try:
+        return from_dict(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

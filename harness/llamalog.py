@@ -1,0 +1,124 @@
+"""Capture llama.cpp's log and read its memory accounting out of it.
+
+llama.cpp reports every buffer it allocates (model weights per device, KV cache, compute scratch, logits
+output) only in its log, as lines such as::
+
+    load_tensors:   CPU_Mapped model buffer size =   762.81 MiB
+    llama_kv_cache:        CPU KV buffer size =    16.00 MiB
+    sched_reserve:        CPU compute buffer size =   254.50 MiB
+
+:class:`LogCapture` installs a callback (``llama_log_set``) that collects whole lines; :func:`parse_buffers`
+turns them into bytes per buffer name. The parser is pure, so it is tested on fixed text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+_BUFFER_RE = re.compile(
+    r"^\s*(?P<func>[\w:]+):\s+(?P<buf>\S+)\s+(?P<kind>model|KV|compute|output|RS)\s+buffer size\s*=\s*"
+    r"(?P<mib>[0-9.]+)\s*MiB"
+)
+KINDS = {"model": "model", "KV": "kv", "compute": "compute", "output": "output", "RS": "kv"}
+
+
+class Buffers(NamedTuple):
+    model: dict[str, int]  # weights, bytes per buffer name (CPU_Mapped, CPU_REPACK, CUDA0, ...)
+    kv: dict[str, int]  # KV cache (or recurrent state)
+    compute: dict[str, int]  # compute scratch
+    output: dict[str, int]  # logits/embeddings output
+
+
+def parse_buffers(lines: Iterable[str]) -> Buffers:
+    """Bytes per buffer name and kind. MiB in the log carry 2 decimals: each value is good to ~5 KiB.
+    The same name logged twice for one kind (e.g. several compute reservations) is summed."""
+    out: Buffers = Buffers({}, {}, {}, {})
+    for line in lines:
+        m = _BUFFER_RE.match(line)
+        if not m:
+            continue
+        d = getattr(out, KINDS[m["kind"]])
+        d[m["buf"]] = d.get(m["buf"], 0) + round(float(m["mib"]) * 1024 * 1024)
+    return out
+
+
+_FA_RE = re.compile(r"flash_attn\s*=\s*(?P<val>\w+)")
+_FA_AUTO_RE = re.compile(r"Flash Attention was auto, set to (?P<val>\w+)")
+
+
+def flash_attn_resolved(lines: Iterable[str]) -> str | None:
+    """What 'auto' flash attention became, from llama.cpp's context log, if it says."""
+    val = None
+    for line in lines:
+        m = _FA_AUTO_RE.search(line)
+        if m:
+            return m["val"]
+        m = _FA_RE.search(line)
+        if m and line.lstrip().startswith("llama_context:"):
+            val = m["val"]
+    return val
+
+
+class LogCapture:
+    """Collects llama.cpp's log lines while installed. Lines arrive in pieces; they are joined on newline.
+
+    ``on_line`` sees every complete line (for progress bars). Only one capture is active per process, since
+    llama.cpp has one global logger.
+    """
+
+    def __init__(self, on_line: Callable[[str], None] | None = None, echo: Callable[[str], None] | None = None):
+        self.lines: list[str] = []
+        self._partial = ""
+        self._on_line = on_line
+        self._echo = echo
+        self._cb = None
+
+    def _feed(self, text: str) -> None:
+        text = self._partial + text
+        *complete, self._partial = text.split("\n")
+        for line in complete:
+            self.lines.append(line)
+            if self._echo:
+                self._echo(line)
+            if self._on_line:
+                self._on_line(line)
+
+    def take(self) -> list[str]:
+        """The lines collected since the last take()."""
+        lines, self.lines = self.lines, []
+        return lines
+
+    def __enter__(self) -> LogCapture:
+        import llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            try:
+                self._feed(text.decode("utf-8", errors="replace"))
+            except Exception:  # noqa: BLE001 - an exception must never cross into C
+                pass
+
+        self._cb = _cb  # keep a reference: ctypes callbacks die with their Python object
+        llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._partial:
+            self._feed("\n")
+        silence()
+
+
+_silent_cb = None
+
+
+def silence() -> None:
+    """Route llama.cpp's log to nowhere (its default prints everything to stderr)."""
+    global _silent_cb
+    import llama_cpp
+
+    if _silent_cb is None:  # created once and kept: llama.cpp holds the pointer for the process's life
+        _silent_cb = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_silent_cb, ctypes.c_void_p(0))

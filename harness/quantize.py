@@ -1,0 +1,139 @@
+"""Quantize a GGUF with llama.cpp's own quantizer, and build/cache the synthetic model files.
+
+Cache layout (under the config's cache dir)::
+
+    synthetic/<arch>-seed<seed>-w<writer version>/F16.gguf
+    synthetic/<arch>-seed<seed>-w<writer version>/llama-cpp-python-<version>/<arch>-<quant>[-imatrix].gguf
+
+so a new llama.cpp (whose recipes may change) or a new writer never reuses a stale file. Every file is
+written under a temporary name and renamed into place, so a killed build never leaves a file that looks done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+from pathlib import Path
+
+from harness import quants, synthetic
+from harness.llamalog import LogCapture
+
+log = logging.getLogger(__name__)
+
+_PROGRESS_RE = re.compile(r"\[\s*(\d+)\s*/\s*(\d+)\]")
+
+
+class QuantizeError(RuntimeError):
+    pass
+
+
+def llama_cpp_version() -> str:
+    import llama_cpp
+
+    return llama_cpp.__version__
+
+
+def _imatrix_entries(src: Path):
+    """A uniform importance matrix (all ones) for every block weight matrix of `src`.
+
+    The Hub's quants (bartowski's among them) are made with an imatrix, and llama.cpp picks some tensor types
+    differently when one is given (IQ4_XS, Q4_0 and the IQ3 recipes). Uniform weights keep the values'
+    quantization as without one while the recipe's type choices match the Hub's files.
+    """
+    import gguf
+    import llama_cpp
+    import numpy as np
+
+    reader = gguf.GGUFReader(src)
+    keep = []  # the arrays must outlive the quantize call
+    entries = []
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            ne0 = int(t.shape[0])
+            arr = np.ones(ne0, dtype=np.float32)
+            keep.append(arr)
+            name = t.name.encode()
+            keep.append(name)
+            entries.append((name, arr))
+    table = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+    for i, (name, arr) in enumerate(entries):
+        table[i].name = name
+        table[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        table[i].size = arr.size
+    table[len(entries)].name = None  # terminator
+    return table, keep
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, *, imatrix: bool = False,
+             threads: int | None = None, progress: bool = False) -> Path:
+    """Quantize `src` (F16/F32 GGUF) to recipe `quant` at `dst`, atomically."""
+    import gguf
+    import llama_cpp
+    from tqdm import tqdm
+
+    recipe = quants.get(quant)
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, recipe.ftype)
+    params.nthread = threads or os.cpu_count() or 1
+    if recipe.embd_type:
+        t = int(gguf.GGMLQuantizationType[recipe.embd_type])
+        params.token_embedding_type = t
+        params.output_tensor_type = t
+    keep = None
+    if imatrix:
+        table, keep = _imatrix_entries(src)
+        params.imatrix = table
+
+    bar = tqdm(total=0, unit="tensor", desc=f"quantize {quant}", disable=not progress, leave=False)
+
+    def on_line(line: str) -> None:
+        m = _PROGRESS_RE.search(line)
+        if m:
+            bar.total = int(m[2])
+            bar.n = int(m[1])
+            bar.refresh()
+
+    try:
+        with LogCapture(on_line=on_line) as cap:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            tail = "; ".join(x.strip() for x in cap.lines[-5:] if x.strip())
+            raise QuantizeError(f"llama.cpp could not quantize {src.name} to {quant} (code {rc}): {tail}")
+        os.replace(tmp, dst)
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)
+        del keep
+    return dst
+
+
+def synthetic_dir(cache_dir: Path, arch: str, seed: int) -> Path:
+    return Path(cache_dir) / "synthetic" / f"{arch}-seed{seed}-w{synthetic.WRITER_VERSION}"
+
+
+def synthetic_file(cache_dir: Path, arch: str, seed: int, quant: str, imatrix: bool) -> Path:
+    """Path of the cached synthetic model for `quant` (built by :func:`ensure_synthetic` if missing)."""
+    d = synthetic_dir(cache_dir, arch, seed)
+    if quant == "F16":
+        return d / "F16.gguf"
+    suffix = "-imatrix" if imatrix else ""
+    return d / f"llama-cpp-python-{llama_cpp_version()}" / f"{arch}-{quant}{suffix}.gguf"
+
+
+def ensure_synthetic(cache_dir: Path, arch: str, seed: int, quant: str, imatrix: bool = True,
+                     progress: bool = False) -> tuple[Path, bool]:
+    """The synthetic `quant` file, built (F16 first) if not cached. Returns (path, built_now)."""
+    target = synthetic_file(cache_dir, arch, seed, quant, imatrix)
+    if target.exists():
+        return target, False
+    f16 = synthetic_file(cache_dir, arch, seed, "F16", imatrix)
+    if not f16.exists():
+        synthetic.write_f16(synthetic.ARCHS[arch], f16, seed=seed, progress=progress)
+    if quant != "F16":
+        quantize(f16, target, quant, imatrix=imatrix, progress=progress)
+    return target, True

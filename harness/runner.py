@@ -1,0 +1,387 @@
+"""The sweep: config -> model files -> one child process per file -> records.jsonl.
+
+Each model file is measured in its own child process (:mod:`harness.worker`) under a time limit, so a crash,
+a hang or an out-of-memory in llama.cpp becomes that quant's error record and the sweep goes on. Records are
+written by this process as they arrive, flushed and fsynced, so a killed run keeps every finished
+measurement, and ``--resume`` measures only the cells that are missing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from harness import config as config_mod
+from harness import env as env_mod
+from harness import quants, schema, sources
+from harness.bench import tests_for
+from harness.config import Config
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS = REPO / "results"
+
+
+class RunError(RuntimeError):
+    """The run cannot start or go on (unwritable folder, no disk, bad resume folder): one clear line."""
+
+
+class ChildResult(NamedTuple):
+    n_records: int  # records received and written
+    error: str | None  # why the child failed, None when it finished cleanly
+
+
+def new_run_dir(base: Path, name: str) -> Path:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = base / f"{stamp}-{name}"
+    n = 1
+    while run_dir.exists():  # never overwrite a run
+        n += 1
+        run_dir = base / f"{stamp}-{name}-{n}"
+    return run_dir
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to {folder}: {e.strerror or e}") from None
+
+
+def _expected_synthetic_bytes(cfg: Config, todo: list[str]) -> int:
+    """Disk needed to build what the synthetic cache lacks (a bound: 8.5 bits/weight for unknown recipes)."""
+    from harness import quantize, synthetic
+
+    arch = synthetic.ARCHS[cfg.model.architecture]
+    n = arch.n_params()
+    need = 0
+    cache = cfg.resolved_cache_dir
+    if any(not quantize.synthetic_file(cache, arch.name, cfg.model.seed, q, cfg.model.imatrix).exists()
+           for q in todo) and not quantize.synthetic_file(cache, arch.name, cfg.model.seed, "F16", False).exists():
+        need += 2 * n
+    for q in todo:
+        if not quantize.synthetic_file(cache, arch.name, cfg.model.seed, q, cfg.model.imatrix).exists():
+            bits = quants.get(q).page_bits or 8.5
+            need += int(n * (bits + 1.0) / 8)  # +1 bit: the page's bits run low (its column is not the truth)
+    return need
+
+
+def check_disk(cfg: Config, todo: list[str]) -> None:
+    if cfg.model.source != "synthetic":
+        return
+    need = _expected_synthetic_bytes(cfg, todo)
+    if not need:
+        return
+    cache = cfg.resolved_cache_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache).free
+    if free < need * 1.1:
+        raise RunError(
+            f"not enough disk in {cache} to build the synthetic models: need about {need / 1e9:.1f} GB, "
+            f"{free / 1e9:.1f} GB free (set cache_dir or HARNESS_CACHE to a bigger disk, or run fewer quants)"
+        )
+
+
+def done_cells(records: list[schema.Record]) -> set[tuple[str, str, int, int]]:
+    """(quant, test, depth, rep) cells measured ok in earlier records."""
+    return {(r.quant, r.test, r.n_depth, r.rep) for r in records if r.status == "ok"}
+
+
+def all_cells(cfg: Config, bench: dict[str, Any]) -> list[tuple[str, str, int, int]]:
+    return [(q, t.kind, t.n_depth, rep) for q in cfg.quants for t in tests_for(bench)
+            for rep in range(bench["repetitions"])]
+
+
+def resolved_bench(cfg: Config) -> dict[str, Any]:
+    b = dict(config_mod.dataclasses.asdict(cfg.bench))
+    b["depths"] = list(b["depths"])
+    if b["threads"] is None:
+        b["threads"] = env_mod.default_threads()
+    return b
+
+
+def measure_in_child(job: dict[str, Any], timeout_s: float, on_record: Callable[[dict], None],
+                     on_progress: Callable[[str], None], stderr_path: Path) -> ChildResult:
+    """Run harness.worker on `job`; pass each record to `on_record` as it arrives."""
+    with open(stderr_path, "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=err, cwd=str(REPO), start_new_session=True,  # own group: a timeout kills it all
+        )
+    lines: queue.Queue[bytes | None] = queue.Queue()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(job).encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    deadline = time.monotonic() + timeout_s
+    n, reported = 0, None
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                _kill(proc)
+                return ChildResult(n, f"timed out after {timeout_s:g} s (hung or too slow); killed")
+            try:
+                line = lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a dying child
+            if msg.get("kind") == "record":
+                on_record(msg["record"])
+                n += 1
+            elif msg.get("kind") == "progress":
+                on_progress(msg["msg"])
+            elif msg.get("kind") == "error":
+                reported = msg["error"]
+    except BaseException:
+        _kill(proc)
+        raise
+    rc = proc.wait()
+    if rc == 0 and reported is None:
+        return ChildResult(n, None)
+    if reported:
+        return ChildResult(n, reported)
+    return ChildResult(n, _describe_exit(rc, stderr_path))
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _describe_exit(rc: int, stderr_path: Path) -> str:
+    tail = ""
+    try:
+        text = stderr_path.read_text(errors="replace").strip().splitlines()
+        tail = next((x.strip() for x in reversed(text) if x.strip()), "")
+    except OSError:
+        pass
+    if rc < 0:
+        sig = signal.Signals(-rc).name
+        why = {"SIGKILL": " (out of memory, or killed from outside)", "SIGSEGV": " (crash in native code)",
+               "SIGABRT": " (llama.cpp aborted)", "SIGILL": " (instruction this CPU cannot run)",
+               "SIGBUS": " (bad memory-mapped file)"}.get(sig, "")
+        msg = f"measuring process died of {sig}{why}"
+    else:
+        msg = f"measuring process exited with status {rc}"
+    return msg + (f"; last stderr line: {tail[:200]}" if tail else "")
+
+
+class Runner:
+    def __init__(self, cfg: Config, run_dir: Path, progress: bool = True, echo: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.progress = progress
+        self.echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.bench = resolved_bench(cfg)
+        self.run_id = run_dir.name
+        self.errors: dict[str, str] = {}
+
+    def _error_record(self, quant: str, error: str, mf: sources.ModelFile | None) -> schema.Record:
+        return schema.make(
+            run_id=self.run_id, utc=_utc(), status="error", error=error, quant=quant,
+            weights=mf.weights if mf else self.cfg.model.source, weights_ref=mf.weights_ref if mf else None,
+            file_path=str(mf.path) if mf else None,
+            file_bytes=mf.path.stat().st_size if mf and mf.path.exists() else None,
+            file_sha256=mf.sha256 if mf else None, llama_cpp_version=_llama_version(),
+            n_threads=self.bench["threads"], n_gpu_layers=self.bench["n_gpu_layers"],
+            flash_attn=self.bench["flash_attn"],
+        )
+
+    def run(self, writer: schema.RecordWriter, done: set[tuple[str, str, int, int]]) -> None:
+        cfg = self.cfg
+        logs = self.run_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        n_q = len(cfg.quants)
+        for i, quant in enumerate(cfg.quants, 1):
+            head = f"[{i:>2}/{n_q}] {quant:<7}"
+            skip = [[t, d, r] for (q, t, d, r) in done if q == quant]
+            n_todo = len([c for c in all_cells(cfg, self.bench) if c[0] == quant]) - len(skip)
+            if n_todo <= 0:
+                self.echo(f"{head} already measured (resume): skipped")
+                continue
+            t0 = time.monotonic()
+            mf = None
+            try:
+                self.echo(f"{head} getting the model file ({cfg.model.source})")
+                mf = sources.resolve(cfg, quant, progress=self.progress)
+            except Exception as e:  # noqa: BLE001 - SourceError, QuantizeError, OSError: all end this quant only
+                msg = str(e) if isinstance(e, sources.SourceError) else f"{type(e).__name__}: {e}"
+                self._fail(writer, head, quant, msg, mf)
+                continue
+            size = mf.path.stat().st_size
+            built = " (built now)" if mf.built_now else ""
+            self.echo(f"{head} {mf.path.name} {size / 1e6:,.0f} MB{built}; measuring {n_todo} repetitions")
+            job = {
+                "path": str(mf.path),
+                "bench": {**self.bench, "skip_cells": skip},
+                "log_path": str(logs / f"{quant}.llama.log"),
+                "record_base": {
+                    "run_id": self.run_id, "quant": quant, "weights": mf.weights, "weights_ref": mf.weights_ref,
+                    "file_path": str(mf.path), "file_bytes": size, "file_sha256": mf.sha256,
+                    "llama_cpp_version": _llama_version(),
+                },
+            }
+            bar = _Bar(n_todo, f"{quant}", enabled=self.progress)
+
+            def on_record(d: dict, bar=bar) -> None:
+                writer.write(schema.from_dict(d))
+                bar.update(1)
+
+            try:
+                res = measure_in_child(job, cfg.bench.timeout_s, on_record, bar.status, logs / f"{quant}.stderr")
+            finally:
+                bar.close()
+            if res.error:
+                self._fail(writer, head, quant, res.error, mf, after=res.n_records)
+            else:
+                self.echo(f"{head} done: {res.n_records} repetitions in {time.monotonic() - t0:,.0f} s")
+
+    def _fail(self, writer, head: str, quant: str, error: str, mf, after: int = 0) -> None:
+        self.errors[quant] = error
+        writer.write(self._error_record(quant, error, mf))
+        kept = f" ({after} repetitions measured before it are kept)" if after else ""
+        self.echo(f"{head} ERROR: {error}{kept}")
+
+
+class _Bar:
+    """A tqdm bar on stderr with a status text, or nothing when progress is off."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=f"  {desc}", unit="rep", leave=False, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        if self._bar:
+            self._bar.update(n)
+
+    def status(self, msg: str) -> None:
+        if self._bar:
+            self._bar.set_postfix_str(msg, refresh=True)
+
+    def close(self) -> None:
+        if self._bar:
+            self._bar.close()
+
+
+def _utc() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+_LLAMA_VERSION: str | None = None
+
+
+def _llama_version() -> str:
+    global _LLAMA_VERSION
+    if _LLAMA_VERSION is None:
+        from importlib.metadata import version
+
+        _LLAMA_VERSION = version("llama-cpp-python")
+    return _LLAMA_VERSION
+
+
+def prepare(cfg: Config, out: Path | None, resume: Path | None) -> tuple[Path, list[schema.Record]]:
+    """Create (or reopen, for --resume) the run folder; check it can be written and that disk suffices."""
+    if resume is not None:
+        run_dir = resume
+        rec_path = run_dir / "records.jsonl"
+        if not rec_path.is_file():
+            raise RunError(f"--resume {run_dir}: no records.jsonl there (not a results folder of this harness)")
+        old_cfg = run_dir / "config.resolved.yaml"
+        if old_cfg.is_file():
+            prev = config_mod.from_dict(config_mod.yaml.safe_load(old_cfg.read_text()))
+            if prev.bench != cfg.bench or prev.model != cfg.model:
+                raise RunError(f"--resume {run_dir}: its config differs from this one in model or bench settings; "
+                               "resume with the same config")
+        check_writable(run_dir)
+        try:
+            previous = schema.read_records(rec_path)
+        except schema.SchemaError as e:
+            raise RunError(f"--resume: {e}") from None
+        return run_dir, previous
+    base = out.parent if out is not None else DEFAULT_RESULTS
+    check_writable(base)
+    if out is not None:
+        if out.exists() and any(out.iterdir()):
+            raise RunError(f"--out {out} exists and is not empty; results are never overwritten "
+                           "(choose a new folder, or --resume it)")
+        run_dir = out
+    else:
+        run_dir = new_run_dir(base, cfg.name)
+    check_writable(run_dir)
+    return run_dir, []
+
+
+CUDA_INSTALL = ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
+                '--no-deps llama-cpp-python==0.3.36')
+
+
+def offload_warning(environment: dict[str, Any], cfg: Config) -> str | None:
+    """The loud line for a GPU that llama.cpp cannot use: a CPU number must never pass for a GPU one."""
+    gpu = environment.get("gpu")
+    if gpu and cfg.bench.n_gpu_layers != 0 and not environment["llama"]["gpu_offload_supported"]:
+        return (f"NVML sees {gpu['name']} but this llama-cpp-python build cannot offload to it: every "
+                f"measurement runs on the CPU and is recorded as device=cpu. For a CUDA build: {CUDA_INSTALL}")
+    return None
+
+
+def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progress: bool = True,
+        echo: Callable[[str], None] | None = None) -> tuple[Path, dict[str, str]]:
+    """Run the sweep. Returns (results folder, {quant: error} for quants that failed)."""
+    run_dir, previous = prepare(cfg, out, resume)
+    done = done_cells(previous)
+    cells = all_cells(cfg, resolved_bench(cfg))
+    check_disk(cfg, [q for q in cfg.quants if any(c[0] == q and c not in done for c in cells)])
+    (run_dir / "config.resolved.yaml").write_text(config_mod.dump_yaml(cfg))
+    env_path = run_dir / "env.json"
+    environment = env_mod.collect()
+    if env_path.exists():  # a resumed run keeps the first environment and adds the new one
+        old = json.loads(env_path.read_text())
+        old.setdefault("resumed", []).append(environment)
+        environment = old
+    warning = offload_warning(environment, cfg)
+    if warning:
+        environment.setdefault("warnings", []).append(warning)
+        (echo or (lambda s: print(s, file=sys.stderr)))("WARNING: " + warning)
+    env_path.write_text(json.dumps(environment, indent=2))
+    runner = Runner(cfg, run_dir, progress=progress, echo=echo)
+    with schema.RecordWriter(run_dir / "records.jsonl") as writer:
+        runner.run(writer, done)
+    return run_dir, runner.errors

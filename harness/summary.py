@@ -1,0 +1,89 @@
+"""Per-quant summary of measured records: pure functions from records to a DataFrame and a text table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pandas as pd
+
+from harness import quants
+from harness.schema import Record
+
+MIB = 1024 * 1024
+
+
+def records_frame(records: Iterable[Record]) -> pd.DataFrame:
+    import dataclasses
+
+    return pd.DataFrame([dataclasses.asdict(r) for r in records])
+
+
+def per_quant(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (quant, depth): median tok/s and spread of pp and tg, sizes and memory. Quants keep the
+    recipe table's order; a quant with only error records gets a row with its error."""
+    rows = []
+    if df.empty:
+        return pd.DataFrame()
+    order = {q: i for i, q in enumerate(quants.RECIPES)}
+    ok = df[df.status == "ok"]
+    for quant in sorted(df.quant.unique(), key=lambda q: order.get(q, len(order))):
+        qdf = ok[ok.quant == quant]
+        errors = df[(df.quant == quant) & (df.status == "error")]
+        depths = sorted(qdf.n_depth.dropna().unique()) or [None]
+        for depth in depths:
+            row: dict = {"quant": quant, "n_depth": depth}
+            d = qdf[qdf.n_depth == depth] if depth is not None else qdf
+            for test in ("tg", "pp"):
+                t = d[d.test == test].tokens_per_s
+                row[f"{test}_tokens_per_s"] = t.median() if len(t) else None
+                row[f"{test}_min"] = t.min() if len(t) else None
+                row[f"{test}_max"] = t.max() if len(t) else None
+                row[f"{test}_n"] = len(t)
+            first = d.iloc[0] if len(d) else None
+            for col in ("file_bytes", "model_size_bytes", "weights_bytes", "device", "model_n_params",
+                        "weights", "gpu_used_peak_bytes", "gpu_used_before_load_bytes", "gpu_name"):
+                row[col] = first[col] if first is not None and col in d else None
+            for col in ("kv_bytes", "compute_bytes", "output_bytes", "rss_peak_bytes", "gpu_process_bytes"):
+                row[col] = d[col].max() if len(d) and col in d and d[col].notna().any() else None
+            row["error"] = "; ".join(sorted(set(errors.error.dropna()))) or None
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _mib(v) -> str:
+    return "-" if v is None or pd.isna(v) else f"{v / MIB:,.0f}"
+
+
+def _rate(med, lo, hi) -> str:
+    if med is None or pd.isna(med):
+        return "-"
+    spread = (hi - lo) / 2 / med * 100 if med else 0
+    return f"{med:,.1f} ±{spread:.1f}%"
+
+
+def text_table(s: pd.DataFrame) -> str:
+    """Fixed-width table for the terminal: tok/s as median ± half the min-max range."""
+    if s.empty:
+        return "(no records)"
+    head = ["quant", "depth", "tg tok/s", "pp tok/s", "file MiB", "weights MiB", "KV MiB", "compute MiB",
+            "peak RSS MiB", "GPU peak MiB", "device"]
+    lines = []
+    for _, r in s.iterrows():
+        if r.tg_n == 0 and r.pp_n == 0 and r.error:
+            lines.append([r.quant, "-", "error: " + str(r.error)[:90]])
+            continue
+        lines.append([
+            r.quant, "-" if pd.isna(r.n_depth) else str(int(r.n_depth)),
+            _rate(r.tg_tokens_per_s, r.tg_min, r.tg_max), _rate(r.pp_tokens_per_s, r.pp_min, r.pp_max),
+            _mib(r.file_bytes), _mib(r.weights_bytes), _mib(r.kv_bytes), _mib(r.compute_bytes),
+            _mib(r.rss_peak_bytes), _mib(r.gpu_used_peak_bytes), str(r.device or "-"),
+        ])
+    widths = [max(len(head[i]), *(len(x[i]) for x in lines if len(x) > i)) for i in range(len(head))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    out.append("  ".join("-" * w for w in widths))
+    for x in lines:
+        if len(x) == 3:
+            out.append("  ".join([x[0].ljust(widths[0]), x[1].ljust(widths[1]), x[2]]))
+        else:
+            out.append("  ".join(v.ljust(w) for v, w in zip(x, widths)))
+    return "\n".join(out)

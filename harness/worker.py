@@ -1,0 +1,87 @@
+"""Child-process entry: measure one model file, speak JSON lines to the parent.
+
+``python -m harness.worker`` reads one job (JSON) on stdin and writes messages on its original stdout, one
+JSON object per line: ``{"kind": "record", "record": {...}}`` per measured repetition,
+``{"kind": "progress", "msg": "..."}`` and, on a failure it can report, ``{"kind": "error", "error": "..."}``.
+llama.cpp's log goes to the job's log file. Anything else that writes to stdout (C code's printf) is moved
+to stderr first, so it cannot corrupt the protocol. A crash or hang is the parent's to report
+(:mod:`harness.runner`): whatever was already sent is kept.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+
+def _protocol_stream():
+    # Keep the real stdout for messages; point fd 1 at stderr for everyone else.
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(fd, "w", buffering=1, encoding="utf-8")
+
+
+def _limit_memory(mb: int | None) -> None:
+    if not mb:
+        return
+    import resource
+
+    limit = mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def run_job(job: dict[str, Any], send) -> int:
+    from harness import bench, schema
+    from harness.llamalog import LogCapture
+
+    log_file = open(job["log_path"], "a", encoding="utf-8") if job.get("log_path") else None  # noqa: SIM115
+
+    def echo(line: str) -> None:
+        if log_file:
+            log_file.write(line + "\n")
+
+    def emit(measured: dict[str, Any]) -> None:
+        rec = schema.make(**job["record_base"], **measured, status="ok",
+                          utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        send({"kind": "record", "record": json.loads(rec.to_json())})
+
+    try:
+        with LogCapture(echo=echo) as cap:
+            bench.measure(job["path"], job["bench"], emit, cap,
+                          progress=lambda msg: send({"kind": "progress", "msg": msg}))
+        return 0
+    except bench.BenchError as e:
+        send({"kind": "error", "error": str(e)})
+        return 3
+    except MemoryError:
+        send({"kind": "error", "error": "out of memory (Python MemoryError in the measuring process)"})
+        return 3
+    finally:
+        if log_file:
+            log_file.close()
+
+
+def main() -> int:
+    out = _protocol_stream()
+
+    def send(msg: dict[str, Any]) -> None:
+        out.write(json.dumps(msg) + "\n")
+        out.flush()
+
+    try:
+        job = json.loads(sys.stdin.read())
+        _limit_memory(job["bench"].get("memory_limit_mb"))
+        return run_job(job, send)
+    except Exception as e:  # noqa: BLE001 - every failure must reach the parent as one line
+        traceback.print_exc()
+        send({"kind": "error", "error": f"{type(e).__name__}: {e}"})
+        return 4
+
+
+if __name__ == "__main__":
+    sys.exit(main())
