@@ -56,7 +56,7 @@ class Record:
     device: str | None  # where the weights ran: "cpu", "cuda", "metal", ... (from llama.cpp's model buffers)
     gpu_offload_supported: bool | None  # llama_supports_gpu_offload() of the installed build
     # --- memory: llama.cpp's own accounting (from its log lines), bytes per buffer name
-    model_buffers: dict[str, int] | None  # e.g. {"CPU_Mapped": ..., "CPU_REPACK": ...} or {"CUDA0": ..., "CPU_Mapped": ...}
+    model_buffers: dict[str, int] | None  # weights per buffer, e.g. {"CPU_Mapped": ...} or {"CUDA0": ...}
     kv_buffers: dict[str, int] | None  # KV cache per buffer, for this test's context
     compute_buffers: dict[str, int] | None  # compute (scratch) buffers per buffer, for this test's context
     output_buffers: dict[str, int] | None  # logits output buffer
