@@ -23,6 +23,12 @@ from harness.quants import suggest
 SOURCES = ("synthetic", "hub", "local")
 ARCHITECTURES = ("llama-3.2-1b", "tiny")  # kept in step with harness.synthetic.ARCHS
 FLASH_ATTN = ("auto", "on", "off")
+# The model keys each source takes.
+SOURCE_KEYS = {
+    "synthetic": ("source", "architecture", "seed", "imatrix"),
+    "hub": ("source", "repo", "file", "revision"),
+    "local": ("source", "path"),
+}
 
 
 class ConfigError(ValueError):
@@ -68,6 +74,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["model"] = {k: v for k, v in d["model"].items() if k in SOURCE_KEYS[self.model.source]}
         d["quants"] = list(self.quants)
         d["bench"]["depths"] = list(self.bench.depths)
         return d
@@ -123,11 +130,7 @@ def _model(data: Any) -> ModelSpec:
     source = _typed("model.source", data.get("source", "synthetic"), str)
     if source not in SOURCES:
         raise ConfigError(f"model.source {source!r} is not one of {', '.join(SOURCES)}{suggest(source, SOURCES)}")
-    own = {
-        "synthetic": {"source", "architecture", "seed", "imatrix"},
-        "hub": {"source", "repo", "file", "revision"},
-        "local": {"source", "path"},
-    }[source]
+    own = SOURCE_KEYS[source]
     for key in data:
         if key not in own:
             raise ConfigError(f"model.{key} does not apply to source {source!r} (it takes: {', '.join(sorted(own))})")

@@ -22,6 +22,7 @@ _BUFFER_RE = re.compile(
     r"^\s*(?P<func>[\w:]+):\s+(?P<buf>\S+)\s+(?P<kind>model|KV|compute|output|RS)\s+buffer size\s*=\s*"
     r"(?P<mib>[0-9.]+)\s*MiB"
 )
+GGML_LOG_LEVEL_DEBUG, GGML_LOG_LEVEL_CONT = 1, 5  # enum ggml_log_level
 KINDS = {"model": "model", "KV": "kv", "compute": "compute", "output": "output", "RS": "kv"}
 
 
@@ -45,21 +46,16 @@ def parse_buffers(lines: Iterable[str]) -> Buffers:
     return out
 
 
-_FA_RE = re.compile(r"flash_attn\s*=\s*(?P<val>\w+)")
-_FA_AUTO_RE = re.compile(r"Flash Attention was auto, set to (?P<val>\w+)")
+_FA_RE = re.compile(r"Flash Attention (?:was auto, set to )?(?P<val>enabled|disabled)")
 
 
 def flash_attn_resolved(lines: Iterable[str]) -> str | None:
-    """What 'auto' flash attention became, from llama.cpp's context log, if it says."""
-    val = None
+    """What flash attention resolved to ('auto' becomes enabled or disabled), from the context's log."""
     for line in lines:
-        m = _FA_AUTO_RE.search(line)
+        m = _FA_RE.search(line)
         if m:
             return m["val"]
-        m = _FA_RE.search(line)
-        if m and line.lstrip().startswith("llama_context:"):
-            val = m["val"]
-    return val
+    return None
 
 
 class LogCapture:
@@ -69,8 +65,11 @@ class LogCapture:
     llama.cpp has one global logger.
     """
 
-    def __init__(self, on_line: Callable[[str], None] | None = None, echo: Callable[[str], None] | None = None):
+    def __init__(self, on_line: Callable[[str], None] | None = None, echo: Callable[[str], None] | None = None,
+                 debug: bool = False):
         self.lines: list[str] = []
+        self.debug = debug
+        self._in_debug = False
         self._partial = ""
         self._on_line = on_line
         self._echo = echo
@@ -96,6 +95,11 @@ class LogCapture:
 
         @llama_cpp.llama_log_callback
         def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            # DEBUG lines come several per decoded batch: drop them first thing, they carry no buffer sizes.
+            if level != GGML_LOG_LEVEL_CONT:
+                self._in_debug = level == GGML_LOG_LEVEL_DEBUG
+            if self._in_debug and not self.debug:
+                return
             try:
                 self._feed(text.decode("utf-8", errors="replace"))
             except Exception:  # noqa: BLE001 - an exception must never cross into C

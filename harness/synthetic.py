@@ -23,7 +23,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Bumped whenever the bytes this module writes change, so cached files are rebuilt.
-WRITER_VERSION = 1
+WRITER_VERSION = 2
 
 
 class Arch(NamedTuple):
@@ -57,10 +57,11 @@ ARCHS: dict[str, Arch] = {
         "llama-3.2-1b", "meta-llama/Llama-3.2-1B", 128256, 256, 2048, 16, 32, 8, 8192, 131072,
         500000.0, 1e-5, (32.0, 1.0, 4.0, 8192),
     ),
-    # Same structure, small: GQA 4 like the real model (llama.cpp's IQ3 recipe looks at it), every row
-    # length a multiple of 256 so K- and IQ-quants apply to every matrix.
+    # Same structure, small (~4.6M parameters): GQA 4 and head dim 64 like the real model, 8 layers so
+    # llama.cpp's layer-dependent recipe rules (first/last eighth, every third layer) all apply, and every
+    # row length a multiple of 256 so K- and IQ-quants apply to every matrix.
     "tiny": Arch(
-        "tiny", "meta-llama/Llama-3.2-1B (scaled down)", 512, 16, 512, 2, 8, 2, 1024, 4096,
+        "tiny", "meta-llama/Llama-3.2-1B (scaled down)", 512, 16, 256, 8, 4, 1, 512, 4096,
         500000.0, 1e-5, (32.0, 1.0, 4.0, 8192),
     ),
 }

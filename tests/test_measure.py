@@ -1,0 +1,131 @@
+"""Measurement through the real llama.cpp on tiny shape-faithful models, in child processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+from conftest import REPO, run_cli
+
+from harness import config, runner, schema, synthetic
+from harness.sources import sha256_file
+
+SMOKE = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+
+
+def smoke_cfg(cache, **bench):
+    d = json.loads(json.dumps(SMOKE))
+    d["cache_dir"] = str(cache)
+    d["quants"] = ["IQ3_M", "Q4_K_M", "Q8_0"]
+    d["bench"].update(bench)
+    return config.from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results") / "run"
+    cfg = smoke_cfg(tiny_cache, depths=[0, 32])
+    run_dir, errors = runner.run(cfg, out=out, progress=False, echo=lambda s: None)
+    return cfg, run_dir, errors, schema.read_records(run_dir / "records.jsonl")
+
+
+def test_every_cell_measured_ok(measured):
+    cfg, run_dir, errors, recs = measured
+    assert errors == {}
+    cells = sorted((r.quant, r.test, r.n_depth, r.rep) for r in recs)
+    want = sorted((q, t, d, rep) for q in cfg.quants for t in ("pp", "tg") for d in (0, 32)
+                  for rep in range(cfg.bench.repetitions))
+    assert cells == want
+    assert all(r.status == "ok" for r in recs)
+
+
+def test_records_carry_measurements_and_memory(measured, tiny_file):
+    cfg, run_dir, errors, recs = measured
+    tiny = synthetic.ARCHS["tiny"]
+    for r in recs:
+        assert r.tokens_per_s > 0 and r.wall_ns > 0
+        assert r.tokens_per_s == pytest.approx((r.n_prompt + r.n_gen) * 1e9 / r.wall_ns)
+        assert r.weights == "synthetic" and r.weights_ref == "tiny seed=0 imatrix=uniform"
+        assert r.model_n_params == tiny.n_params()
+        assert r.file_sha256 == sha256_file(tiny_file(r.quant))
+        assert r.file_bytes == tiny_file(r.quant).stat().st_size
+        assert r.device == "cpu" and r.gpu_name is None and r.gpu_used_peak_bytes is None
+        assert r.weights_bytes > 0 and r.weights_bytes == sum(r.model_buffers.values())
+        assert r.kv_bytes > 0 and r.compute_bytes > 0
+        assert r.output_bytes == 0  # 512 logits x 4 bytes: 0.00 MiB at the log's 2-decimal resolution
+        assert r.rss_peak_bytes >= r.rss_after_load_bytes > r.rss_before_load_bytes > 0
+        assert r.n_ctx == r.n_prompt + r.n_gen + r.n_depth
+        assert r.n_threads >= 1 and r.load_ns > 0
+    # the KV cache of a deeper context is bigger: the buffer fields follow the context, not the model
+    kv = {(r.test, r.n_depth): r.kv_bytes for r in recs if r.quant == "Q8_0"}
+    assert kv[("tg", 32)] >= kv[("tg", 0)]
+    # llama.cpp's weight buffers are at least the tensors' bytes
+    for r in recs:
+        assert r.weights_bytes >= r.model_size_bytes * 0.99
+
+
+def test_kv_cache_matches_shapes(measured):
+    """KV bytes = 2 (K,V) x layers x kv heads x head dim x 2 bytes (f16) x context, padded by llama.cpp."""
+    cfg, run_dir, errors, recs = measured
+    t = synthetic.ARCHS["tiny"]
+    per_token = 2 * t.n_layer * t.n_head_kv * t.head_dim * 2
+    for r in recs:
+        assert r.kv_bytes >= per_token * r.n_ctx
+        assert r.kv_bytes <= per_token * (r.n_ctx + 512)  # padding stays small
+
+
+def test_run_folder_has_provenance(measured):
+    cfg, run_dir, errors, recs = measured
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["llama"]["llama_cpp_python"] == "0.3.36"
+    assert "AVX" in env["llama"]["system_info"] or "NEON" in env["llama"]["system_info"]
+    assert env["cpu"]["logical_cores"] >= 1 and env["ram_bytes"] > 0
+    assert env["gpu"] is None
+    assert env["harness"]["commit"] is None or len(env["harness"]["commit"]) == 40
+    resolved = config.load(run_dir / "config.resolved.yaml")
+    assert resolved == cfg
+    assert (run_dir / "logs" / "Q8_0.llama.log").read_text().count("model buffer size") >= 1
+
+
+def test_failing_files_become_error_records(tiny_file, tmp_path):
+    """A truncated file, a file that is not there: error records; the good quants are still measured."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_file("Q4_K_M"), models / "Q4_K_M.gguf")
+    data = tiny_file("Q8_0").read_bytes()
+    (models / "Q8_0.gguf").write_bytes(data[: len(data) // 2])  # tensor data runs past the end
+    d = json.loads(json.dumps(SMOKE))
+    d["model"] = {"source": "local", "path": str(models / "{quant}.gguf")}
+    d["quants"] = ["Q8_0", "Q6_K", "Q4_K_M"]
+    cfg_path = tmp_path / "local.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    out = tmp_path / "out"
+    r = run_cli("run", str(cfg_path), "--out", str(out), "--no-progress", "--no-report")
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    recs = schema.read_records(out / "records.jsonl")
+    by = {}
+    for rec in recs:
+        by.setdefault(rec.quant, []).append(rec)
+    assert [x.status for x in by["Q8_0"]] == ["error"]
+    assert "load" in by["Q8_0"][0].error
+    assert [x.status for x in by["Q6_K"]] == ["error"] and "not found" in by["Q6_K"][0].error
+    assert {x.status for x in by["Q4_K_M"]} == {"ok"} and len(by["Q4_K_M"]) == 2 * SMOKE["bench"]["repetitions"]
+    assert str(out) in r.stdout.strip().splitlines()[-1]  # last line: the results folder
+
+
+def test_hang_becomes_timeout_error(tiny_cache, tmp_path):
+    cfg = smoke_cfg(tiny_cache, timeout_s=0.5)
+    cfg = config.from_dict({**cfg.to_dict(), "quants": ["Q4_K_M"]})
+    run_dir, errors = runner.run(cfg, out=tmp_path / "out", progress=False, echo=lambda s: None)
+    assert "timed out after 0.5 s" in errors["Q4_K_M"]
+    recs = schema.read_records(run_dir / "records.jsonl")
+    assert recs[-1].status == "error" and "timed out" in recs[-1].error
+
+
+def test_results_are_never_overwritten(measured):
+    cfg, run_dir, errors, recs = measured
+    with pytest.raises(runner.RunError, match="never overwritten"):
+        runner.run(cfg, out=run_dir, progress=False)
