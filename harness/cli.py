@@ -22,6 +22,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Subcommands other than `run`, each a module with add_parser(subparsers) and main(args) -> int.
 COMMANDS = {
     # name: module
+    "inspect": "harness.inspect",
 }
 
 
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = ""
         if args.command == "run":
-            hint = f"; resume with: python -m harness run {args.config} --resume RESULTS_DIR (the folder above)"
+            hint = (f"; resume with: python -m harness run {args.config} --resume RESULTS_DIR "
+                    "(the results folder printed at the start)")
         print(f"\ninterrupted: every finished measurement is on disk{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
 

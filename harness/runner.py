@@ -365,6 +365,12 @@ def offload_warning(environment: dict[str, Any], cfg: Config) -> str | None:
 def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progress: bool = True,
         echo: Callable[[str], None] | None = None) -> tuple[Path, dict[str, str]]:
     """Run the sweep. Returns (results folder, {quant: error} for quants that failed)."""
+    if cfg.model.source == "hub":
+        from harness import hub
+
+        problems = hub.preflight(cfg.model, list(cfg.quants))
+        if problems:
+            raise RunError("\n".join(problems))
     run_dir, previous = prepare(cfg, out, resume)
     done = done_cells(previous)
     cells = all_cells(cfg, resolved_bench(cfg))
@@ -382,6 +388,7 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
         (echo or (lambda s: print(s, file=sys.stderr)))("WARNING: " + warning)
     env_path.write_text(json.dumps(environment, indent=2))
     runner = Runner(cfg, run_dir, progress=progress, echo=echo)
+    runner.echo(f"results folder: {run_dir}" + (f" (resuming: {len(done)} cells already measured)" if resume else ""))
     with schema.RecordWriter(run_dir / "records.jsonl") as writer:
         runner.run(writer, done)
     return run_dir, runner.errors

@@ -28,7 +28,7 @@ def test_1b_architecture_is_llama_3_2_1b():
 
 def test_tiny_dims_allow_k_and_iq_quants():
     t = synthetic.ARCHS["tiny"]
-    for _, shape, typ in synthetic.tensor_specs(t):
+    for _, shape, _typ in synthetic.tensor_specs(t):
         if len(shape) == 2:
             assert shape[-1] % 256 == 0  # row length: K/IQ super-blocks are 256 wide
     assert t.n_head // t.n_head_kv == ONE_B.n_head // ONE_B.n_head_kv  # same GQA ratio

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Build llama.cpp's llama-bench from the sources inside the pinned llama-cpp-python source package, with the
+# same flags scripts/setup.sh gives the wheel, for benchmarks/vs_llama_bench.py. Output: build/llama-bench/bin.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VER=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))")
+SRC=build/llama-cpp-python-src
+mkdir -p "$SRC"
+[ -f "$SRC/llama_cpp_python-$VER.tar.gz" ] || .venv/bin/pip download -q --no-deps --no-binary :all: -d "$SRC" "llama-cpp-python==$VER"
+[ -d "$SRC/llama_cpp_python-$VER" ] || tar xzf "$SRC/llama_cpp_python-$VER.tar.gz" -C "$SRC"
+FLAGS=""
+if [ "$(uname -m)" = x86_64 ] && echo 'int main(void){return 0;}' | ${CC:-cc} -mno-amx-tile -x c -o /dev/null - 2>/dev/null; then
+  FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
+CFLAGS="$FLAGS" CXXFLAGS="$FLAGS" cmake -S "$SRC/llama_cpp_python-$VER/vendor/llama.cpp" -B build/llama-bench \
+  -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF "$@"
+cmake --build build/llama-bench --target llama-bench -j"$(nproc)"
+echo "built: build/llama-bench/bin/llama-bench"
