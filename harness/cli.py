@@ -23,6 +23,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 COMMANDS = {
     # name: module
     "inspect": "harness.inspect",
+    "report": "harness.report",
+    "estimate": "harness.estimate",
 }
 
 

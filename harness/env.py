@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import platform
 import socket
@@ -13,7 +14,9 @@ from typing import Any
 
 import psutil
 
-from harness import memory
+from harness import devices, memory
+
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,6 +59,24 @@ def llama_info() -> dict[str, Any]:
     }
 
 
+def memory_bandwidth() -> dict[str, Any] | None:
+    """The CPU's sustained memory bandwidth, measured (about 2 s): the page's speed formula needs one for a
+    CPU, and the calibration reports efficiency against it."""
+    try:
+        d = devices.measure_cpu_bandwidth_detail()
+    except Exception as e:  # noqa: BLE001 - provenance must not stop a run
+        log.warning("could not measure the memory bandwidth: %s", e)
+        return None
+    return {"measured_gb_s": round(d["gb_s"], 2), "copy_gb_s": round(d["copy_gb_s"], 2),
+            "triad_gb_s": round(d["triad_gb_s"], 2), "method": d["method"]}
+
+
+def catalog_entry(gpu: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The device catalog's spec sheet for the GPU NVML found (None without a GPU or for an unknown one)."""
+    d = devices.find(gpu.get("name")) if gpu else None
+    return d.as_dict() if d else None
+
+
 def collect() -> dict[str, Any]:
     nvml = memory.nvml_probe()
     vm = psutil.virtual_memory()
@@ -71,6 +92,8 @@ def collect() -> dict[str, Any]:
         },
         "ram_bytes": vm.total,
         "gpu": nvml.info() if nvml else None,
+        "memory_bandwidth": memory_bandwidth(),
+        "catalog": catalog_entry(nvml.info() if nvml else None),
         "python": sys.version.split()[0],
         "os": platform.platform(),
         "hostname": socket.gethostname(),

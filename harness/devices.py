@@ -1,0 +1,273 @@
+"""Device catalog (memory and spec-sheet bandwidth of common GPUs and Apple silicon) and a CPU bandwidth probe.
+
+The catalog answers "what bandwidth does the page's formula use for this device": by the name a person types
+("RTX 4090", "h100"), or the name NVML reports ("NVIDIA H100 80GB HBM3"). Bandwidths are the vendors' spec
+sheets (peak, not achieved). Apple entries carry the largest memory configuration of each chip.
+
+:func:`measure_cpu_bandwidth` measures what a CPU actually streams, STREAM style, with numpy in threads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import threading
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+GB = 1e9
+
+
+class Device(NamedTuple):
+    name: str  # canonical name, e.g. "NVIDIA GeForce RTX 4090"
+    vendor: str  # "nvidia", "amd", "apple" or "cpu": picks the page's efficiency
+    memory_bytes: int  # device memory (Apple: largest unified-memory configuration)
+    bandwidth_gb_s: float  # spec-sheet peak memory bandwidth, 1e9 bytes/s (CPU: measured)
+    source: str  # where the numbers come from
+    aliases: tuple[str, ...] = ()  # other names it goes by (NVML's, short forms); matched after normalizing
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "vendor": self.vendor, "memory_bytes": self.memory_bytes,
+                "bandwidth_gb_s": self.bandwidth_gb_s, "source": self.source}
+
+
+_NV = "https://www.nvidia.com/en-us/"
+_AMD = "https://www.amd.com/en/products/accelerators/instinct/"
+_APPLE = "Apple newsroom / tech specs of the chip's launch"
+
+CATALOG: tuple[Device, ...] = (
+    # --- NVIDIA data center
+    Device("NVIDIA H100 SXM", "nvidia", 80 * GIB, 3352, _NV + "data-center/h100/ (SXM5 80GB HBM3, 3.35 TB/s)",
+           ("h100", "h100 sxm", "h100 sxm5", "h100 80gb hbm3", "h100 sxm5 80gb")),
+    Device("NVIDIA H100 PCIe", "nvidia", 80 * GIB, 2039, _NV + "data-center/h100/ (PCIe 80GB HBM2e, 2.0 TB/s)",
+           ("h100 pcie", "h100 80gb pcie")),
+    Device("NVIDIA H100 NVL", "nvidia", 94 * GIB, 3938, _NV + "data-center/h100/ (NVL 94GB, 3.9 TB/s)",
+           ("h100 nvl",)),
+    Device("NVIDIA H200", "nvidia", 141 * GIB, 4800, _NV + "data-center/h200/ (141GB HBM3e, 4.8 TB/s)",
+           ("h200", "h200 sxm", "h200 141gb hbm3e")),
+    Device("NVIDIA H200 NVL", "nvidia", 141 * GIB, 4800, _NV + "data-center/h200/ (NVL, 4.8 TB/s)",
+           ("h200 nvl",)),
+    Device("NVIDIA A100 40GB", "nvidia", 40 * GIB, 1555, _NV + "data-center/a100/ (40GB HBM2, 1,555 GB/s)",
+           ("a100 40gb", "a100 sxm4 40gb", "a100 pcie 40gb", "a100")),
+    Device("NVIDIA A100 80GB", "nvidia", 80 * GIB, 2039, _NV + "data-center/a100/ (80GB SXM HBM2e, 2,039 GB/s)",
+           ("a100 80gb", "a100 sxm4 80gb", "a100 80gb sxm")),
+    Device("NVIDIA A100 80GB PCIe", "nvidia", 80 * GIB, 1935,
+           _NV + "data-center/a100/ (80GB PCIe HBM2e, 1,935 GB/s)", ("a100 80gb pcie", "a100 pcie 80gb")),
+    Device("NVIDIA A10G", "nvidia", 24 * GIB, 600, "AWS EC2 G5 (A10G 24GB GDDR6, 600 GB/s)", ("a10g",)),
+    Device("NVIDIA A10", "nvidia", 24 * GIB, 600, _NV + "data-center/products/a10-gpu/ (24GB GDDR6, 600 GB/s)",
+           ("a10",)),
+    Device("NVIDIA L4", "nvidia", 24 * GIB, 300, _NV + "data-center/l4/ (24GB GDDR6, 300 GB/s)", ("l4",)),
+    Device("NVIDIA L40S", "nvidia", 48 * GIB, 864, _NV + "data-center/l40s/ (48GB GDDR6, 864 GB/s)", ("l40s",)),
+    Device("NVIDIA L40", "nvidia", 48 * GIB, 864, _NV + "data-center/l40/ (48GB GDDR6, 864 GB/s)", ("l40",)),
+    Device("NVIDIA Tesla T4", "nvidia", 16 * GIB, 320, _NV + "data-center/tesla-t4/ (16GB GDDR6, 320 GB/s)",
+           ("t4", "tesla t4")),
+    Device("NVIDIA Tesla V100 32GB", "nvidia", 32 * GIB, 900, _NV + "data-center/v100/ (HBM2, 900 GB/s)",
+           ("v100", "v100 sxm2 32gb", "v100 32gb", "v100 pcie 32gb")),
+    # --- NVIDIA GeForce
+    Device("NVIDIA GeForce RTX 3090", "nvidia", 24 * GIB, 936,
+           _NV + "geforce/graphics-cards/30-series/rtx-3090-3090ti/ (24GB GDDR6X, 936 GB/s)", ("rtx 3090", "3090")),
+    Device("NVIDIA GeForce RTX 3090 Ti", "nvidia", 24 * GIB, 1008,
+           _NV + "geforce/graphics-cards/30-series/rtx-3090-3090ti/ (24GB GDDR6X 21 Gbps, 1,008 GB/s)",
+           ("rtx 3090 ti", "3090 ti")),
+    Device("NVIDIA GeForce RTX 4090", "nvidia", 24 * GIB, 1008,
+           _NV + "geforce/graphics-cards/40-series/rtx-4090/ (24GB GDDR6X 21 Gbps, 1,008 GB/s)", ("rtx 4090", "4090")),
+    Device("NVIDIA GeForce RTX 4080", "nvidia", 16 * GIB, 717,
+           _NV + "geforce/graphics-cards/40-series/rtx-4080-family/ (16GB GDDR6X, 717 GB/s)", ("rtx 4080", "4080")),
+    Device("NVIDIA GeForce RTX 5090", "nvidia", 32 * GIB, 1792,
+           _NV + "geforce/graphics-cards/50-series/rtx-5090/ (32GB GDDR7 28 Gbps, 1,792 GB/s)", ("rtx 5090", "5090")),
+    # --- AMD Instinct
+    Device("AMD Instinct MI250X", "amd", 128 * GIB, 3277, _AMD + "mi200/mi250x.html (128GB HBM2e, 3.2768 TB/s)",
+           ("mi250x",)),
+    Device("AMD Instinct MI300X", "amd", 192 * GIB, 5300, _AMD + "mi300/mi300x.html (192GB HBM3, 5.3 TB/s)",
+           ("mi300x",)),
+    # --- Apple silicon (unified memory; the largest configuration)
+    Device("Apple M1", "apple", 16 * GIB, 68.25, _APPLE + " (LPDDR4X-4266, 128-bit)", ("m1",)),
+    Device("Apple M1 Pro", "apple", 32 * GIB, 200, _APPLE, ("m1 pro",)),
+    Device("Apple M1 Max", "apple", 64 * GIB, 400, _APPLE, ("m1 max",)),
+    Device("Apple M1 Ultra", "apple", 128 * GIB, 800, _APPLE, ("m1 ultra",)),
+    Device("Apple M2", "apple", 24 * GIB, 100, _APPLE, ("m2",)),
+    Device("Apple M2 Pro", "apple", 32 * GIB, 200, _APPLE, ("m2 pro",)),
+    Device("Apple M2 Max", "apple", 96 * GIB, 400, _APPLE, ("m2 max",)),
+    Device("Apple M2 Ultra", "apple", 192 * GIB, 800, _APPLE, ("m2 ultra",)),
+    Device("Apple M3", "apple", 24 * GIB, 100, _APPLE, ("m3",)),
+    Device("Apple M3 Pro", "apple", 36 * GIB, 150, _APPLE, ("m3 pro",)),
+    Device("Apple M3 Max", "apple", 128 * GIB, 400, _APPLE + " (16-core CPU; the 14-core M3 Max has 300 GB/s)",
+           ("m3 max",)),
+    Device("Apple M3 Ultra", "apple", 512 * GIB, 819, _APPLE, ("m3 ultra",)),
+    Device("Apple M4", "apple", 32 * GIB, 120, _APPLE, ("m4",)),
+    Device("Apple M4 Pro", "apple", 64 * GIB, 273, _APPLE, ("m4 pro",)),
+    Device("Apple M4 Max", "apple", 128 * GIB, 546, _APPLE + " (16-core CPU; the 14-core M4 Max has 410 GB/s)",
+           ("m4 max",)),
+)
+
+# Words that say nothing about which device it is ("NVIDIA GeForce RTX 4090" = "rtx 4090").
+_NOISE = {"nvidia", "geforce", "amd", "instinct", "tesla", "apple", "radeon", "gpu", "accelerator"}
+
+
+_DESCRIPTIVE = re.compile(r"^(\d+gb|hbm\w*|gddr\w*|sxm\d*)$")
+
+
+class UnknownDevice(ValueError):
+    pass
+
+
+def _tokens(name: str) -> list[str]:
+    s = name.lower().replace("-", " ").replace("_", " ").replace("/", " ")
+    s = re.sub(r"[^a-z0-9. ]", " ", s)
+    return [t for t in s.split() if t not in _NOISE]
+
+
+def _keys(d: Device) -> list[tuple[str, ...]]:
+    return [tuple(_tokens(d.name)), *(tuple(_tokens(a)) for a in d.aliases)]
+
+
+def lookup(name: str) -> Device:
+    """The catalog entry for a device name: exact after normalizing (case, vendor words, dashes), else the
+    entry with the most specific name all of whose words appear in `name` (NVML's "NVIDIA A100-SXM4-80GB"
+    -> A100 80GB), else UnknownDevice with a "did you mean"."""
+    toks = _tokens(name)
+    if not toks:
+        raise UnknownDevice(f"unknown device {name!r}")
+    squashed = "".join(toks)
+    for d in CATALOG:
+        for k in _keys(d):
+            if list(k) == toks or "".join(k) == squashed:
+                return d
+    # The most specific entry whose words are all in `name`, as long as the words left over only describe
+    # (memory size and type, an unknown suffix), never name another variant ("M4 Ultra" is not the M4).
+    vocab = {t for d in CATALOG for k in _keys(d) for t in k}
+    have = set(toks)
+    best: tuple[int, Device] | None = None
+    for d in CATALOG:
+        for k in _keys(d):
+            extra = have - set(k)
+            if (k and set(k) <= have and all(t not in vocab or _DESCRIPTIVE.match(t) for t in extra)
+                    and (best is None or len(k) > best[0])):
+                best = (len(k), d)
+    if best is not None:
+        return best[1]
+    names = {" ".join(_tokens(d.name)): d.name for d in CATALOG}
+    close = difflib.get_close_matches(" ".join(toks), list(names), n=1, cutoff=0.5)
+    hint = f" (did you mean {names[close[0]]!r}?)" if close else ""
+    raise UnknownDevice(f"unknown device {name!r}{hint}; known: {', '.join(d.name for d in CATALOG)}")
+
+
+def find(name: str | None) -> Device | None:
+    """lookup() that answers None for an unknown or missing name."""
+    if not name:
+        return None
+    try:
+        return lookup(name)
+    except UnknownDevice:
+        return None
+
+
+def cpu_device(model: str, bandwidth_gb_s: float, memory_bytes: int, method: str) -> Device:
+    """A CPU as a Device, with its measured bandwidth."""
+    return Device(model or "CPU", "cpu", int(memory_bytes or 0), float(bandwidth_gb_s), f"measured: {method}")
+
+
+# --- CPU bandwidth -----------------------------------------------------------------------------------------
+
+_BLOCK = 16384  # float64 elements per triad step (128 KiB): the scaled temporary stays in L2
+
+
+def _n_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _l3_mib() -> float:
+    """The last-level cache in MiB (0 where unknown)."""
+    try:
+        text = open("/sys/devices/system/cpu/cpu0/cache/index3/size").read().strip()
+    except OSError:
+        return 0
+    m = re.match(r"(\d+)([KMG]?)", text)
+    if not m:
+        return 0
+    return int(m[1]) * {"": 1 / 2**20, "K": 1 / 1024, "M": 1, "G": 1024}[m[2]]
+
+
+def measure_cpu_bandwidth_detail(seconds: float = 1.2, threads: int | None = None, array_mib: int | None = None,
+                                 min_trials: int = 3) -> dict:
+    """STREAM-style copy (a = b) and triad (a = b + s*c) over three float64 arrays of `array_mib` MiB each
+    (default: the size of the last-level cache, 64 to 256 MiB, so that no kernel's working set fits in it),
+    split into one chunk per thread; numpy releases the GIL, so the threads stream in parallel. Both kernels
+    run in turn until `seconds` (allocation included) are spent, at least `min_trials` times; the best time
+    counts. Bytes are counted as STREAM does (copy 2, triad 3 arrays; no write-allocate traffic).
+
+    Returns {"copy_gb_s", "triad_gb_s", "gb_s" (the better of the two), "threads", "array_mib", "trials",
+    "method"}.
+    """
+    deadline = time.perf_counter() + seconds  # allocation and first touch count against the budget
+    n_threads = max(1, threads or _n_threads())
+    if array_mib is None:
+        array_mib = int(min(256, max(64, _l3_mib())))
+    n = array_mib * 1024 * 1024 // 8
+    a, b, c = (np.empty(n) for _ in range(3))
+    bounds = np.linspace(0, n, n_threads + 1).astype(int)
+    chunks = list(zip(bounds[:-1], bounds[1:]))
+    scalar = 3.0
+
+    def init(lo: int, hi: int) -> None:  # first touch from the thread that streams the chunk (NUMA)
+        a[lo:hi] = 0.0
+        b[lo:hi] = 1.0
+        c[lo:hi] = 2.0
+
+    def copy(lo: int, hi: int) -> None:
+        np.copyto(a[lo:hi], b[lo:hi])
+
+    def triad(lo: int, hi: int) -> None:
+        tmp = np.empty(_BLOCK)
+        for i in range(lo, hi, _BLOCK):
+            j = min(i + _BLOCK, hi)
+            t = tmp[: j - i]
+            np.multiply(c[i:j], scalar, out=t)
+            np.add(b[i:j], t, out=a[i:j])
+
+    def parallel(kernel) -> float:
+        barrier = threading.Barrier(n_threads + 1)
+        workers = [threading.Thread(target=lambda lo=lo, hi=hi: (barrier.wait(), kernel(lo, hi)))
+                   for lo, hi in chunks]
+        for w in workers:
+            w.start()
+        barrier.wait()
+        t0 = time.perf_counter_ns()
+        for w in workers:
+            w.join()
+        return (time.perf_counter_ns() - t0) / 1e9
+
+    parallel(init)
+    best = {"copy": float("inf"), "triad": float("inf")}
+    trials = {"copy": 0, "triad": 0}
+    while True:
+        for name, kernel in (("copy", copy), ("triad", triad)):
+            best[name] = min(best[name], parallel(kernel))
+            trials[name] += 1
+        if trials["copy"] >= min_trials and time.perf_counter() >= deadline:
+            break
+    nbytes = n * 8
+    copy_gb_s = 2 * nbytes / best["copy"] / GB
+    triad_gb_s = 3 * nbytes / best["triad"] / GB
+    return {
+        "copy_gb_s": copy_gb_s, "triad_gb_s": triad_gb_s, "gb_s": max(copy_gb_s, triad_gb_s),
+        "threads": n_threads, "array_mib": array_mib, "trials": trials["copy"],
+        "method": (f"numpy STREAM copy/triad, {n_threads} threads, 3 x {array_mib} MiB float64, best of "
+                   f"{trials['copy']} trials; the better kernel counts (copy {copy_gb_s:.1f}, "
+                   f"triad {triad_gb_s:.1f} GB/s, STREAM byte counting)"),
+    }
+
+
+def measure_cpu_bandwidth(seconds: float = 1.2, threads: int | None = None, array_mib: int | None = None) -> float:
+    """Sustained CPU memory bandwidth in GB/s (1e9 bytes/s): see :func:`measure_cpu_bandwidth_detail`."""
+    return measure_cpu_bandwidth_detail(seconds, threads, array_mib)["gb_s"]

@@ -1,0 +1,201 @@
+"""``python -m harness estimate``: the page's estimate for a device and quant beside the calibrated one.
+
+    python -m harness estimate --device "RTX 4090" --quant Q4_K_M [--context 8192] [--calibration FILE ...]
+
+The page's estimate is its own rule (:mod:`harness.page`). The calibrated estimate comes from a
+``calibration.json`` written by ``python -m harness report``: the one from the same device if given, else
+the one whose device's bandwidth is nearest, scaled by the bandwidth ratio (and said so).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness import calibrate, devices, page, quants
+
+GB = 1e9
+GIB = 1024**3
+EXIT_USAGE = 2
+
+
+class EstimateError(ValueError):
+    pass
+
+
+def resolve_device(name: str, bandwidth_gb_s: float | None = None, cals: list[dict] | None = None) -> dict[str, Any]:
+    """The target device as a dict (name, kind, vendor, bandwidth_gb_s, memory_bytes, source).
+
+    "cpu" is this machine's CPU: its bandwidth from --bandwidth, else from a CPU calibration given, else
+    measured now (about 2 s). Any other name is looked up in the catalog (UnknownDevice says "did you mean")."""
+    if name.strip().lower() in ("cpu", "this cpu", "host"):
+        from harness import env
+
+        cpu_cals = [c for c in cals or [] if (c.get("device") or {}).get("kind") == "cpu"]
+        if bandwidth_gb_s:
+            bw, src = bandwidth_gb_s, "given with --bandwidth"
+        elif cpu_cals and cpu_cals[0]["device"].get("bandwidth_gb_s"):
+            bw = cpu_cals[0]["device"]["bandwidth_gb_s"]
+            src = f"from {cpu_cals[0].get('source_path', 'the calibration')}"
+        else:
+            d = devices.measure_cpu_bandwidth_detail()
+            bw, src = d["gb_s"], f"measured now: {d['method']}"
+        import psutil
+
+        return {"name": env.cpu_model(), "kind": "cpu", "vendor": "cpu", "bandwidth_gb_s": float(bw),
+                "memory_bytes": psutil.virtual_memory().total, "source": src}
+    d = devices.lookup(name)
+    out = {"name": d.name, "kind": "gpu", "vendor": d.vendor, "bandwidth_gb_s": float(d.bandwidth_gb_s),
+           "memory_bytes": d.memory_bytes, "source": f"catalog: {d.source}"}
+    if d.vendor == "apple":
+        out["kind"] = "apple"
+    if bandwidth_gb_s:
+        out["bandwidth_gb_s"], out["source"] = float(bandwidth_gb_s), "given with --bandwidth"
+    return out
+
+
+def _same_device(cal: dict, device: dict) -> bool:
+    cd = cal.get("device") or {}
+    if device["kind"] == "cpu" or cd.get("kind") == "cpu":
+        return device["kind"] == cd.get("kind") == "cpu" and (cd.get("reported_name") or cd.get("name")) == \
+            device["name"]
+    found = devices.find(cd.get("name")) or devices.find(cd.get("reported_name"))
+    return found is not None and found.name == device["name"]
+
+
+def choose(cals: list[dict], device: dict) -> tuple[dict | None, str]:
+    """The calibration to use for `device` and why: the same device (the lowest held-out error among them),
+    else the nearest bandwidth (on a log scale), preferring a calibration with a known bandwidth."""
+    usable = [c for c in cals if c.get("tg")]
+    if not usable:
+        return None, "no calibration with a tg fit given"
+    same = [c for c in usable if _same_device(c, device)]
+    if same:
+        best = min(same, key=lambda c: (c["tg"].get("loqo") or {}).get("rms_ape") or math.inf)
+        return best, "measured on this device"
+    bw = device.get("bandwidth_gb_s")
+    known = [c for c in usable if (c.get("device") or {}).get("bandwidth_gb_s")]
+    if bw and known:
+        best = min(known, key=lambda c: abs(math.log(c["device"]["bandwidth_gb_s"] / bw)))
+        return best, (f"nearest bandwidth to {bw:,.0f} GB/s among {len(usable)} calibration(s); "
+                      "this device was not measured")
+    return usable[0], "the only usable calibration; this device was not measured"
+
+
+def page_estimate(device: dict, quant: str) -> dict[str, Any] | None:
+    """The page's VRAM, file size and tok/s (as its rule gives them) for a quant it lists."""
+    if quant not in page.BY_QUANT:
+        return None
+    bw = device.get("bandwidth_gb_s")
+    tok = page.page_tok_s(bw, device.get("vendor"), quant) if bw else None
+    return {"vram_bytes": page.page_vram_bytes(quant), "file_bytes": page.page_file_bytes(quant), "tok_s": tok,
+            "model_gb": page.speed_model_gb(quant), "efficiency": page.efficiency(device.get("vendor"))}
+
+
+def calibrated_estimate(cal: dict, device: dict, quant: str, context: int) -> dict[str, Any]:
+    """Calibrated tg tok/s (empty cache and at `context` tokens) and peak memory at `context`."""
+    same = _same_device(cal, device)
+    bw = None if same else device.get("bandwidth_gb_s")
+    rate0, rel, notes = calibrate.predict_tg_tok_s(cal, quant, 0, bw)
+    rate_ctx, _, _ = calibrate.predict_tg_tok_s(cal, quant, context, bw)
+    out: dict[str, Any] = {"tok_s": rate0, "tok_s_at_context": rate_ctx, "tok_s_rel": rel, "notes": list(notes)}
+    try:
+        mem, mem_rel, mem_notes = calibrate.predict_memory_bytes(cal, quant, context)
+        out.update(memory_bytes=mem, memory_rel=mem_rel)
+        if not same:
+            mem_notes.append(f"memory overhead measured on {cal['device']['name']}: another device's runtime "
+                             "(GPU context, drivers) differs")
+        out["notes"] += [n for n in mem_notes if n not in out["notes"]]
+    except calibrate.CalibrationError as e:
+        out.update(memory_bytes=None, memory_rel=None)
+        out["notes"].append(str(e))
+    return out
+
+
+def _pm(rel) -> str:
+    if rel is None or math.isnan(rel):
+        return ""
+    return f" ±{rel:.1%}" if rel < 0.1 else f" ±{rel:.0%}"
+
+
+def render(device: dict, quant: str, context: int, pg: dict | None, cal: dict | None, why: str,
+           est: dict | None) -> str:
+    bw = device.get("bandwidth_gb_s")
+    mem = device.get("memory_bytes")
+    lines = [f"Llama 3.2 1B {quant} on {device['name']} ({bw:,.1f} GB/s" + (f", {mem / GIB:,.1f} GiB" if mem else "")
+             + f"; {device['source']})"]
+    if pg is None:
+        lines.append(f"page:       no row for {quant} (it lists {', '.join(page.BY_QUANT)})")
+    else:
+        tok = (f"~{pg['tok_s']:,.0f} tok/s = {bw:,.0f} GB/s / {pg['model_gb']:.3g} GB x {pg['efficiency']} "
+               f"(it claims ±20%: {pg['tok_s'] * 0.8:,.0f}-{pg['tok_s'] * 1.2:,.0f})") if pg["tok_s"] else "no tok/s"
+        lines.append(f"page:       VRAM {pg['vram_bytes'] / GB:.1f} GB, file {pg['file_bytes'] / GB:.2f} GB, {tok}; "
+                     "no context term")
+    if cal is None or est is None:
+        lines.append(f"calibrated: none ({why}; `python -m harness report RESULTS_DIR` writes calibration.json, "
+                     "pass it with --calibration)")
+        return "\n".join(lines)
+    mem_s = (f"; peak memory ~{est['memory_bytes'] / GB:.2f} GB{_pm(est['memory_rel'])} at context {context:,}"
+             if est.get("memory_bytes") else "")
+    lines.append(f"calibrated: tg ~{est['tok_s']:,.1f} tok/s{_pm(est['tok_s_rel'])} with an empty cache, "
+                 f"~{est['tok_s_at_context']:,.1f} tok/s at {context:,} tokens of context{mem_s}")
+    d = cal.get("device") or {}
+    run = cal.get("run") or {}
+    tg = cal.get("tg") or {}
+    worst = (tg.get("loqo") or {}).get("worst_ape")
+    lines.append(f"            factors from {d.get('name')} ({why}); run {run.get('run_id')}, llama-cpp-python "
+                 f"{cal.get('llama_cpp_version') or '-'}, model {tg.get('chosen')}; ± is the held-out (LOQO) RMS "
+                 f"error, worst {'-' if worst is None else f'{worst:.1%}'}; {cal.get('source_path', '')}")
+    for n in est["notes"]:
+        lines.append(f"            note: {n}")
+    if mem and est.get("memory_bytes"):
+        fits = "fits" if est["memory_bytes"] <= mem else "does NOT fit"
+        lines.append(f"fit:        {fits} in {mem / GIB:,.1f} GiB")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("estimate", help="the page's estimate for a device beside the calibrated one",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--device", required=True, help='device name, e.g. "RTX 4090", "NVIDIA H100 80GB HBM3", '
+                                                   '"M2 Max", or "cpu" (this machine)')
+    p.add_argument("--quant", required=True, help="quant name, e.g. Q4_K_M")
+    p.add_argument("--context", type=int, default=2048, help="tokens of context (default 2048, the page's '2K')")
+    p.add_argument("--calibration", type=Path, nargs="+", default=[], metavar="FILE",
+                   help="calibration.json files from `harness report` (the same device's is used, else the "
+                        "nearest bandwidth's)")
+    p.add_argument("--bandwidth", type=float, help="override the device's memory bandwidth, GB/s")
+
+
+def main(args) -> int:
+    try:
+        quants.get(args.quant)
+    except quants.UnknownQuant as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.context < 0:
+        print("error: --context must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cals = [calibrate.load(p) for p in args.calibration]
+    except calibrate.CalibrationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        device = resolve_device(args.device, args.bandwidth, cals)
+    except devices.UnknownDevice as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    pg = page_estimate(device, args.quant)
+    cal, why = choose(cals, device) if cals else (None, "no --calibration given")
+    est = None
+    if cal is not None:
+        try:
+            est = calibrated_estimate(cal, device, args.quant, args.context)
+        except calibrate.CalibrationError as e:
+            why = str(e)
+            cal = None
+    print(render(device, args.quant, args.context, pg, cal, why, est))
+    return 0

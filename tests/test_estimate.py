@@ -1,0 +1,93 @@
+"""`python -m harness estimate` end to end through harness.cli.main."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from test_calibrate import ENV_CPU, frame, make_records
+
+from harness import calibrate, cli
+
+
+def run(capsys, *args):
+    rc = cli.main(["estimate", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture
+def cpu_cal(tmp_path):
+    cal = calibrate.calibrate(frame(make_records(noise=0.002)), ENV_CPU, run_id="cpu-run")
+    return calibrate.write(cal, tmp_path / "cpu.json")
+
+
+@pytest.fixture
+def h100_cal(tmp_path):
+    df = frame(make_records(device="cuda", gpu_name="NVIDIA H100 80GB HBM3", bw=3352, eff=0.5, overhead=0.002,
+                            fam={}, noise=0.002, run_id="h100-run"))
+    cal = calibrate.calibrate(df, {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}, run_id="h100-run")
+    return calibrate.write(cal, tmp_path / "h100.json")
+
+
+@pytest.mark.parametrize("device,printed", [("RTX 4090", 799), ("H100 SXM", 2657), ("MI300X", 3555),
+                                            ("MI250X", 2198)])
+def test_page_estimate_reproduces_the_page(capsys, device, printed):
+    rc, out, _ = run(capsys, "--device", device, "--quant", "Q4_K_M")
+    assert rc == 0
+    assert f"~{printed:,} tok/s" in out
+    assert "VRAM 0.8 GB" in out and "file 0.74 GB" in out
+    assert "calibrated: none" in out
+
+
+def test_unknown_device_and_quant(capsys):
+    rc, out, err = run(capsys, "--device", "RTX 4900", "--quant", "Q4_K_M")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "did you mean 'NVIDIA GeForce RTX 4090'" in err
+    rc, out, err = run(capsys, "--device", "RTX 4090", "--quant", "Q4_KM")
+    assert rc == 2 and err.count("\n") == 1 and "did you mean 'Q4_K_M'" in err
+
+
+def test_bad_calibration_file(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    rc, _, err = run(capsys, "--device", "RTX 4090", "--quant", "Q4_K_M", "--calibration", str(bad))
+    assert rc == 2 and "not a calibration file" in err
+
+
+def test_calibration_from_another_device_is_scaled_and_says_so(capsys, cpu_cal):
+    rc, out, _ = run(capsys, "--device", "RTX 4090", "--quant", "Q4_K_M", "--context", "8192",
+                     "--calibration", str(cpu_cal))
+    assert rc == 0
+    assert "factors from Test CPU" in out and "bandwidth ratio" in out and "this device was not measured" in out
+    cal = calibrate.load(cpu_cal)
+    expected, rel, _ = calibrate.predict_tg_tok_s(cal, "Q4_K_M", 0, bandwidth_gb_s=1008)
+    m = re.search(r"tg ~([\d,.]+) tok/s ±([\d.]+)%", out)
+    assert float(m[1].replace(",", "")) == pytest.approx(expected, rel=1e-3)
+    assert "at 8,192 tokens of context" in out and "peak memory" in out and "fits in 24.0 GiB" in out
+
+
+def test_same_device_calibration_is_used_unscaled(capsys, cpu_cal, h100_cal):
+    rc, out, _ = run(capsys, "--device", "NVIDIA H100 80GB HBM3", "--quant", "Q4_K_M",
+                     "--calibration", str(cpu_cal), str(h100_cal))
+    assert rc == 0
+    assert "factors from NVIDIA H100 SXM (measured on this device)" in out and "bandwidth ratio" not in out
+    expected, _, _ = calibrate.predict_tg_tok_s(calibrate.load(h100_cal), "Q4_K_M", 0)
+    m = re.search(r"tg ~([\d,.]+) tok/s", out)
+    assert float(m[1].replace(",", "")) == pytest.approx(expected, rel=1e-3)
+
+
+def test_nearest_bandwidth_wins_among_other_devices(capsys, cpu_cal, h100_cal):
+    rc, out, _ = run(capsys, "--device", "H200", "--quant", "Q8_0", "--calibration", str(cpu_cal), str(h100_cal))
+    assert rc == 0 and "factors from NVIDIA H100 SXM (nearest bandwidth" in out
+
+
+def test_cpu_device_takes_the_calibrations_bandwidth(capsys, cpu_cal):
+    rc, out, _ = run(capsys, "--device", "cpu", "--quant", "IQ3_M", "--calibration", str(cpu_cal))
+    assert rc == 0 and "(20.0 GB/s" in out and "~17 tok/s" in out  # the page: 20 / 0.64 x 0.55 = 17.2
+
+
+def test_quant_not_on_the_page(capsys, cpu_cal):
+    rc, out, _ = run(capsys, "--device", "RTX 4090", "--quant", "Q2_K", "--bandwidth", "1000")
+    assert rc == 0 and "no row for Q2_K" in out and "(1,000.0 GB/s" in out
+    rc, out, _ = run(capsys, "--device", "RTX 4090", "--quant", "Q2_K", "--calibration", str(cpu_cal))
+    assert rc == 0 and "calibrated: none (Q2_K was not measured" in out

@@ -1,0 +1,198 @@
+"""The report: verdicts on fixed numbers, the per-quant table, and the whole report rendered from a records
+file made here (no llama.cpp)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import re
+
+import matplotlib.image as mpimg
+import pandas as pd
+import pytest
+from test_calibrate import BPW, ENV_CPU, MIB, N, frame, make_records
+
+from harness import cli, page, report, schema
+
+
+def write_run(path, records, env=ENV_CPU):
+    path.mkdir(parents=True)
+    with schema.RecordWriter(path / "records.jsonl") as w:
+        for r in records:
+            w.write(r)
+    if env is not None:
+        (path / "env.json").write_text(json.dumps(env))
+    return path
+
+
+@pytest.mark.parametrize("measured,predicted,text,inside", [
+    (100, 100, "inside (+0%)", True),
+    (120, 100, "inside (+20%)", True),
+    (80, 100, "inside (-20%)", True),
+    (130, 100, "outside (+30%: 10 points beyond ±20%)", False),
+    (50, 100, "outside (-50%: 30 points beyond ±20%)", False),
+    (340, 100, "outside (+240%: 220 points beyond ±20%)", False),
+    (None, 100, "-", None),
+    (100, None, "-", None),
+    (100, float("nan"), "-", None),
+])
+def test_verdict(measured, predicted, text, inside):
+    assert report.verdict(measured, predicted) == text
+    assert report.inside(measured, predicted) is inside
+
+
+def test_quant_table_on_fixed_records():
+    df = frame(make_records(quant_list=["Q4_K_M", "Q8_0"], noise=0.0))
+    device = {"name": "Test CPU", "kind": "cpu", "vendor": "cpu", "bandwidth_gb_s": 20.0, "peak_source": "rss"}
+    t = report.quant_table(df, device)
+    assert list(t.quant) == ["Q4_K_M", "Q8_0"]
+    r = t.set_index("quant").loc["Q4_K_M"]
+    size = int(BPW["Q4_K_M"] * N / 8)
+    assert r.page_tok_s == pytest.approx(20.0 / 0.82 * 0.55)
+    assert r.tg_vs_page == pytest.approx(r.tg_tok_s / r.page_tok_s)
+    assert r.tg_verdict == report.verdict(r.tg_tok_s, r.page_tok_s)
+    assert r.pp_tok_s == pytest.approx(40 * r.tg_tok_s)
+    assert r.tg_spread == 0
+    assert r.weights_bytes == size
+    assert r.other_bytes == pytest.approx(r.peak_bytes - r.weights_bytes - r.kv_bytes - r.compute_bytes)
+    assert r.other_bytes == pytest.approx(150 * MIB + 501 * 1024)  # the made-up runtime + the output buffer
+    assert r.page_vram_bytes == 0.8e9 and r.page_file_bytes == 0.74e9
+    assert r.mem_vs_page == pytest.approx(r.peak_bytes / 0.8e9)
+    assert r.true_bits == pytest.approx(BPW["Q4_K_M"], abs=1e-6) and r.page_bits == 4.8
+    assert r.file_vs_page == pytest.approx((size + 7_000_000) / 0.74e9)
+
+
+def test_quant_table_gpu_uses_the_catalog_and_device_memory():
+    df = frame(make_records(quant_list=["Q4_K_M"], device="cuda", gpu_name="NVIDIA H100 80GB HBM3", noise=0.0))
+    built = report.build(df, {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}, "gpu-run")
+    t, cal = built[0], built[1]
+    assert cal["device"]["name"] == "NVIDIA H100 SXM"
+    assert t.page_tok_s.iloc[0] == pytest.approx(page.page_tok_s(3352, "nvidia", "Q4_K_M"))
+    assert round(t.page_tok_s.iloc[0]) == 2657
+    assert "NVML" in built[3]
+
+
+def _pngs_in_html(text: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)]
+
+
+def test_write_report_end_to_end(tmp_path):
+    run = write_run(tmp_path / "results" / "2025-run", make_records(depths=(0, 1024)))
+    out = report.write_report(run, tmp_path / "rep")
+    assert out == tmp_path / "rep"
+    for name in ("report.md", "report.html", "summary.csv", "calibration.json", "speed.png", "memory.png",
+                 "roofline.png", "context.png"):
+        assert (out / name).is_file(), name
+    s = pd.read_csv(out / "summary.csv")
+    assert list(s.quant) == list(page.BY_QUANT)  # one row per quant, the page's order
+    for col in ("tg_tok_s", "pp_tok_s", "page_tok_s", "tg_verdict", "weights_bytes", "kv_bytes", "compute_bytes",
+                "other_bytes", "peak_bytes", "page_vram_bytes", "mem_verdict", "true_bits", "page_bits",
+                "file_bytes", "page_file_bytes", "calibrated_tok_s"):
+        assert col in s.columns
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["run"]["run_id"] == "2025-run" and cal["device"]["name"] == "Test CPU"
+
+    md = (out / "report.md").read_text()
+    assert "**synthetic**" in md and "quality does not" in md
+    assert "Test CPU" in md and "20.0 GB/s" in md
+    for q in page.BY_QUANT:
+        assert f"| {q} |" in md
+    for d in page.DISCREPANCIES:
+        assert d in md
+    assert "![" in md and "(speed.png)" in md
+
+    html = (out / "report.html").read_text()
+    assert "<img" in html and 'src="speed.png"' not in html  # self-contained
+    pngs = _pngs_in_html(html)
+    assert len(pngs) == 4
+    for png in pngs:
+        img = mpimg.imread(io.BytesIO(png), format="png")
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    for name in ("speed.png", "memory.png", "roofline.png", "context.png"):
+        assert mpimg.imread(out / name).shape[0] > 100
+
+
+def test_single_depth_has_no_context_figure_and_default_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "DEFAULT_REPORTS", tmp_path / "reports")
+    run = write_run(tmp_path / "run-1", make_records(quant_list=["Q4_0", "Q4_K_M", "Q8_0"]))
+    out = report.write_report(run)
+    assert out == tmp_path / "reports" / "run-1"
+    assert not (out / "context.png").exists()
+    assert len(_pngs_in_html((out / "report.html").read_text())) == 3
+
+
+def test_failed_quant_and_missing_env(tmp_path):
+    recs = make_records(quant_list=["Q4_K_M", "Q8_0"], pp=False)
+    recs.append(schema.make(run_id="r", utc="2025-01-01T00:00:00+00:00", status="error", quant="IQ3_M",
+                            weights="synthetic", error="quantize failed: out of disk"))
+    run = write_run(tmp_path / "run-2", recs, env=None)
+    out = report.write_report(run, tmp_path / "rep")
+    md = (out / "report.md").read_text()
+    assert "## Failures" in md and "IQ3_M: quantize failed: out of disk" in md
+    assert "unknown (env.json has no memory_bandwidth)" in md  # no bandwidth, no page speed, said so
+    s = pd.read_csv(out / "summary.csv")
+    assert set(s.quant) == {"IQ3_M", "Q4_K_M", "Q8_0"}
+    assert s.page_tok_s.isna().all()
+
+
+def test_hub_weights_statement():
+    df = frame(make_records(quant_list=["Q4_0"], weights="hub"))
+    assert "real weights" in report.weights_statement(df)
+
+
+def test_cli_report(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing" in err
+    run = write_run(tmp_path / "run-3", make_records(quant_list=["Q4_0", "Q4_K_M", "Q8_0"]))
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "r3")]) == 0
+    assert (tmp_path / "r3" / "report.html").is_file()
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["report", str(tmp_path / "empty")]) == 2
+    assert "records.jsonl" in capsys.readouterr().err
+
+
+def _tiny_gguf(path):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(path, arch="llama")
+    w.add_token_list(["a", "b", "c"])
+    w.add_array("test.ints", [1, 2, 3])
+    w.add_string("test.s", "x")
+    w.add_tensor("x", np.zeros((4, 256), dtype=np.float32))
+    w.add_tensor("y", np.zeros((8, 256), dtype=np.float16))
+    q = gguf.quants.quantize(np.ones((2, 256), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("z", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_tensor_types(tmp_path):
+    from harness import inspect
+
+    p = _tiny_gguf(tmp_path / "t.gguf")
+    types = report.gguf_tensor_types(p)
+    assert types == {"F32": 1024, "F16": 2048, "Q8_0": 512}
+    assert types == {k: v["n_elements"] for k, v in inspect.describe(p)["types"].items()}
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"nope")
+    with pytest.raises(ValueError):
+        report.gguf_tensor_types(bad)
+
+
+def test_tensor_types_from_files(tmp_path):
+    p = _tiny_gguf(tmp_path / "t.gguf")
+    recs = [dataclasses.replace(r, file_path=str(p), file_bytes=p.stat().st_size)
+            for r in make_records(quant_list=["Q4_K_M"], pp=False)]
+    assert report.tensor_types_from_files(frame(recs)) == {"Q4_K_M": {"F32": 1024, "F16": 2048, "Q8_0": 512}}
+    moved = make_records(quant_list=["Q4_K_M"], pp=False)  # file paths that do not exist
+    assert report.tensor_types_from_files(frame(recs + moved)) is not None  # one readable file per quant suffices
+    assert report.tensor_types_from_files(frame(make_records(quant_list=["Q8_0"], pp=False))) is None
+    changed = [dataclasses.replace(r, file_bytes=1) for r in recs]  # the file changed since
+    assert report.tensor_types_from_files(frame(changed)) is None
