@@ -62,7 +62,9 @@ def main() -> int:
     p.add_argument("--n-prompt", type=int, default=256)
     p.add_argument("--n-gen", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of each tool per file")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternating rounds of each tool per file: more, shorter rounds cancel the drift of a shared "
+                        "machine's load better")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-batch", type=int, default=512)
     p.add_argument("--n-ubatch", type=int, default=512)
@@ -72,14 +74,17 @@ def main() -> int:
     rows, raw = [], {}
     for f in a.files:
         samples = {"llama-bench": {"pp": [], "tg": []}, "harness": {"pp": [], "tg": []}}
-        for _ in range(a.rounds):
-            for tool, fn in (("llama-bench", lambda: run_llama_bench(a.llama_bench, f, a)),
-                             ("harness", lambda: run_harness(f, a))):
+        tools = [("llama-bench", lambda: run_llama_bench(a.llama_bench, f, a)), ("harness", lambda: run_harness(f, a))]
+        for i in range(a.rounds):
+            # ABBA order: a drift in the machine's speed over the run hits both tools alike
+            for tool, fn in tools if i % 2 == 0 else tools[::-1]:
                 got = fn()
                 for k in ("pp", "tg"):
                     samples[tool][k] += got.get(k, [])
         raw[f] = samples
         for k in ("pp", "tg"):
+            if not samples["llama-bench"][k] or not samples["harness"][k]:
+                continue
             lb = statistics.median(samples["llama-bench"][k])
             hv = statistics.median(samples["harness"][k])
             rows.append((Path(f).name, k, lb, hv, hv / lb - 1))
