@@ -60,6 +60,8 @@ def check_writable(folder: Path) -> None:
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
+    except FileExistsError:  # mkdir's "File exists" for a file where the folder should be reads as nonsense
+        raise RunError(f"cannot write to {folder}: it exists and is not a folder") from None
     except OSError as e:
         raise RunError(f"cannot write to {folder}: {e.strerror or e}") from None
 
@@ -250,6 +252,7 @@ class Runner:
                 "path": str(mf.path),
                 "bench": {**self.bench, "skip_cells": skip},
                 "log_path": str(logs / f"{quant}.llama.log"),
+                "expect_arch": "llama",  # the worker checks the file's header for it before llama.cpp opens it
                 "record_base": {
                     "run_id": self.run_id, "quant": quant, "weights": mf.weights, "weights_ref": mf.weights_ref,
                     "file_path": str(mf.path), "file_bytes": size, "file_sha256": mf.sha256,

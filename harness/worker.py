@@ -3,9 +3,11 @@
 ``python -m harness.worker`` reads one job (JSON) on stdin and writes messages on its original stdout, one
 JSON object per line: ``{"kind": "record", "record": {...}}`` per measured repetition,
 ``{"kind": "progress", "msg": "..."}`` and, on a failure it can report, ``{"kind": "error", "error": "..."}``.
-llama.cpp's log goes to the job's log file. Anything else that writes to stdout (C code's printf) is moved
-to stderr first, so it cannot corrupt the protocol. A crash or hang is the parent's to report
-(:mod:`harness.runner`): whatever was already sent is kept.
+Before llama.cpp is even imported, the file's header is checked in Python (:mod:`harness.validate`): a damaged
+or hostile file becomes an "invalid GGUF" error, never llama.cpp's problem. llama.cpp's log goes to the job's
+log file. Anything else that writes to stdout (C code's printf) is moved to stderr first, so it cannot corrupt
+the protocol. A crash or hang is the parent's to report (:mod:`harness.runner`): whatever was already sent is
+kept. On Linux the process is killed when its parent dies, so a killed sweep leaves nothing measuring.
 """
 
 from __future__ import annotations
@@ -35,10 +37,35 @@ def _limit_memory(mb: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _die_with_parent() -> None:
+    # Linux: SIGKILL this process when the sweep that started it dies (kill -9 of the sweep), rather than
+    # measuring on as an orphan beside the resumed run until its next message hits a broken pipe.
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_job(job: dict[str, Any], send) -> int:
+    from harness import validate
+
+    # Check the header in Python before llama.cpp is even imported: a hostile or damaged file must not reach
+    # its parser (absurd allocations, assertion aborts, reads past the mapping).
+    try:
+        validate.check(job["path"], job.get("expect_arch", "llama"))
+    except validate.InvalidGGUF as e:
+        send({"kind": "error", "error": f"invalid GGUF, not loaded: {e}"})
+        return 3
+
     from harness import bench, schema
     from harness.llamalog import LogCapture
 
+    limit_mb = job["bench"].get("memory_limit_mb")
     log_file = open(job["log_path"], "a", encoding="utf-8") if job.get("log_path") else None  # noqa: SIM115
 
     def echo(line: str) -> None:
@@ -56,10 +83,14 @@ def run_job(job: dict[str, Any], send) -> int:
                           progress=lambda msg: send({"kind": "progress", "msg": msg}))
         return 0
     except bench.BenchError as e:
-        send({"kind": "error", "error": str(e)})
+        msg = str(e)
+        if limit_mb and ("alloc" in msg or "memory" in msg):  # say which limit it ran into
+            msg += f" (the measuring process is limited to bench.memory_limit_mb = {limit_mb} MB of address space)"
+        send({"kind": "error", "error": msg})
         return 3
     except MemoryError:
-        send({"kind": "error", "error": "out of memory (Python MemoryError in the measuring process)"})
+        why = f"bench.memory_limit_mb = {limit_mb} MB" if limit_mb else "Python MemoryError"
+        send({"kind": "error", "error": f"out of memory ({why}, in the measuring process)"})
         return 3
     finally:
         if log_file:
@@ -67,6 +98,10 @@ def run_job(job: dict[str, Any], send) -> int:
 
 
 def main() -> int:
+    _die_with_parent()
+    # On an assertion ggml attaches gdb to print a backtrace: slow, and its chatter would bury the one line
+    # the parent reports ("...: GGML_ASSERT(...) failed") under "[Inferior 1 (process N) detached]".
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     out = _protocol_stream()
 
     def send(msg: dict[str, Any]) -> None:
