@@ -69,6 +69,7 @@ class Summary(NamedTuple):
     architecture: str | None  # general.architecture, None when the file has none
     tensor_bytes: int  # sum of the tensors' data sizes (without alignment padding)
     file_bytes: int  # size of the file
+    type_weights: dict[str, int]  # weights (elements) per ggml type name, e.g. {"Q4_K": ..., "F32": ...}
 
 
 class _Reader:
@@ -231,6 +232,7 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
     left = n_tensors * _MIN_TENSOR_INFO_BYTES
     names: set[bytes] = set()
     spans: list[tuple[int, int, str]] = []  # (offset, nbytes, name)
+    type_weights: dict[str, int] = {}
     for i in range(n_tensors):
         left -= _MIN_TENSOR_INFO_BYTES
         raw, pos = r.string(pos, f"name of tensor #{i}", limit=MAX_NAME - 1)
@@ -269,6 +271,7 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
         if offset % alignment:
             raise InvalidGGUF(f"tensor {name!r} offset {offset} is not a multiple of the alignment {alignment}")
         spans.append((offset, nbytes, name))
+        type_weights[_TYPE_NAMES[ttype]] = type_weights.get(_TYPE_NAMES[ttype], 0) + n_elements
         if pos + left > size:
             raise InvalidGGUF(f"truncated: {n_tensors - i - 1} more tensor infos cannot fit after byte {pos}")
 
@@ -284,4 +287,4 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
             raise InvalidGGUF(f"tensors {name_prev!r} and {name!r} overlap")
         end_prev, name_prev = offset + nbytes, name
         tensor_bytes += nbytes
-    return Summary(version, n_tensors, n_kv, architecture, tensor_bytes, size)
+    return Summary(version, n_tensors, n_kv, architecture, tensor_bytes, size, type_weights)

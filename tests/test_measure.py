@@ -117,10 +117,11 @@ def test_failing_files_become_error_records(tiny_file, tmp_path):
 
 
 def test_hang_becomes_timeout_error(tiny_cache, tmp_path):
-    cfg = smoke_cfg(tiny_cache, timeout_s=0.5)
+    # a 64K-token pre-fill takes far longer than the limit: the child is killed, the sweep goes on
+    cfg = smoke_cfg(tiny_cache, timeout_s=3, depths=[65536])
     cfg = config.from_dict({**cfg.to_dict(), "quants": ["Q4_K_M"]})
     run_dir, errors = runner.run(cfg, out=tmp_path / "out", progress=False, echo=lambda s: None)
-    assert "timed out after 0.5 s" in errors["Q4_K_M"]
+    assert "timed out after 3 s" in errors["Q4_K_M"]
     recs = schema.read_records(run_dir / "records.jsonl")
     assert recs[-1].status == "error" and "timed out" in recs[-1].error
 
