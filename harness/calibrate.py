@@ -503,14 +503,20 @@ def page_tg_tok_s(points: pd.DataFrame, device: dict) -> np.ndarray:
     return np.array(out, float)
 
 
+def _fit_chosen(points: pd.DataFrame, candidates: tuple[Candidate, ...], target: str):
+    """Pick a candidate by LOQO error, fit it on all points: (candidate, selection table, feature names,
+    parameters, their bootstrap spread, fitted values)."""
+    chosen, table = select(points, candidates, target)
+    cand = {c.name: c for c in candidates}[chosen]
+    names = _feature_names(points, cand.features)
+    params = solve(points, names, target)
+    return cand, table, names, params, bootstrap(points, names, target), predict(points, params, target)
+
+
 def fit_tg(points: pd.DataFrame, device: dict) -> dict[str, Any]:
     """Choose and fit the tg model; its parameters, their bootstrap spread, errors, and per-point values."""
-    chosen, table = select(points, TG_CANDIDATES, "t_s")
-    cand = {c.name: c for c in TG_CANDIDATES}[chosen]
-    names = _feature_names(points, cand.features)
-    params = solve(points, names, "t_s")
-    std = bootstrap(points, names, "t_s")
-    fitted_t = predict(points, params, "t_s")
+    cand, table, names, params, std, fitted_t = _fit_chosen(points, TG_CANDIDATES, "t_s")
+    chosen = cand.name
     page_rate = page_tg_tok_s(points, device)
     bw = device.get("bandwidth_gb_s")
     a = params.get("s_per_byte", 0.0)
@@ -551,12 +557,8 @@ def fit_memory(points: pd.DataFrame) -> dict[str, Any] | None:
     if pts.empty:
         return None
     pts = pts.reset_index(drop=True)
-    chosen, table = select(pts, MEMORY_CANDIDATES, "peak_bytes")
-    cand = {c.name: c for c in MEMORY_CANDIDATES}[chosen]
-    names = _feature_names(pts, cand.features)
-    params = solve(pts, names, "peak_bytes")
-    std = bootstrap(pts, names, "peak_bytes")
-    fitted = predict(pts, params, "peak_bytes")
+    cand, table, names, params, std, fitted = _fit_chosen(pts, MEMORY_CANDIDATES, "peak_bytes")
+    chosen = cand.name
     page_vram = np.array([page.page_vram_bytes(q) if q in page.BY_QUANT else math.nan for q in pts.quant])
     return {
         "chosen": chosen, "formula": cand.description, "params": params, "param_std": std,
