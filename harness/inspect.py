@@ -3,7 +3,7 @@
 The file is memory-mapped by ``gguf.GGUFReader`` and never loaded into llama.cpp, so inspecting a 1B file takes
 a moment and no memory. It reports the parameter count, a histogram of tensor types, and the true bits per weight
 (8 * tensor bytes / elements) overall, for the token embedding and for everything else, next to the "Bits"
-column the page prints for that quant (:data:`harness.quants.RECIPES`), which is a claim, not a measurement.
+column the page prints for that quant (:data:`harness.page.BY_QUANT`), which is a claim, not a measurement.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import quants
+from harness import page, quants
 from harness.config import ConfigError
 
 EMBD = "token_embd.weight"
@@ -99,7 +99,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     except ValueError:
         ftype_name = f"unknown ({ftype_id})"
     quant, quant_from = quant_of(ftype_name, embd["type"] if embd else None, p.name)
-    page_bits = quants.RECIPES[quant].page_bits if quant else None
+    page_bits = page.BY_QUANT[quant].bits if quant in page.BY_QUANT else None
     rest_elements = n_params - (embd["n_elements"] if embd else 0)
     rest_bytes = n_bytes - (embd["bytes"] if embd else 0)
     bpw = _bits(n_bytes, n_params)

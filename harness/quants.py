@@ -4,8 +4,8 @@ A recipe is a llama.cpp file type (``LLAMA_FTYPE_MOSTLY_*``) plus optional per-t
 are llama.cpp's own; ``Q4_K_L`` and ``Q5_K_L`` are the Hub's convention (bartowski and others): the ``_M``
 recipe with the token embedding and output tensors kept in Q8_0.
 
-``page_bits`` is the "Bits" column of the page under test (``shared/seed``), or None for recipes it does
-not list. It is the page's claim, not a property of the recipe: :mod:`harness.inspect` measures the truth.
+What the page under test claims for each quant (its "Bits" column among them) is transcribed once, in
+:mod:`harness.page`.
 """
 
 from __future__ import annotations
@@ -24,32 +24,31 @@ class Recipe(NamedTuple):
     name: str  # the name used in configs, records and file names, e.g. "Q4_K_M"
     ftype: str  # llama.cpp file type constant, e.g. "LLAMA_FTYPE_MOSTLY_Q4_K_M"
     embd_type: str | None  # ggml type forced on token_embd.weight (and output.weight), e.g. "Q8_0"
-    page_bits: float | None  # bits per weight the page prints, None where the page has no row
     description: str  # one line for tables
 
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe("IQ3_M", "LLAMA_FTYPE_MOSTLY_IQ3_M", None, 3.60, "importance-weighted 3-bit, medium"),
-        Recipe("Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0", None, 4.00, "4-bit legacy"),
-        Recipe("Q3_K_L", "LLAMA_FTYPE_MOSTLY_Q3_K_L", None, 4.10, "3-bit K, large"),
-        Recipe("IQ4_XS", "LLAMA_FTYPE_MOSTLY_IQ4_XS", None, 4.30, "importance-weighted 4-bit, compact"),
-        Recipe("Q4_K_S", "LLAMA_FTYPE_MOSTLY_Q4_K_S", None, 4.50, "4-bit K, small"),
-        Recipe("Q4_K_M", "LLAMA_FTYPE_MOSTLY_Q4_K_M", None, 4.80, "4-bit K, medium"),
-        Recipe("Q4_K_L", "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q8_0", 4.90, "Q4_K_M with Q8_0 embedding/output"),
-        Recipe("Q5_K_S", "LLAMA_FTYPE_MOSTLY_Q5_K_S", None, 5.50, "5-bit K, small"),
-        Recipe("Q5_K_M", "LLAMA_FTYPE_MOSTLY_Q5_K_M", None, 5.70, "5-bit K, medium"),
-        Recipe("Q5_K_L", "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q8_0", 5.80, "Q5_K_M with Q8_0 embedding/output"),
-        Recipe("Q6_K", "LLAMA_FTYPE_MOSTLY_Q6_K", None, 6.60, "6-bit K"),
-        Recipe("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", None, 8.00, "8-bit"),
+        Recipe("IQ3_M", "LLAMA_FTYPE_MOSTLY_IQ3_M", None, "importance-weighted 3-bit, medium"),
+        Recipe("Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0", None, "4-bit legacy"),
+        Recipe("Q3_K_L", "LLAMA_FTYPE_MOSTLY_Q3_K_L", None, "3-bit K, large"),
+        Recipe("IQ4_XS", "LLAMA_FTYPE_MOSTLY_IQ4_XS", None, "importance-weighted 4-bit, compact"),
+        Recipe("Q4_K_S", "LLAMA_FTYPE_MOSTLY_Q4_K_S", None, "4-bit K, small"),
+        Recipe("Q4_K_M", "LLAMA_FTYPE_MOSTLY_Q4_K_M", None, "4-bit K, medium"),
+        Recipe("Q4_K_L", "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q8_0", "Q4_K_M with Q8_0 embedding/output"),
+        Recipe("Q5_K_S", "LLAMA_FTYPE_MOSTLY_Q5_K_S", None, "5-bit K, small"),
+        Recipe("Q5_K_M", "LLAMA_FTYPE_MOSTLY_Q5_K_M", None, "5-bit K, medium"),
+        Recipe("Q5_K_L", "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q8_0", "Q5_K_M with Q8_0 embedding/output"),
+        Recipe("Q6_K", "LLAMA_FTYPE_MOSTLY_Q6_K", None, "6-bit K"),
+        Recipe("Q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0", None, "8-bit"),
         # Not on the page; common enough that users will ask for them.
-        Recipe("Q2_K", "LLAMA_FTYPE_MOSTLY_Q2_K", None, None, "2-bit K"),
-        Recipe("Q3_K_S", "LLAMA_FTYPE_MOSTLY_Q3_K_S", None, None, "3-bit K, small"),
-        Recipe("Q3_K_M", "LLAMA_FTYPE_MOSTLY_Q3_K_M", None, None, "3-bit K, medium"),
-        Recipe("IQ4_NL", "LLAMA_FTYPE_MOSTLY_IQ4_NL", None, None, "importance-weighted 4-bit, non-linear"),
-        Recipe("Q5_0", "LLAMA_FTYPE_MOSTLY_Q5_0", None, None, "5-bit legacy"),
-        Recipe("F16", "LLAMA_FTYPE_MOSTLY_F16", None, None, "16-bit float, unquantized"),
+        Recipe("Q2_K", "LLAMA_FTYPE_MOSTLY_Q2_K", None, "2-bit K"),
+        Recipe("Q3_K_S", "LLAMA_FTYPE_MOSTLY_Q3_K_S", None, "3-bit K, small"),
+        Recipe("Q3_K_M", "LLAMA_FTYPE_MOSTLY_Q3_K_M", None, "3-bit K, medium"),
+        Recipe("IQ4_NL", "LLAMA_FTYPE_MOSTLY_IQ4_NL", None, "importance-weighted 4-bit, non-linear"),
+        Recipe("Q5_0", "LLAMA_FTYPE_MOSTLY_Q5_0", None, "5-bit legacy"),
+        Recipe("F16", "LLAMA_FTYPE_MOSTLY_F16", None, "16-bit float, unquantized"),
     )
 }
 

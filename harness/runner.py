@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 from harness import config as config_mod
 from harness import env as env_mod
-from harness import quants, schema, sources
+from harness import page, schema, sources
 from harness.bench import tests_for
 from harness.config import Config
 
@@ -79,7 +79,7 @@ def _expected_synthetic_bytes(cfg: Config, todo: list[str]) -> int:
         need += 2 * n
     for q in todo:
         if not quantize.synthetic_file(cache, arch.name, cfg.model.seed, q, cfg.model.imatrix).exists():
-            bits = quants.get(q).page_bits or 8.5
+            bits = page.BY_QUANT[q].bits if q in page.BY_QUANT else 8.5
             need += int(n * (bits + 1.0) / 8)  # +1 bit: the page's bits run low (its column is not the truth)
     return need
 
