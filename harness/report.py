@@ -77,13 +77,6 @@ def inside(measured: float | None, predicted: float | None, band: float = page.B
     return abs(measured / predicted - 1) <= band
 
 
-def _spread(med, lo, hi) -> float:
-    """Half the min-max range, relative to the median."""
-    if med is None or pd.isna(med) or not med or lo is None or pd.isna(lo):
-        return math.nan
-    return (hi - lo) / 2 / med
-
-
 def _nan(v) -> float:
     return math.nan if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
@@ -105,8 +98,8 @@ def quant_table(df: pd.DataFrame, device: dict, cal: dict | None = None) -> pd.D
         on_page = quant in page.BY_QUANT
         row: dict[str, Any] = {
             "quant": quant, "n_depth": depth, "weights": r.weights,
-            "tg_tok_s": _nan(r.tg_tokens_per_s), "tg_spread": _spread(r.tg_tokens_per_s, r.tg_min, r.tg_max),
-            "pp_tok_s": _nan(r.pp_tokens_per_s), "pp_spread": _spread(r.pp_tokens_per_s, r.pp_min, r.pp_max),
+            "tg_tok_s": _nan(r.tg_tokens_per_s), "tg_spread": summary.spread(r.tg_tokens_per_s, r.tg_min, r.tg_max),
+            "pp_tok_s": _nan(r.pp_tokens_per_s), "pp_spread": summary.spread(r.pp_tokens_per_s, r.pp_min, r.pp_max),
             "page_tok_s": page.page_tok_s(bw, vendor, quant) if on_page and bw else math.nan,
         }
         row["tg_vs_page"] = row["tg_tok_s"] / row["page_tok_s"] if row["page_tok_s"] else math.nan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import pandas as pd
@@ -54,11 +55,17 @@ def _mib(v) -> str:
     return "-" if v is None or pd.isna(v) else f"{v / MIB:,.0f}"
 
 
+def spread(med, lo, hi) -> float:
+    """Half the min-max range, relative to the median (NaN where there is no measurement)."""
+    if med is None or pd.isna(med) or not med or lo is None or pd.isna(lo):
+        return math.nan
+    return (hi - lo) / 2 / med
+
+
 def _rate(med, lo, hi) -> str:
     if med is None or pd.isna(med):
         return "-"
-    spread = (hi - lo) / 2 / med * 100 if med else 0
-    return f"{med:,.1f} ±{spread:.1f}%"
+    return f"{med:,.1f} ±{spread(med, lo, hi) * 100:.1f}%"
 
 
 def text_table(s: pd.DataFrame) -> str:
