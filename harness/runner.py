@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 from harness import config as config_mod
 from harness import env as env_mod
-from harness import page, schema, sources
+from harness import page, quantize, schema, sources
 from harness.bench import tests_for
 from harness.config import Config
 
@@ -68,7 +68,7 @@ def check_writable(folder: Path) -> None:
 
 def _expected_synthetic_bytes(cfg: Config, todo: list[str]) -> int:
     """Disk needed to build what the synthetic cache lacks (a bound: 8.5 bits/weight for unknown recipes)."""
-    from harness import quantize, synthetic
+    from harness import synthetic
 
     arch = synthetic.ARCHS[cfg.model.architecture]
     n = arch.n_params()
@@ -219,7 +219,7 @@ class Runner:
             weights=mf.weights if mf else self.cfg.model.source, weights_ref=mf.weights_ref if mf else None,
             file_path=str(mf.path) if mf else None,
             file_bytes=mf.path.stat().st_size if mf and mf.path.exists() else None,
-            file_sha256=mf.sha256 if mf else None, llama_cpp_version=_llama_version(),
+            file_sha256=mf.sha256 if mf else None, llama_cpp_version=quantize.llama_cpp_version(),
             n_threads=self.bench["threads"], n_gpu_layers=self.bench["n_gpu_layers"],
             flash_attn=self.bench["flash_attn"],
         )
@@ -256,7 +256,7 @@ class Runner:
                 "record_base": {
                     "run_id": self.run_id, "quant": quant, "weights": mf.weights, "weights_ref": mf.weights_ref,
                     "file_path": str(mf.path), "file_bytes": size, "file_sha256": mf.sha256,
-                    "llama_cpp_version": _llama_version(),
+                    "llama_cpp_version": quantize.llama_cpp_version(),
                 },
             }
             bar = _Bar(n_todo, f"{quant}", enabled=self.progress)
@@ -306,18 +306,6 @@ class _Bar:
 
 def _utc() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-_LLAMA_VERSION: str | None = None
-
-
-def _llama_version() -> str:
-    global _LLAMA_VERSION
-    if _LLAMA_VERSION is None:
-        from importlib.metadata import version
-
-        _LLAMA_VERSION = version("llama-cpp-python")
-    return _LLAMA_VERSION
 
 
 def prepare(cfg: Config, out: Path | None, resume: Path | None) -> tuple[Path, list[schema.Record]]:
