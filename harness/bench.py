@@ -9,6 +9,7 @@ chunks with logits for the last token only; ``tg`` decodes one token per call an
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import time
@@ -198,14 +199,12 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
             capture: LogCapture, progress: Callable[[str], None] = lambda s: None) -> None:
     """Load `path`, run every test, and emit one dict per timed repetition (fields of schema.Record)."""
     nvml = memory.nvml_probe()
-    gpu_sampler = memory.PeakSampler(nvml.read, interval_s=0.02) if nvml else None
     rss_before = memory.rss_bytes()
     gpu_before = nvml.read() if nvml else None
-    if gpu_sampler:
-        gpu_sampler.__enter__()
-    s = None
-    try:
+    with contextlib.ExitStack() as stack:
+        gpu_sampler = stack.enter_context(memory.PeakSampler(nvml.read, interval_s=0.02)) if nvml else None
         s = Session(path, bench, capture)
+        stack.callback(s.free)  # before the sampler stops, as the stack unwinds
         rss_after = memory.rss_bytes()
         gpu_after = nvml.read() if nvml else None
         if nvml and s.device == "cpu" and bench["n_gpu_layers"] != 0:
@@ -227,11 +226,6 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
             if not reps:
                 continue
             _run_test(s, test, reps, bench, model_fields, gpu_sampler, emit, progress)
-    finally:
-        if s is not None:
-            s.free()
-        if gpu_sampler:
-            gpu_sampler.__exit__(None, None, None)
 
 
 def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], model_fields: dict[str, Any],
