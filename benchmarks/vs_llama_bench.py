@@ -74,7 +74,8 @@ def main() -> int:
     rows, raw = [], {}
     for f in a.files:
         samples = {"llama-bench": {"pp": [], "tg": []}, "harness": {"pp": [], "tg": []}}
-        tools = [("llama-bench", lambda: run_llama_bench(a.llama_bench, f, a)), ("harness", lambda: run_harness(f, a))]
+        tools = [("llama-bench", lambda f=f: run_llama_bench(a.llama_bench, f, a)),
+                 ("harness", lambda f=f: run_harness(f, a))]
         for i in range(a.rounds):
             # ABBA order: a drift in the machine's speed over the run hits both tools alike
             for tool, fn in tools if i % 2 == 0 else tools[::-1]:

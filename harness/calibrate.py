@@ -12,6 +12,15 @@ quant family (IQ grids, K super-blocks, legacy blocks), which no bandwidth term 
 from bandwidth-only to per-family and per-type compute terms; LOQO error picks the simplest that predicts
 held-out quants about as well as the best.
 
+A compute term fitted to the quants cannot know a kernel only the held-out quant uses (IQ3_M is the page's
+only IQ3_S file). Kernel probes (:mod:`harness.probes`) measure every tensor type's cost per weight on its own,
+so the "probe" candidates use
+
+    kernel_s = sum over the file's tensor types of weights in that type x the type's probe seconds per weight
+
+with one fitted factor (and an overhead that may be negative: each probe cost carries a share of the probe's
+own per-token overhead).
+
 Peak memory::
 
     peak = weights + KV + compute + output buffers (llama.cpp's own accounting) + runtime overhead
@@ -122,10 +131,29 @@ def mix_columns(types: dict[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def tg_points(df: pd.DataFrame, arch=ARCH, tensor_types: dict[str, dict] | None = None) -> pd.DataFrame:
+def kernel_seconds(types: dict[str, Any] | None, probe_costs: dict[str, dict] | None) -> float:
+    """Seconds per token the kernel probes predict for a file of these tensor types (NaN where a quantized
+    type has no probe, or no types or probes are known)."""
+    if not types or not probe_costs:
+        return math.nan
+    total = 0.0
+    for name, v in types.items():
+        if ggml_type_family(name) is None and name.upper() not in ("F16", "BF16"):
+            continue  # F32 norms
+        cost = (probe_costs.get(name.upper()) or {}).get("s_per_weight")
+        if cost is None:
+            return math.nan
+        total += float(v["n_elements"] if isinstance(v, dict) else v) * cost
+    return total
+
+
+def tg_points(df: pd.DataFrame, arch=ARCH, tensor_types: dict[str, dict] | None = None,
+              probe_costs: dict[str, dict] | None = None) -> pd.DataFrame:
     """One row per (quant, depth) of tg records: median tok/s, its range, and the bytes read per token.
     `tensor_types` ({quant: {ggml type: n_elements}}, from the GGUF files) adds the weights per type and family
-    (columns "mix:*", "mix_family:*"; 0 where a quant has none of a type) for the mix models."""
+    (columns "mix:*", "mix_family:*"; 0 where a quant has none of a type) for the mix models; with
+    `probe_costs` ({ggml type: {"s_per_weight": ...}}, :func:`harness.probes.costs`) also the probes' kernel
+    time per token (column "kernel_s") for the probe models."""
     ok = _ok(df)
     ok = ok[ok.test == "tg"] if len(ok) else ok
     rows = []
@@ -147,8 +175,11 @@ def tg_points(df: pd.DataFrame, arch=ARCH, tensor_types: dict[str, dict] | None 
             "kv_read_bytes": kv_read, "bytes_per_token": int(size.iloc[0]) + kv_read,
             "family": quant_family(quant), "type": quant_type(quant),
             **(mix_columns(tensor_types.get(quant)) if tensor_types else {}),
+            "kernel_s": kernel_seconds((tensor_types or {}).get(quant), probe_costs),
         })
     out = pd.DataFrame(rows)
+    if len(out) and out.kernel_s.isna().any():  # a quant with an unprobed type: no probe model for this run
+        out = out.drop(columns=["kernel_s"])
     mix = [c for c in out.columns if c.startswith("mix")]
     if mix:
         if out[mix].isna().all(axis=1).any():  # a quant without its file: no mix model for this run
@@ -228,12 +259,21 @@ TG_CANDIDATES: tuple[Candidate, ...] = (
               "types x its cost per weight"),
     Candidate("bandwidth+overhead+mix-family+mix-type", ("bytes", "const", "mix_family", "mix_type"),
               "... + a (shrunken) cost per weight of each ggml type, times the weights stored in it"),
+    # With kernel probes: each tensor's weights at its type's cost per weight, measured apart from the quants.
+    Candidate("probe-kernels", ("kernel",),
+              "t = f x sum over tensor types of weights x the type's probe time per weight"),
+    Candidate("probe-kernels+overhead", ("kernel", "const"),
+              "t = f x (probe kernel time) + overhead"),
+    Candidate("probe-kernels+bandwidth+overhead", ("kernel", "bytes", "const"),
+              "t = f x (probe kernel time) + bytes / (bandwidth x efficiency) + overhead"),
 )
 _MIX_KINDS = {"mix_family", "mix_type"}
 
 
 def available(c: Candidate, points: pd.DataFrame) -> bool:
-    """Mix models need the tensor types of every quant's file."""
+    """Mix models need the tensor types of every quant's file; probe models also every type's probe."""
+    if "kernel" in c.features and "kernel_s" not in points.columns:
+        return False
     return not (_MIX_KINDS & set(c.features)) or any(col.startswith("mix") for col in points.columns)
 
 MEMORY_CANDIDATES: tuple[Candidate, ...] = (
@@ -264,6 +304,8 @@ def _feature_names(points: pd.DataFrame, kinds: Iterable[str]) -> list[str]:
         elif kind == "mix_type":
             names += [f"per_weight:mix_type:{c.split(':', 1)[1]}" for c in sorted(points.columns)
                       if c.startswith("mix:")]
+        elif kind == "kernel":
+            names.append("kernel_factor")
         elif kind == "weights":
             names.append("weights_factor")
         elif kind == "buffers":
@@ -289,6 +331,8 @@ def _column(points: pd.DataFrame, name: str) -> np.ndarray:
         return points[col].to_numpy(float) if col in points else np.zeros(n)
     if name.startswith("per_weight:type:"):
         return points.n_params.to_numpy(float) * (points.type == name.rsplit(":", 1)[1]).to_numpy(float)
+    if name == "kernel_factor":
+        return points.kernel_s.to_numpy(float) if "kernel_s" in points else np.zeros(n)
     if name == "weights_factor":
         return points.weights_bytes.to_numpy(float)
     if name == "buffers_factor":
@@ -296,12 +340,14 @@ def _column(points: pd.DataFrame, name: str) -> np.ndarray:
     raise ValueError(name)
 
 
-_NONNEG = {"s_per_byte", "overhead", "weights_factor", "buffers_factor"}  # and every s_per_byte:family:*
+_NONNEG = {"s_per_byte", "overhead", "weights_factor", "buffers_factor", "kernel_factor"}  # and s_per_byte:family:*
 
 
-def _nonneg(name: str, target: str) -> bool:
+def _nonneg(name: str, target: str, names: Iterable[str] = ()) -> bool:
     if target == "peak_bytes" and name == "overhead":
         return False  # net of buffer pages never touched (RSS counts touched pages only): may be negative
+    if name == "overhead" and "kernel_factor" in names:
+        return False  # net of the probes' own per-token overhead, which the kernel term counts per weight
     return name in _NONNEG or name.startswith("s_per_byte:")
 
 
@@ -342,7 +388,7 @@ def solve(points: pd.DataFrame, names: list[str], target: str = "t_s", ridge: fl
             a = np.vstack([a, rows])
             b = np.concatenate([b, np.zeros(len(pen))])
         coef = np.linalg.lstsq(a, b, rcond=None)[0] / scale
-        negative = [(coef[i], n) for i, n in enumerate(free) if _nonneg(n, target) and coef[i] < 0]
+        negative = [(coef[i], n) for i, n in enumerate(free) if _nonneg(n, target, names) and coef[i] < 0]
         if not negative:
             params.update({n: float(c) for n, c in zip(free, coef)})
             break
@@ -537,6 +583,7 @@ def fit_tg(points: pd.DataFrame, device: dict) -> dict[str, Any]:
         "efficiency_by_family": {k.rsplit(":", 1)[1]: 1 / (v * bw * 1e9) for k, v in params.items()
                                  if k.startswith("s_per_byte:family:") and v > 0 and bw},
         "overhead_s_per_token": params.get("overhead", 0.0),
+        "kernel_factor": params.get("kernel_factor"),
         "family_s_per_token": {k.rsplit(":", 1)[1]: v * n_params for k, v in params.items()
                                if k.startswith("per_weight:family:")},
         "compute_ns_per_weight": {k.removeprefix("per_weight:"): v * 1e9 for k, v in params.items()
@@ -547,7 +594,19 @@ def fit_tg(points: pd.DataFrame, device: dict) -> dict[str, Any]:
         "fit": {k.removeprefix("fit_"): v for k, v in table[chosen].items() if k.startswith("fit_")},
         "page": _errors(page_ape),
         "points": per_point.to_dict(orient="records"),
+        "fallback": _fallback(points, table) if "kernel" in cand.features else None,
     }
+
+
+def _fallback(points: pd.DataFrame, table: dict[str, dict]) -> dict[str, Any]:
+    """The best model without the probes, for estimates of a quant whose tensor types have no probe."""
+    rest = tuple(c for c in TG_CANDIDATES if "kernel" not in c.features and c.name in table)
+    chosen, sub = select(points, rest, "t_s")
+    cand = {c.name: c for c in rest}[chosen]
+    return {"chosen": chosen, "formula": cand.description,
+            "params": solve(points, _feature_names(points, cand.features), "t_s"),
+            "loqo": {k.removeprefix("loqo_"): v for k, v in sub[chosen].items() if k.startswith("loqo_")
+                     and k != "loqo_pred"}}
 
 
 def fit_memory(points: pd.DataFrame) -> dict[str, Any] | None:
@@ -605,13 +664,15 @@ def buffer_model(df: pd.DataFrame, peak_source: str = "rss") -> dict[str, Any]:
 
 
 def calibrate(df: pd.DataFrame, env: dict | None = None, run_id: str | None = None,
-              results_dir: str | None = None, tensor_types: dict[str, dict] | None = None) -> dict[str, Any]:
+              results_dir: str | None = None, tensor_types: dict[str, dict] | None = None,
+              probe_costs: dict[str, dict] | None = None) -> dict[str, Any]:
     """The calibration of one run: device, fitted tg and memory models with their errors, buffer growth,
     and per-quant sizes (so an estimate can be made for any of the measured quants at any context).
-    `tensor_types` ({quant: {ggml type: n_elements}}, read from the GGUF files) enables the mix models."""
+    `tensor_types` ({quant: {ggml type: n_elements}}, read from the GGUF files) enables the mix models, and
+    with `probe_costs` (:func:`harness.probes.costs` of the run's kernel probes) the probe models."""
     env = env or {}
     device = run_device(df, env)
-    tg = tg_points(df, tensor_types=tensor_types)
+    tg = tg_points(df, tensor_types=tensor_types, probe_costs=probe_costs)
     mem = memory_points(df, device["peak_source"])
     ok = _ok(df)
     first = ok.iloc[0] if len(ok) else None
@@ -643,6 +704,7 @@ def calibrate(df: pd.DataFrame, env: dict | None = None, run_id: str | None = No
         "model": {"arch": ARCH.name, "n_params": int(tg.n_params.iloc[0]) if len(tg) else ARCH.n_params(),
                   "kv_bytes_per_token": kv_bytes_per_token()},
         "tg": fit_tg(tg, device) if len(tg) else None,
+        "probes": probe_costs or {},
         "memory": fit_memory(mem),
         "buffers": buffer_model(df, device["peak_source"]),
         "quants": quants_info,
@@ -688,7 +750,8 @@ def _one_point(cal: dict, quant: str, n_depth: int, n_gen: int = 1) -> pd.DataFr
     kv_read = kvt * (n_depth + (n_gen - 1) / 2)
     pts = pd.DataFrame([{"quant": quant, "n_depth": n_depth, "bytes_per_token": size + kv_read,
                          "n_params": n_params, "family": quant_family(quant), "type": quant_type(quant),
-                         "model_size_bytes": size, **mix_columns(info.get("tensor_types"))}])
+                         "model_size_bytes": size, **mix_columns(info.get("tensor_types")),
+                         "kernel_s": kernel_seconds(info.get("tensor_types"), cal.get("probes"))}])
     pts.attrs["size_note"] = size_note
     return pts
 
@@ -702,6 +765,14 @@ def predict_tg_tok_s(cal: dict, quant: str, n_depth: int = 0, bandwidth_gb_s: fl
         raise CalibrationError("this calibration has no tg fit")
     pts = _one_point(cal, quant, n_depth)
     notes = [pts.attrs["size_note"]] if pts.attrs.get("size_note") else []
+    if tg["params"].get("kernel_factor") and math.isnan(float(pts.kernel_s.iloc[0])):
+        fb = tg.get("fallback")
+        if not fb:
+            raise CalibrationError(f"{quant}: this calibration's tg model needs kernel probes of its tensor types, "
+                                   "and it has none for them")
+        notes.append(f"no kernel probes for {quant}'s tensor types in this calibration: estimated with the best "
+                     f"model without probes ({fb['chosen']})")
+        tg = {**tg, **fb}
     if any(k.startswith("per_weight:mix") and v for k, v in tg["params"].items()) and \
             not any(c.startswith("mix") for c in pts.columns):
         notes.append(f"the tensor types of {quant} are unknown to this calibration: its compute term is left out "

@@ -75,6 +75,9 @@ def _run(args) -> int:
     records = schema.read_records(run_dir / "records.jsonl")
     table = summary.per_quant(summary.records_frame(records))
     print(summary.text_table(table))
+    probe_path = run_dir / "probes.jsonl"
+    if probe_path.is_file():
+        print(summary.probe_line(summary.records_frame(schema.read_records(probe_path))))
     for quant, err in errors.items():
         print(f"{quant}: {err}")
     if not args.no_report and "report" in COMMANDS:

@@ -65,11 +65,22 @@ class BenchSpec:
 
 
 @dataclass(frozen=True)
+class ProbeSpec:
+    # Kernel probes (harness.probes): for each tensor type in the quants, a few-layer model of the same layer
+    # shapes, all in that type, measured with the tg test; calibration uses them as the per-type kernel costs.
+    enabled: bool = True  # measure them (needs bench.n_gen > 0)
+    n_layer: int = 8  # layers of the probe model: at the 1B's shapes 486M weights (2/5 of it), per-token overhead small
+    n_gen: int = 128  # tokens per repetition (a probe token costs about n_layer / the model's layers of one)
+    repetitions: int = 5  # timed repetitions per probe
+
+
+@dataclass(frozen=True)
 class Config:
     name: str
     model: ModelSpec = field(default_factory=ModelSpec)
     quants: tuple[str, ...] = quants.PAGE_QUANTS
     bench: BenchSpec = field(default_factory=BenchSpec)
+    probes: ProbeSpec = field(default_factory=ProbeSpec)
     cache_dir: str | None = None  # where synthetic models are built; None = $HARNESS_CACHE or ~/.cache/harness
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,6 +252,19 @@ def _bench(data: Any) -> BenchSpec:
     return BenchSpec(**kw)
 
 
+def _probes(data: Any) -> ProbeSpec:
+    if isinstance(data, bool):  # `probes: false` for short
+        return ProbeSpec(enabled=data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"probes must be a mapping (or true/false), got {type(data).__name__}")
+    _check_keys("probes", data, _field_names(ProbeSpec))
+    d = ProbeSpec()
+    kw: dict[str, Any] = {"enabled": _typed("probes.enabled", data.get("enabled", d.enabled), bool)}
+    for name in ("n_layer", "n_gen", "repetitions"):
+        kw[name] = _positive(f"probes.{name}", _typed(f"probes.{name}", data.get(name, getattr(d, name)), int))
+    return ProbeSpec(**kw)
+
+
 def from_dict(data: Any, overrides: dict[str, Any] | None = None) -> Config:
     """Validate a parsed YAML document (plus CLI overrides, dotted keys like 'bench.repetitions')."""
     if not isinstance(data, dict):
@@ -261,8 +285,9 @@ def from_dict(data: Any, overrides: dict[str, Any] | None = None) -> Config:
     model = _model(data.get("model", {}))
     qs = _quants(data.get("quants", list(quants.PAGE_QUANTS)))
     bench = _bench(data.get("bench", {}))
+    probes = _probes(data.get("probes", {}))
     cache_dir = _typed("cache_dir", data.get("cache_dir"), str, allow_none=True)
-    return Config(name=name, model=model, quants=qs, bench=bench, cache_dir=cache_dir)
+    return Config(name=name, model=model, quants=qs, bench=bench, probes=probes, cache_dir=cache_dir)
 
 
 def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:

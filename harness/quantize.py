@@ -35,8 +35,9 @@ def llama_cpp_version() -> str:
     return llama_cpp.__version__
 
 
-def _imatrix_entries(src: Path):
-    """A uniform importance matrix (all ones) for every block weight matrix of `src`.
+def _imatrix_entries(src: Path, every_matrix: bool = False):
+    """A uniform importance matrix (all ones) for every block weight matrix of `src` (`every_matrix`: the
+    embedding and output too, which a pure IQ1/IQ2 quantization also needs).
 
     The Hub's quants (bartowski's among them) are made with an imatrix, and llama.cpp picks some tensor types
     differently when one is given (IQ4_XS, Q4_0 and the IQ3 recipes). Uniform weights keep the values'
@@ -50,7 +51,7 @@ def _imatrix_entries(src: Path):
     keep = []  # the arrays must outlive the quantize call
     entries = []
     for t in reader.tensors:
-        if t.name.startswith("blk.") and len(t.shape) == 2:
+        if (every_matrix or t.name.startswith("blk.")) and len(t.shape) == 2:
             ne0 = int(t.shape[0])
             arr = np.ones(ne0, dtype=np.float32)
             keep.append(arr)
@@ -69,27 +70,42 @@ def _imatrix_entries(src: Path):
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, *, imatrix: bool = False,
              threads: int | None = None, progress: bool = False) -> Path:
     """Quantize `src` (F16/F32 GGUF) to recipe `quant` at `dst`, atomically."""
+    recipe = quants.get(quant)
+    return _quantize(src, dst, quant, recipe.ftype, embd_type=recipe.embd_type, pure=False, imatrix=imatrix,
+                     threads=threads, progress=progress)
+
+
+def quantize_pure(src: str | os.PathLike, dst: str | os.PathLike, ftype: str, *, label: str, imatrix: bool = False,
+                  threads: int | None = None, progress: bool = False) -> Path:
+    """Quantize every matrix of `src` to the base type of llama.cpp file type `ftype` (no per-tensor recipe
+    rules: llama.cpp's ``pure``), at `dst`, atomically. `label` names the job in messages."""
+    return _quantize(src, dst, label, ftype, embd_type=None, pure=True, imatrix=imatrix, threads=threads,
+                     progress=progress)
+
+
+def _quantize(src: str | os.PathLike, dst: str | os.PathLike, label: str, ftype: str, *, embd_type: str | None,
+              pure: bool, imatrix: bool, threads: int | None, progress: bool) -> Path:
     import gguf
     import llama_cpp
     from tqdm import tqdm
 
-    recipe = quants.get(quant)
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, recipe.ftype)
+    params.ftype = getattr(llama_cpp, ftype)
     params.nthread = threads or os.cpu_count() or 1
-    if recipe.embd_type:
-        t = int(gguf.GGMLQuantizationType[recipe.embd_type])
+    params.pure = pure
+    if embd_type:
+        t = int(gguf.GGMLQuantizationType[embd_type])
         params.token_embedding_type = t
         params.output_tensor_type = t
     keep = None
     if imatrix:
-        table, keep = _imatrix_entries(src)
+        table, keep = _imatrix_entries(src, every_matrix=pure)
         params.imatrix = table
 
-    bar = tqdm(total=0, unit="tensor", desc=f"quantize {quant}", disable=not progress, leave=False)
+    bar = tqdm(total=0, unit="tensor", desc=f"quantize {label}", disable=not progress, leave=False)
 
     def on_line(line: str) -> None:
         m = _PROGRESS_RE.search(line)
@@ -103,7 +119,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, *, imat
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             tail = "; ".join(x.strip() for x in cap.lines[-5:] if x.strip())
-            raise QuantizeError(f"llama.cpp could not quantize {src.name} to {quant} (code {rc}): {tail}")
+            raise QuantizeError(f"llama.cpp could not quantize {src.name} to {label} (code {rc}): {tail}")
         os.replace(tmp, dst)
     finally:
         bar.close()

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness import calibrate, page, schema, summary
+from harness import calibrate, page, probes, schema, summary
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,14 @@ def load_run(results_dir: str | Path) -> tuple[pd.DataFrame, dict]:
     env_path = results_dir / "env.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
     return df, env
+
+
+def load_probes(results_dir: str | Path) -> pd.DataFrame | None:
+    """The kernel-probe records of a results folder (probes.jsonl), None where the run measured none."""
+    path = Path(results_dir) / "probes.jsonl"
+    if not path.is_file():
+        return None
+    return summary.records_frame(schema.read_records(path))
 
 
 # --- tables ---------------------------------------------------------------------------------------------------
@@ -251,6 +259,9 @@ def calibration_lines(cal: dict) -> list[str]:
                        + ", ".join(f"{f} {e:.3f}" for f, e in tg["efficiency_by_family"].items()))
         elif dev.get("bandwidth_gb_s"):
             out.append("- no bandwidth term survives the fit: generation here is bound by compute, not memory.")
+        if tg.get("kernel_factor"):
+            out.append(f"- kernel term: {tg['kernel_factor']:.3f} x the kernel probes' time per token (1 would be "
+                       "the probes' cost per weight carried over unchanged; see Kernel probes)")
         out.append(f"- fixed overhead per token: {tg['overhead_s_per_token'] * 1e3:.2f} ms")
         for fam, s in (tg.get("family_s_per_token") or {}).items():
             out.append(f"- compute cost of {fam} quants beyond K-quants: {s * 1e3:+.2f} ms per token")
@@ -353,7 +364,9 @@ def fig_memory(t: pd.DataFrame, device: dict) -> bytes:
 
 def fig_roofline(cal: dict, device: dict) -> bytes:
     """tg tok/s against bytes read per token: measured points by quant family, the bandwidth roofline
-    (every byte read once at the device's bandwidth), the page's line, and the fitted model per family."""
+    (every byte read once at the device's bandwidth), the page's line, and the fitted model per family (a
+    probe model depends on each file's tensor types, not on bytes alone: its fitted and held-out values are
+    drawn per quant instead of a curve)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
     tg = cal.get("tg") or {}
@@ -372,13 +385,21 @@ def fig_roofline(cal: dict, device: dict) -> bytes:
                 label=f"page: x {page.efficiency(device.get('vendor'))} efficiency")
     markers = {"iq": "s", "k": "o", "legacy": "^", "float": "v", "other": "x"}
     n_params = (cal.get("model") or {}).get("n_params") or calibrate.ARCH.n_params()
+    per_quant = bool((tg.get("params") or {}).get("kernel_factor"))  # a probe model: no curve in bytes alone
     for fam, d in pts.groupby("family"):
         ax.scatter(d.bytes_per_token / GB, d.measured_tok_s, marker=markers.get(fam, "x"), s=40,
                    label=f"measured, {fam} quants", zorder=3)
+        if per_quant:
+            continue
         curve = pd.DataFrame({"quant": "curve", "bytes_per_token": xs * GB, "n_params": n_params,
                               "family": fam, "type": "-"})
         params = {k: v for k, v in (tg.get("params") or {}).items() if not k.startswith("per_weight:type:")}
         ax.plot(xs, 1 / calibrate.predict(curve, params, "t_s"), lw=1, alpha=0.8, label=f"fit, {fam}")
+    if per_quant:
+        ax.scatter(gb, pts.fitted_tok_s, marker="_", s=200, color="k", lw=1.5, zorder=4,
+                   label="fit (probe kernels, each quant's own tensor types)")
+        ax.scatter(gb, pts.loqo_tok_s, marker="o", s=60, facecolors="none", edgecolors="#555", zorder=4,
+                   label="held out (LOQO)")
     for r in pts[pts.n_depth == pts.n_depth.min()].itertuples():
         ax.annotate(r.quant, (r.bytes_per_token / GB, r.measured_tok_s), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
@@ -444,7 +465,30 @@ CAPTIONS = {
 }
 
 
-def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: dict, run_id: str) -> list[tuple]:
+def probe_rows(cal: dict, probe_df: pd.DataFrame | None) -> list[list[str]]:
+    """One row per probed tensor type: its probe's speed, cost per weight, and the weights of it per quant."""
+    costs = cal.get("probes") or {}
+    if not costs:
+        return []
+    ref = costs.get("Q4_K") or min(costs.values(), key=lambda c: c["s_per_weight"])
+    quants = cal.get("quants") or {}
+    rows = []
+    for t, c in sorted(costs.items(), key=lambda kv: kv[1]["s_per_weight"]):
+        used = [q for q, info in quants.items() if (info.get("tensor_types") or {}).get(t)]
+        rows.append([t, _rate(c["tok_s"], c.get("spread")), str(c["n"]), f"{c['s_per_weight'] * 1e12:,.1f}",
+                     f"{c['s_per_weight'] / ref['s_per_weight']:.2f}", ", ".join(used) or "-"])
+    errors = probe_df[probe_df.status == "error"] if probe_df is not None and len(probe_df) else None
+    if errors is not None:
+        for r in errors.itertuples():
+            rows.append([str(r.quant), "failed", "0", "-", "-", str(r.error)[:120]])
+    return rows
+
+
+PROBE_HEAD = ["tensor type", "probe tg tok/s", "reps", "ps per weight", "vs Q4_K", "in quants"]
+
+
+def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: dict, run_id: str,
+              probe_df: pd.DataFrame | None = None) -> list[tuple]:
     """The report as (kind, payload) blocks, rendered to markdown or HTML: ("h", text), ("p", markdown-ish
     text), ("list", [lines]), ("table", head, rows), ("fig", name), ("raw-md", text)."""
     ok = df[df.status == "ok"] if len(df) else df
@@ -486,6 +530,17 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
         if len(errors):
             s.append(("h2", "Failures"))
             s.append(("list", [f"{r.quant}: {r.error}" for r in errors.itertuples()]))
+    prows = probe_rows(cal, probe_df)
+    if prows:
+        s.append(("h2", "Kernel probes"))
+        first = (probe_df.weights_ref.dropna().iloc[0] if probe_df is not None and len(probe_df) else "")
+        s.append(("p", "Each tensor type's own cost, measured apart from the quants: a model with this model's "
+                       f"layer shapes but few layers, every matrix in that one type ({first}), run with the "
+                       "same generation test between the quants. Cost per weight = time per token / the probe's "
+                       "weights (the probe's per-token overhead included). The calibration's probe models sum "
+                       "it over each file's tensors, so a held-out quant's kernels are known without its own "
+                       "measurement."))
+        s.append(("table", PROBE_HEAD, prows))
     s.append(("h2", "Calibration"))
     s.append(("raw-md", "\n".join(calibration_lines(cal))))
     if cal.get("tg"):
@@ -615,16 +670,18 @@ def tensor_types_from_files(df: pd.DataFrame) -> dict[str, dict[str, int]] | Non
 
 
 def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = None,
-          tensor_types: dict[str, dict] | None = None) -> tuple[pd.DataFrame, dict, dict[str, bytes], str, str]:
+          tensor_types: dict[str, dict] | None = None, probe_df: pd.DataFrame | None = None
+          ) -> tuple[pd.DataFrame, dict, dict[str, bytes], str, str]:
     """Everything the report holds, computed from the records: (per-quant table, calibration, figures,
     markdown, html). `tensor_types` ({quant: {ggml type: weights}}) lets the calibration cost each tensor's
-    kernel."""
-    cal = calibrate.calibrate(df, env, run_id=run_id, results_dir=results_dir, tensor_types=tensor_types)
+    kernel; `probe_df` (kernel-probe records) measures those costs."""
+    cal = calibrate.calibrate(df, env, run_id=run_id, results_dir=results_dir, tensor_types=tensor_types,
+                              probe_costs=probes.costs(probe_df))
     device = cal["device"]
     t = quant_table(df, device, cal)
     ctx = context_table(df, device)
     figs = figures(t, ctx, cal, device)
-    sections = _sections(df, env, t, cal, device, run_id)
+    sections = _sections(df, env, t, cal, device, run_id, probe_df)
     title = f"Llama 3.2 1B quants - run {run_id}"
     return t, cal, figs, render_markdown(sections, figs), render_html(sections, figs, title)
 
@@ -637,7 +694,8 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     run_id = results_dir.name
     out = Path(out) if out is not None else DEFAULT_REPORTS / run_id
     out.mkdir(parents=True, exist_ok=True)
-    t, cal, figs, md, page_html = build(df, env, run_id, str(results_dir), tensor_types_from_files(df))
+    t, cal, figs, md, page_html = build(df, env, run_id, str(results_dir), tensor_types_from_files(df),
+                                        load_probes(results_dir))
     for name, png in figs.items():
         (out / name).write_bytes(png)
     (out / "report.md").write_text(md)

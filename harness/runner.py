@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 from harness import config as config_mod
 from harness import env as env_mod
-from harness import page, quantize, schema, sources
+from harness import page, probes, quantize, schema, sources, validate
 from harness.bench import tests_for
 from harness.config import Config
 
@@ -81,6 +81,11 @@ def _expected_synthetic_bytes(cfg: Config, todo: list[str]) -> int:
         if not quantize.synthetic_file(cache, arch.name, cfg.model.seed, q, cfg.model.imatrix).exists():
             bits = page.BY_QUANT[q].bits if q in page.BY_QUANT else 8.5
             need += int(n * (bits + 1.0) / 8)  # +1 bit: the page's bits run low (its column is not the truth)
+    if probes_wanted(cfg) and todo:
+        parch = probes.probe_arch(arch, cfg.probes.n_layer)
+        if not (quantize.synthetic_dir(cache, parch.name, probes.SEED) / "F16.gguf").exists():
+            # its F16 file and, as a bound, 9 types (the page's quants use 9) at Q8_0's 8.5 bits
+            need += int(parch.n_params() * (2 + 9 * 8.5 / 8))
     return need
 
 
@@ -101,13 +106,23 @@ def check_disk(cfg: Config, todo: list[str]) -> None:
 
 
 def done_cells(records: list[schema.Record]) -> set[tuple[str, str, int, int]]:
-    """(quant, test, depth, rep) cells measured ok in earlier records."""
+    """(quant, test, depth, rep) cells measured ok in earlier records (probe records: quant = ggml type)."""
     return {(r.quant, r.test, r.n_depth, r.rep) for r in records if r.status == "ok"}
 
 
 def all_cells(cfg: Config, bench: dict[str, Any]) -> list[tuple[str, str, int, int]]:
     return [(q, t.kind, t.n_depth, rep) for q in cfg.quants for t in tests_for(bench)
             for rep in range(bench["repetitions"])]
+
+
+def probe_bench(cfg: Config, bench: dict[str, Any]) -> dict[str, Any]:
+    """The probes' test: the run's settings, tg only, at depth 0."""
+    p = cfg.probes
+    return {**bench, "n_prompt": 0, "n_gen": p.n_gen, "depths": [0], "repetitions": p.repetitions}
+
+
+def probes_wanted(cfg: Config) -> bool:
+    return cfg.probes.enabled and cfg.bench.n_gen > 0
 
 
 def resolved_bench(cfg: Config) -> dict[str, Any]:
@@ -212,6 +227,7 @@ class Runner:
         self.bench = resolved_bench(cfg)
         self.run_id = run_dir.name
         self.errors: dict[str, str] = {}
+        self.probed: set[tuple[str, str]] = set()  # (probe shape, ggml type) measured or tried in this run
 
     def _error_record(self, quant: str, error: str, mf: sources.ModelFile | None) -> schema.Record:
         return schema.make(
@@ -224,10 +240,12 @@ class Runner:
             flash_attn=self.bench["flash_attn"],
         )
 
-    def run(self, writer: schema.RecordWriter, done: set[tuple[str, str, int, int]]) -> None:
+    def run(self, writer: schema.RecordWriter, done: set[tuple[str, str, int, int]],
+            probe_writer: schema.RecordWriter | None = None, probes_done: set | None = None) -> None:
+        """Measure every quant; after each, the kernel probes of its tensor types not probed yet (so probes
+        and quants share the machine's conditions through the run)."""
         cfg = self.cfg
-        logs = self.run_dir / "logs"
-        logs.mkdir(exist_ok=True)
+        (self.run_dir / "logs").mkdir(exist_ok=True)
         n_q = len(cfg.quants)
         for i, quant in enumerate(cfg.quants, 1):
             head = f"[{i:>2}/{n_q}] {quant:<7}"
@@ -235,44 +253,104 @@ class Runner:
             n_todo = len([c for c in all_cells(cfg, self.bench) if c[0] == quant]) - len(skip)
             if n_todo <= 0:
                 self.echo(f"{head} already measured (resume): skipped")
-                continue
-            t0 = time.monotonic()
-            mf = None
-            try:
-                self.echo(f"{head} getting the model file ({cfg.model.source})")
-                mf = sources.resolve(cfg, quant, progress=self.progress)
-            except Exception as e:  # noqa: BLE001 - SourceError, QuantizeError, OSError: all end this quant only
-                msg = str(e) if isinstance(e, sources.SourceError) else f"{type(e).__name__}: {e}"
-                self._fail(writer, head, quant, msg, mf)
-                continue
-            size = mf.path.stat().st_size
-            built = " (built now)" if mf.built_now else ""
-            self.echo(f"{head} {mf.path.name} {size / 1e6:,.0f} MB{built}; measuring {n_todo} repetitions")
-            job = {
-                "path": str(mf.path),
-                "bench": {**self.bench, "skip_cells": skip},
-                "log_path": str(logs / f"{quant}.llama.log"),
-                "expect_arch": "llama",  # the worker checks the file's header for it before llama.cpp opens it
-                "record_base": {
-                    "run_id": self.run_id, "quant": quant, "weights": mf.weights, "weights_ref": mf.weights_ref,
-                    "file_path": str(mf.path), "file_bytes": size, "file_sha256": mf.sha256,
-                    "llama_cpp_version": quantize.llama_cpp_version(),
-                },
-            }
-            bar = _Bar(n_todo, f"{quant}", enabled=self.progress)
-
-            def on_record(d: dict, bar=bar) -> None:
-                writer.write(schema.from_dict(d))
-                bar.update(1)
-
-            try:
-                res = measure_in_child(job, cfg.bench.timeout_s, on_record, bar.status, logs / f"{quant}.stderr")
-            finally:
-                bar.close()
-            if res.error:
-                self._fail(writer, head, quant, res.error, mf, after=res.n_records)
+                mf = None
+                if probe_writer is not None:
+                    mf = self._resolve(writer, head, quant, record_failure=False)
             else:
-                self.echo(f"{head} done: {res.n_records} repetitions in {time.monotonic() - t0:,.0f} s")
+                mf = self._resolve(writer, head, quant)
+                if mf is not None:
+                    self._measure(writer, head, quant, mf, skip, n_todo)
+            if mf is not None and probe_writer is not None:
+                self._probe(probe_writer, head, mf, probes_done or set())
+
+    def _resolve(self, writer, head: str, quant: str, record_failure: bool = True) -> sources.ModelFile | None:
+        try:
+            if record_failure:
+                self.echo(f"{head} getting the model file ({self.cfg.model.source})")
+            return sources.resolve(self.cfg, quant, progress=self.progress)
+        except Exception as e:  # noqa: BLE001 - SourceError, QuantizeError, OSError: all end this quant only
+            if record_failure:
+                msg = str(e) if isinstance(e, sources.SourceError) else f"{type(e).__name__}: {e}"
+                self._fail(writer, head, quant, msg, None)
+            return None
+
+    def _measure(self, writer, head: str, quant: str, mf: sources.ModelFile, skip: list, n_todo: int) -> None:
+        t0 = time.monotonic()
+        size = mf.path.stat().st_size
+        built = " (built now)" if mf.built_now else ""
+        self.echo(f"{head} {mf.path.name} {size / 1e6:,.0f} MB{built}; measuring {n_todo} repetitions")
+        logs = self.run_dir / "logs"
+        job = {
+            "path": str(mf.path),
+            "bench": {**self.bench, "skip_cells": skip},
+            "log_path": str(logs / f"{quant}.llama.log"),
+            "expect_arch": "llama",  # the worker checks the file's header for it before llama.cpp opens it
+            "record_base": {
+                "run_id": self.run_id, "quant": quant, "weights": mf.weights, "weights_ref": mf.weights_ref,
+                "file_path": str(mf.path), "file_bytes": size, "file_sha256": mf.sha256,
+                "llama_cpp_version": quantize.llama_cpp_version(),
+            },
+        }
+        res = self._child(job, writer, quant, n_todo, logs / f"{quant}.stderr")
+        if res.error:
+            self._fail(writer, head, quant, res.error, mf, after=res.n_records)
+        else:
+            self.echo(f"{head} done: {res.n_records} repetitions in {time.monotonic() - t0:,.0f} s")
+
+    def _child(self, job: dict, writer, label: str, n_todo: int, stderr_path: Path) -> ChildResult:
+        bar = _Bar(n_todo, label, enabled=self.progress)
+
+        def on_record(d: dict) -> None:
+            writer.write(schema.from_dict(d))
+            bar.update(1)
+
+        try:
+            return measure_in_child(job, self.cfg.bench.timeout_s, on_record, bar.status, stderr_path)
+        finally:
+            bar.close()
+
+    def _probe(self, writer, head: str, mf: sources.ModelFile, done: set) -> None:
+        """Kernel probes for the tensor types of `mf` that this run has not probed yet."""
+        try:
+            summary = validate.check(mf.path)
+            parch = probes.probe_arch(probes.shape_of(summary.hparams), self.cfg.probes.n_layer)
+        except (validate.InvalidGGUF, probes.ProbeError, OSError) as e:
+            self.echo(f"{head} no kernel probes: {e}")
+            return
+        bench = probe_bench(self.cfg, self.bench)
+        logs = self.run_dir / "logs"
+        for t in probes.types_to_probe(summary.type_weights):
+            if (parch.name, t) in self.probed:
+                continue
+            self.probed.add((parch.name, t))
+            label = f"probe {t}"
+            skip = [[tt, d, r] for (q, tt, d, r) in done if q == t]
+            n_todo = bench["repetitions"] - len(skip)
+            if n_todo <= 0:
+                continue
+            ref = probes.weights_ref(parch, t)
+            base = {"run_id": self.run_id, "quant": t, "weights": "synthetic", "weights_ref": ref,
+                    "llama_cpp_version": quantize.llama_cpp_version()}
+            try:
+                path, built = probes.ensure_probe(self.cfg.resolved_cache_dir, parch, t, progress=self.progress)
+                sha = sources.sha256_file(path)
+            except Exception as e:  # noqa: BLE001 - ProbeError, QuantizeError, OSError: this probe only
+                self._probe_fail(writer, head, t, base, f"{type(e).__name__}: {e}")
+                continue
+            size = path.stat().st_size
+            self.echo(f"{head} {label}: {size / 1e6:,.0f} MB{' (built now)' if built else ''}; "
+                      f"measuring {n_todo} repetitions of tg{bench['n_gen']}")
+            job = {"path": str(path), "bench": {**bench, "skip_cells": skip},
+                   "log_path": str(logs / f"probe-{t}.llama.log"), "expect_arch": "llama",
+                   "record_base": {**base, "file_path": str(path), "file_bytes": size, "file_sha256": sha}}
+            res = self._child(job, writer, label, n_todo, logs / f"probe-{t}.stderr")
+            if res.error:
+                self._probe_fail(writer, head, t, {**base, "file_path": str(path), "file_bytes": size,
+                                                   "file_sha256": sha}, res.error)
+
+    def _probe_fail(self, writer, head: str, type_name: str, base: dict, error: str) -> None:
+        writer.write(schema.make(**base, utc=_utc(), status="error", error=error))
+        self.echo(f"{head} probe {type_name} ERROR: {error} (calibration goes on without it)")
 
     def _fail(self, writer, head: str, quant: str, error: str, mf, after: int = 0) -> None:
         self.errors[quant] = error
@@ -318,9 +396,9 @@ def prepare(cfg: Config, out: Path | None, resume: Path | None) -> tuple[Path, l
         old_cfg = run_dir / "config.resolved.yaml"
         if old_cfg.is_file():
             prev = config_mod.from_dict(config_mod.yaml.safe_load(old_cfg.read_text()))
-            if prev.bench != cfg.bench or prev.model != cfg.model:
-                raise RunError(f"--resume {run_dir}: its config differs from this one in model or bench settings; "
-                               "resume with the same config")
+            if prev.bench != cfg.bench or prev.model != cfg.model or prev.probes != cfg.probes:
+                raise RunError(f"--resume {run_dir}: its config differs from this one in model, bench or probes "
+                               "settings; resume with the same config")
         check_writable(run_dir)
         try:
             previous = schema.read_records(rec_path)
@@ -380,6 +458,12 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
     env_path.write_text(json.dumps(environment, indent=2))
     runner = Runner(cfg, run_dir, progress=progress, echo=echo)
     runner.echo(f"results folder: {run_dir}" + (f" (resuming: {len(done)} cells already measured)" if resume else ""))
+    probe_path = run_dir / "probes.jsonl"
+    probes_done = done_cells(schema.read_records(probe_path)) if resume and probe_path.is_file() else set()
     with schema.RecordWriter(run_dir / "records.jsonl") as writer:
-        runner.run(writer, done)
+        if probes_wanted(cfg):
+            with schema.RecordWriter(probe_path) as probe_writer:
+                runner.run(writer, done, probe_writer, probes_done)
+        else:
+            runner.run(writer, done)
     return run_dir, runner.errors

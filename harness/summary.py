@@ -94,3 +94,15 @@ def text_table(s: pd.DataFrame) -> str:
         else:
             out.append("  ".join(v.ljust(w) for v, w in zip(x, widths)))
     return "\n".join(out)
+
+
+def probe_line(df: pd.DataFrame) -> str:
+    """The kernel probes in one line: per tensor type, cheapest first, the probe's tg tok/s and ps per weight."""
+    from harness import probes
+
+    costs = probes.costs(df)
+    if not costs:
+        return "kernel probes: none measured"
+    parts = [f"{t} {c['tok_s']:,.1f} tok/s ({c['s_per_weight'] * 1e12:,.1f} ps/weight)"
+             for t, c in sorted(costs.items(), key=lambda kv: kv[1]["s_per_weight"])]
+    return "kernel probes: " + ", ".join(parts)

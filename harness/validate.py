@@ -51,6 +51,13 @@ _MIN_KV_BYTES = 8 + 4 + 1  # empty key, type, one-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
 _HEADER_BYTES = 4 + 4 + 8 + 8
 
+_SCALAR_FORMAT = {
+    int(gguf.GGUFValueType.UINT8): "<B", int(gguf.GGUFValueType.INT8): "<b", int(gguf.GGUFValueType.BOOL): "<B",
+    int(gguf.GGUFValueType.UINT16): "<H", int(gguf.GGUFValueType.INT16): "<h",
+    int(gguf.GGUFValueType.UINT32): "<I", int(gguf.GGUFValueType.INT32): "<i", int(gguf.GGUFValueType.FLOAT32): "<f",
+    int(gguf.GGUFValueType.UINT64): "<Q", int(gguf.GGUFValueType.INT64): "<q", int(gguf.GGUFValueType.FLOAT64): "<d",
+}
+
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
@@ -70,6 +77,7 @@ class Summary(NamedTuple):
     tensor_bytes: int  # sum of the tensors' data sizes (without alignment padding)
     file_bytes: int  # size of the file
     type_weights: dict[str, int]  # weights (elements) per ggml type name, e.g. {"Q4_K": ..., "F32": ...}
+    hparams: dict[str, int | float]  # the numeric scalars, e.g. {"llama.block_count": 16, ...}
 
 
 class _Reader:
@@ -198,6 +206,7 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
     keys: set[bytes] = set()
     architecture: str | None = None
     alignment = DEFAULT_ALIGNMENT
+    hparams: dict[str, int | float] = {}
     for i in range(n_kv):
         raw, pos = r.string(pos, f"key #{i}", limit=MAX_KEY)
         if raw is None:
@@ -222,6 +231,10 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
             pos += 4
             if alignment == 0 or alignment & (alignment - 1):
                 raise InvalidGGUF(f"general.alignment {alignment} is not a power of two")
+        elif vtype in _SCALAR_FORMAT:
+            buf, i = r.view(pos, _SCALAR_SIZE[vtype], f"value of {key!r}")
+            hparams[key] = struct.unpack_from(_SCALAR_FORMAT[vtype], buf, i)[0]
+            pos += _SCALAR_SIZE[vtype]
         else:
             pos = _value(r, pos, vtype, key)
     if expect_arch is not None and architecture != expect_arch:
@@ -287,4 +300,4 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
             raise InvalidGGUF(f"tensors {name_prev!r} and {name!r} overlap")
         end_prev, name_prev = offset + nbytes, name
         tensor_bytes += nbytes
-    return Summary(version, n_tensors, n_kv, architecture, tensor_bytes, size, type_weights)
+    return Summary(version, n_tensors, n_kv, architecture, tensor_bytes, size, type_weights, hparams)

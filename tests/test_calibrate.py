@@ -263,3 +263,96 @@ def test_memory_overhead_may_be_negative():
     mem = calibrate.calibrate(df, ENV_CPU)["memory"]
     assert mem["overhead_bytes"] == pytest.approx(-100 * MIB, rel=0.05)
     assert mem["loqo"]["worst_ape"] < 0.01
+
+
+# The tensor types of the 12 synthetic quants as llama.cpp 0.3.36's recipes make them (F32 norms left out).
+REAL_TYPES = {
+    "IQ3_M": {"Q6_K": 262668288, "IQ3_S": 855638016, "Q4_K": 117440512},
+    "Q4_0": {"Q6_K": 262668288, "Q4_0": 939524096, "Q4_1": 33554432},
+    "Q3_K_L": {"Q6_K": 262668288, "Q3_K": 620756992, "Q5_K": 352321536},
+    "IQ4_XS": {"Q6_K": 262668288, "IQ4_XS": 956301312, "Q5_K": 16777216},
+    "Q4_K_S": {"Q6_K": 262668288, "Q4_K": 935329792, "Q5_K": 37748736},
+    "Q4_K_M": {"Q6_K": 405274624, "Q4_K": 830472192},
+    "Q4_K_L": {"Q8_0": 262668288, "Q4_K": 830472192, "Q6_K": 142606336},
+    "Q5_K_S": {"Q6_K": 262668288, "Q5_K": 973078528},
+    "Q5_K_M": {"Q6_K": 405274624, "Q5_K": 830472192},
+    "Q5_K_L": {"Q8_0": 262668288, "Q5_K": 830472192, "Q6_K": 142606336},
+    "Q6_K": {"Q6_K": 1235746816},
+    "Q8_0": {"Q8_0": 1235746816},
+}
+# A made-up CPU's kernel cost per weight (s); IQ3_S, used by IQ3_M alone, is twice as dear as Q4_K.
+KERNEL = {"Q4_K": 45e-12, "Q6_K": 60e-12, "Q5_K": 62e-12, "Q3_K": 46e-12, "Q4_0": 48e-12, "Q4_1": 57e-12,
+          "Q8_0": 74e-12, "IQ3_S": 98e-12, "IQ4_XS": 55e-12}
+PROBE_WEIGHTS = 243_000_000  # a 4-layer probe of the 1B's shapes
+PROBE_OVERHEAD = 0.0008  # s per probe token beyond its kernels
+
+
+def probe_records(noise=0.01, seed=5, types=KERNEL, reps=5) -> list[schema.Record]:
+    """Kernel-probe records of the made-up CPU: tg time = probe overhead + weights x cost, with noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t, c in types.items():
+        for r in range(reps):
+            tok_s = 1 / (PROBE_OVERHEAD + PROBE_WEIGHTS * c) / (1 + noise * rng.standard_normal())
+            out.append(schema.make(
+                run_id="run-test", utc="2025-01-01T00:00:00+00:00", status="ok", quant=t, weights="synthetic",
+                weights_ref=f"kernel probe: 4 layers of 2048x8192, all {t}, seed=0", file_path=f"/p/{t}.gguf",
+                file_bytes=1, file_sha256="0" * 64, model_size_bytes=1, model_n_params=PROBE_WEIGHTS, test="tg",
+                n_prompt=0, n_gen=256, n_depth=0, rep=r, wall_ns=int(256 / tok_s * 1e9), tokens_per_s=tok_s))
+    return out
+
+
+def kernel_time(q: str, depth: int = 0) -> float:
+    """The made-up CPU's tg time: compute-bound, a small bandwidth share, a fixed overhead."""
+    return 0.004 + int(BPW[q] * N / 8) / 200e9 + sum(n * KERNEL[t] for t, n in REAL_TYPES[q].items())
+
+
+def test_probe_costs_from_records():
+    from harness import probes
+
+    costs = probes.costs(frame(probe_records(noise=0.0)))
+    assert set(costs) == set(KERNEL)
+    for t, c in costs.items():
+        assert c["n"] == 5 and c["n_weights"] == PROBE_WEIGHTS
+        assert c["s_per_weight"] == pytest.approx(KERNEL[t] + PROBE_OVERHEAD / PROBE_WEIGHTS, rel=1e-9)
+    assert calibrate.kernel_seconds({"Q4_K": 10, "F32": 5}, costs) == pytest.approx(10 * costs["Q4_K"]["s_per_weight"])
+    assert np.isnan(calibrate.kernel_seconds({"Q4_K": 10, "Q2_K": 1}, costs))  # a type without a probe
+    assert np.isnan(calibrate.kernel_seconds(None, costs))
+
+
+def test_probes_predict_a_kernel_only_the_held_out_quant_uses():
+    """IQ3_M is the only quant with IQ3_S tensors: no model fitted to the other 11 can know their cost, so the
+    best model without probes misses it by far; with the probes' costs it is predicted like the rest."""
+    from harness import probes
+
+    df = frame(make_records(time_fn=kernel_time, noise=0.01, seed=2))
+    without = calibrate.calibrate(df, ENV_CPU, tensor_types=REAL_TYPES)["tg"]
+    iq3 = [p for p in without["points"] if p["quant"] == "IQ3_M"][0]
+    assert iq3["loqo_tok_s"] / iq3["measured_tok_s"] - 1 > 0.20  # held out, IQ3_M looks much faster than it is
+    costs = probes.costs(frame(probe_records()))
+    cal = calibrate.calibrate(df, ENV_CPU, tensor_types=REAL_TYPES, probe_costs=costs)
+    tg = cal["tg"]
+    assert tg["chosen"].startswith("probe-kernels")
+    assert tg["loqo"]["median_ape"] <= 0.05 and tg["loqo"]["worst_ape"] <= 0.15
+    iq3 = [p for p in tg["points"] if p["quant"] == "IQ3_M"][0]
+    assert abs(iq3["loqo_tok_s"] / iq3["measured_tok_s"] - 1) < 0.05
+    assert tg["kernel_factor"] > 0 and tg["fallback"]["chosen"] == without["chosen"]
+    assert set(cal["probes"]) == set(KERNEL)
+
+    # estimates: a measured quant through the probes; a quant without tensor types through the fallback
+    rate, rel, notes = calibrate.predict_tg_tok_s(cal, "Q4_K_M", 0)
+    assert rate == pytest.approx(1 / kernel_time("Q4_K_M"), rel=0.05) and notes == []
+    cal["quants"]["Q6_K"]["tensor_types"] = None
+    rate, rel, notes = calibrate.predict_tg_tok_s(cal, "Q6_K", 0)
+    assert "without probes" in notes[0] and rate == pytest.approx(1 / kernel_time("Q6_K"), rel=0.15)
+    assert rel == tg["fallback"]["loqo"]["rms_ape"]
+
+
+def test_no_probe_models_when_a_type_has_no_probe():
+    from harness import probes
+
+    df = frame(make_records(time_fn=kernel_time, noise=0.01, seed=2))
+    costs = probes.costs(frame(probe_records(types={k: v for k, v in KERNEL.items() if k != "IQ3_S"})))
+    tg = calibrate.calibrate(df, ENV_CPU, tensor_types=REAL_TYPES, probe_costs=costs)["tg"]
+    assert not any(n.startswith("probe") for n in tg["candidates"])
+    assert tg["fallback"] is None

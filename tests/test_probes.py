@@ -1,0 +1,136 @@
+"""Kernel probes: built by llama.cpp's own quantizer in the measured model's layer shapes, one tensor type each,
+and measured by the runner between the quants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import REPO
+
+from harness import config, probes, quantize, runner, schema, synthetic, validate
+
+TINY = synthetic.ARCHS["tiny"]
+
+
+def test_shape_from_the_header_is_the_architecture(tiny_file):
+    shape = probes.shape_of(validate.check(tiny_file("Q4_K_M")).hparams)
+    for field in ("n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "n_vocab", "n_ctx_train"):
+        assert getattr(shape, field) == getattr(TINY, field), field
+    assert shape.rope_theta == TINY.rope_theta
+    p = probes.probe_arch(shape, 3)
+    assert (p.n_layer, p.n_vocab, p.n_embd, p.n_ff, p.n_head, p.n_head_kv) == (3, 512, 256, 512, 4, 1)
+    assert p.name == "probe-e256-f512-h4-kv1-l3"
+
+
+def test_the_1b_probe_has_the_1b_layers():
+    one_b = synthetic.ARCHS["llama-3.2-1b"]
+    p = probes.probe_arch(one_b, 4)
+    layer = [(n.split(".", 2)[2], s) for n, s, _ in synthetic.tensor_specs(p) if n.startswith("blk.0.")]
+    assert layer == [(n.split(".", 2)[2], s) for n, s, _ in synthetic.tensor_specs(one_b) if n.startswith("blk.0.")]
+    matrices = sum(s[0] * s[1] for n, s, _ in synthetic.tensor_specs(p) if len(s) == 2)
+    assert 240e6 < matrices < 245e6  # 4 x 60.8M per layer + the 512-token embedding
+
+
+def test_shape_needs_the_hyperparameters():
+    with pytest.raises(probes.ProbeError, match="embedding_length"):
+        probes.shape_of({"llama.block_count": 2})
+    with pytest.raises(probes.ProbeError, match="attention shape"):
+        probes.shape_of({"llama.embedding_length": 256, "llama.attention.head_count": 3, "llama.block_count": 1,
+                         "llama.feed_forward_length": 512})
+
+
+def test_types_to_probe_most_weights_first_without_norms():
+    assert probes.types_to_probe({"F32": 10, "Q6_K": 5, "IQ3_S": 50, "Q4_K": 7}) == ["IQ3_S", "Q4_K", "Q6_K"]
+
+
+@pytest.fixture(scope="module")
+def probe_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("probe-cache")
+
+
+@pytest.mark.parametrize("type_name", sorted(probes.PURE_FTYPES))
+def test_every_probe_is_pure(probe_cache, type_name):
+    """llama.cpp's pure quantization gives every matrix exactly the probed type (the table is right)."""
+    parch = probes.probe_arch(TINY, 2)
+    path, built = probes.ensure_probe(probe_cache, parch, type_name)
+    types = validate.check(path).type_weights
+    assert set(types) == {type_name, "F32"}
+    assert types[type_name] == sum(s[0] * s[1] for _, s, _ in synthetic.tensor_specs(parch) if len(s) == 2)
+    assert built and probes.ensure_probe(probe_cache, parch, type_name) == (path, False)  # cached
+    assert quantize.llama_cpp_version() in str(path)
+
+
+def test_unknown_type_has_no_probe(probe_cache):
+    with pytest.raises(probes.ProbeError, match="no probe for ggml type TQ3"):
+        probes.ensure_probe(probe_cache, probes.probe_arch(TINY, 2), "TQ3")
+
+
+SMOKE = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+
+
+def _cfg(cache, **over):
+    d = json.loads(json.dumps(SMOKE))
+    d["cache_dir"] = str(cache)
+    d["quants"] = ["IQ3_M", "Q4_K_M", "Q6_K"]
+    d.update(over)
+    return config.from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def probed_run(tiny_cache, tmp_path_factory):
+    cfg = _cfg(tiny_cache)
+    lines: list[str] = []
+    run_dir, errors = runner.run(cfg, out=tmp_path_factory.mktemp("probed") / "run", progress=False,
+                                 echo=lines.append)
+    return cfg, run_dir, errors, lines
+
+
+def test_run_probes_each_type_once_between_the_quants(probed_run, tiny_file):
+    cfg, run_dir, errors, lines = probed_run
+    assert errors == {}
+    recs = schema.read_records(run_dir / "probes.jsonl")
+    want = set()
+    for q in cfg.quants:
+        want |= set(probes.types_to_probe(validate.check(tiny_file(q)).type_weights))
+    assert want == {"IQ3_S", "Q4_K", "Q6_K"}  # tiny IQ3_M: IQ3_S + Q4_K + Q6_K; Q4_K_M and Q6_K add none
+    assert sorted((r.quant, r.rep) for r in recs) == sorted((t, i) for t in want for i in range(2))
+    for r in recs:
+        assert r.status == "ok" and r.test == "tg" and r.n_gen == cfg.probes.n_gen and r.n_prompt == 0
+        assert r.weights == "synthetic" and r.weights_ref.startswith("kernel probe: 4 layers of 256x512")
+        assert f"all {r.quant}" in r.weights_ref and r.tokens_per_s > 0
+        assert validate.check(r.file_path).type_weights.keys() == {r.quant, "F32"}
+    # measured in between: IQ3_M's three probes come before Q4_K_M's measurement
+    order = ["probe" if " probe " in x else x.split("]", 1)[1].split()[0] for x in lines if "measuring" in x]
+    assert order == ["IQ3_M", "probe", "probe", "probe", "Q4_K_M", "Q6_K"]
+    assert not (run_dir / "records.jsonl").read_text().count("kernel probe")  # quant records stay apart
+
+
+def test_resume_does_not_measure_probes_again(probed_run, tiny_cache):
+    cfg, run_dir, errors, lines = probed_run
+    before = (run_dir / "probes.jsonl").read_text()
+    lines2: list[str] = []
+    runner.run(cfg, resume=run_dir, progress=False, echo=lines2.append)
+    assert (run_dir / "probes.jsonl").read_text() == before
+    assert not any("probe" in x and "measuring" in x for x in lines2)
+
+
+def test_probes_off(tiny_cache, tmp_path):
+    cfg = _cfg(tiny_cache, quants=["Q8_0"], probes=False)
+    run_dir, errors = runner.run(cfg, out=tmp_path / "run", progress=False, echo=lambda s: None)
+    assert errors == {} and not (run_dir / "probes.jsonl").exists()
+
+
+def test_report_has_a_kernel_probe_section(probed_run, tmp_path):
+    from harness import report
+
+    cfg, run_dir, errors, lines = probed_run
+    out = report.write_report(run_dir, tmp_path / "rep")
+    md = (out / "report.md").read_text()
+    assert "## Kernel probes" in md
+    for t in ("IQ3_S", "Q4_K", "Q6_K"):
+        assert f"| {t} |" in md
+    cal = json.loads((out / "calibration.json").read_text())
+    assert set(cal["probes"]) == {"IQ3_S", "Q4_K", "Q6_K"}
+    assert any(n.startswith("probe-kernels") for n in cal["tg"]["candidates"])
