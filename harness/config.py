@@ -53,6 +53,8 @@ class BenchSpec:
     n_gen: int = 128  # tokens in the generation (tg) test; 0 skips tg
     depths: tuple[int, ...] = (0,)  # KV-cache fill (tokens) before each test, pre-filled untimed
     repetitions: int = 5  # timed repetitions per test
+    rounds: int = 1  # passes of the sweep; each visit to a quant measures its share of the repetitions, so a slow
+    # spell of a shared machine cannot hit every repetition of one quant (and probes share the passes)
     warmup: int = 1  # untimed warm-up runs per test
     n_gpu_layers: int = -1  # layers to offload; -1 = all, where the build can offload
     flash_attn: str = "auto"  # auto | on | off
@@ -212,8 +214,11 @@ def _bench(data: Any) -> BenchSpec:
     for name in ("n_prompt", "n_gen", "repetitions", "warmup"):
         kw[name] = _positive(f"bench.{name}", _typed(f"bench.{name}", data.get(name, getattr(d, name)), int),
                              zero_ok=name != "repetitions")
-    for name in ("n_batch", "n_ubatch"):
+    for name in ("n_batch", "n_ubatch", "rounds"):
         kw[name] = _positive(f"bench.{name}", _typed(f"bench.{name}", data.get(name, getattr(d, name)), int))
+    if kw["rounds"] > kw["repetitions"]:
+        raise ConfigError(f"bench.rounds ({kw['rounds']}) must not exceed bench.repetitions "
+                          f"({kw['repetitions']}): each round measures at least one repetition")
     if kw["n_prompt"] == 0 and kw["n_gen"] == 0:
         raise ConfigError("bench.n_prompt and bench.n_gen are both 0: nothing to measure")
     if kw["n_ubatch"] > kw["n_batch"]:

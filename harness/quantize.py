@@ -120,6 +120,13 @@ def _quantize(src: str | os.PathLike, dst: str | os.PathLike, label: str, ftype:
         if rc != 0:
             tail = "; ".join(x.strip() for x in cap.lines[-5:] if x.strip())
             raise QuantizeError(f"llama.cpp could not quantize {src.name} to {label} (code {rc}): {tail}")
+        # On disk before it counts as built, and before anything is timed: writing back hundreds of MB of
+        # dirty pages during the next measurement would slow it.
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, dst)
     finally:
         bar.close()

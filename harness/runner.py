@@ -121,6 +121,14 @@ def probe_bench(cfg: Config, bench: dict[str, Any]) -> dict[str, Any]:
     return {**bench, "n_prompt": 0, "n_gen": p.n_gen, "depths": [0], "repetitions": p.repetitions}
 
 
+def visit_reps(repetitions: int, rounds: int, visit: int) -> list[int]:
+    """The repetition indices measured at visit `visit` (0-based) of `rounds`: consecutive shares, the first
+    visits taking one more where they do not divide evenly (5 over 2: [0, 1, 2], [3, 4])."""
+    base, extra = divmod(repetitions, rounds)
+    start = visit * base + min(visit, extra)
+    return list(range(start, start + base + (visit < extra)))
+
+
 def probes_wanted(cfg: Config) -> bool:
     return cfg.probes.enabled and cfg.bench.n_gen > 0
 
@@ -227,7 +235,8 @@ class Runner:
         self.bench = resolved_bench(cfg)
         self.run_id = run_dir.name
         self.errors: dict[str, str] = {}
-        self.probed: set[tuple[str, str]] = set()  # (probe shape, ggml type) measured or tried in this run
+        self.probed: set[tuple[str, str, int]] = set()  # (probe shape, ggml type, round) measured or tried
+        self.probe_errors: set[tuple[str, str]] = set()  # (probe shape, ggml type) that failed: not tried again
 
     def _error_record(self, quant: str, error: str, mf: sources.ModelFile | None) -> schema.Record:
         return schema.make(
@@ -242,26 +251,36 @@ class Runner:
 
     def run(self, writer: schema.RecordWriter, done: set[tuple[str, str, int, int]],
             probe_writer: schema.RecordWriter | None = None, probes_done: set | None = None) -> None:
-        """Measure every quant; after each, the kernel probes of its tensor types not probed yet (so probes
-        and quants share the machine's conditions through the run)."""
+        """Measure every quant; after each, the kernel probes of its tensor types not probed yet in this
+        round (so probes and quants share the machine's conditions through the run). With bench.rounds > 1
+        the sweep is made that many times, each visit measuring its share of the repetitions."""
         cfg = self.cfg
         (self.run_dir / "logs").mkdir(exist_ok=True)
-        n_q = len(cfg.quants)
-        for i, quant in enumerate(cfg.quants, 1):
-            head = f"[{i:>2}/{n_q}] {quant:<7}"
-            skip = [[t, d, r] for (q, t, d, r) in done if q == quant]
-            n_todo = len([c for c in all_cells(cfg, self.bench) if c[0] == quant]) - len(skip)
-            if n_todo <= 0:
-                self.echo(f"{head} already measured (resume): skipped")
-                mf = None
-                if probe_writer is not None:
-                    mf = self._resolve(writer, head, quant, record_failure=False)
-            else:
-                mf = self._resolve(writer, head, quant)
-                if mf is not None:
-                    self._measure(writer, head, quant, mf, skip, n_todo)
-            if mf is not None and probe_writer is not None:
-                self._probe(probe_writer, head, mf, probes_done or set())
+        n_q, rounds = len(cfg.quants), cfg.bench.rounds
+        files: dict[str, sources.ModelFile | None] = {}
+        for v in range(rounds):
+            mine = set(visit_reps(self.bench["repetitions"], rounds, v))
+            for i, quant in enumerate(cfg.quants, 1):
+                head = f"[{i:>2}/{n_q}] {quant:<7}" + (f" round {v + 1}/{rounds}" if rounds > 1 else "")
+                if quant in self.errors:
+                    continue  # failed in an earlier round: its error record says why
+                cells = [c for c in all_cells(cfg, self.bench) if c[0] == quant and c[3] in mine]
+                todo = [c for c in cells if c not in done]
+                if not todo:
+                    if v == 0 or rounds == 1:
+                        self.echo(f"{head} already measured (resume): skipped")
+                    mf = files.get(quant)
+                    if mf is None and probe_writer is not None and quant not in files:
+                        mf = files[quant] = self._resolve(writer, head, quant, record_failure=False)
+                else:
+                    mf = files[quant] if quant in files else self._resolve(writer, head, quant)
+                    files[quant] = mf
+                    if mf is not None:
+                        skip = [[t, d, r] for (q, t, d, r) in all_cells(cfg, self.bench)
+                                if q == quant and (q, t, d, r) not in todo]
+                        self._measure(writer, head, quant, mf, skip, len(todo))
+                if mf is not None and probe_writer is not None:
+                    self._probe(probe_writer, head, mf, probes_done or set(), v)
 
     def _resolve(self, writer, head: str, quant: str, record_failure: bool = True) -> sources.ModelFile | None:
         try:
@@ -309,8 +328,8 @@ class Runner:
         finally:
             bar.close()
 
-    def _probe(self, writer, head: str, mf: sources.ModelFile, done: set) -> None:
-        """Kernel probes for the tensor types of `mf` that this run has not probed yet."""
+    def _probe(self, writer, head: str, mf: sources.ModelFile, done: set, visit: int = 0) -> None:
+        """Kernel probes for the tensor types of `mf` that this round of the run has not probed yet."""
         try:
             summary = validate.check(mf.path)
             parch = probes.probe_arch(probes.shape_of(summary.hparams), self.cfg.probes.n_layer)
@@ -319,12 +338,13 @@ class Runner:
             return
         bench = probe_bench(self.cfg, self.bench)
         logs = self.run_dir / "logs"
+        mine = set(visit_reps(bench["repetitions"], self.cfg.bench.rounds, visit))
         for t in probes.types_to_probe(summary.type_weights):
-            if (parch.name, t) in self.probed:
+            if (parch.name, t, visit) in self.probed or (parch.name, t) in self.probe_errors:
                 continue
-            self.probed.add((parch.name, t))
+            self.probed.add((parch.name, t, visit))
             label = f"probe {t}"
-            skip = [[tt, d, r] for (q, tt, d, r) in done if q == t]
+            skip = [["tg", 0, r] for r in range(bench["repetitions"]) if r not in mine or (t, "tg", 0, r) in done]
             n_todo = bench["repetitions"] - len(skip)
             if n_todo <= 0:
                 continue
@@ -335,6 +355,7 @@ class Runner:
                 path, built = probes.ensure_probe(self.cfg.resolved_cache_dir, parch, t, progress=self.progress)
                 sha = sources.sha256_file(path)
             except Exception as e:  # noqa: BLE001 - ProbeError, QuantizeError, OSError: this probe only
+                self.probe_errors.add((parch.name, t))
                 self._probe_fail(writer, head, t, base, f"{type(e).__name__}: {e}")
                 continue
             size = path.stat().st_size
@@ -345,6 +366,7 @@ class Runner:
                    "record_base": {**base, "file_path": str(path), "file_bytes": size, "file_sha256": sha}}
             res = self._child(job, writer, label, n_todo, logs / f"probe-{t}.stderr")
             if res.error:
+                self.probe_errors.add((parch.name, t))
                 self._probe_fail(writer, head, t, {**base, "file_path": str(path), "file_bytes": size,
                                                    "file_sha256": sha}, res.error)
 

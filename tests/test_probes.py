@@ -134,3 +134,31 @@ def test_report_has_a_kernel_probe_section(probed_run, tmp_path):
     cal = json.loads((out / "calibration.json").read_text())
     assert set(cal["probes"]) == {"IQ3_S", "Q4_K", "Q6_K"}
     assert any(n.startswith("probe-kernels") for n in cal["tg"]["candidates"])
+
+
+def test_rounds_spread_each_quants_repetitions_over_passes(tiny_cache, tmp_path):
+    """bench.rounds = 2: the sweep runs twice, each visit measuring its share of the repetitions; the probes
+    are measured once per round too. A resume of the finished run measures nothing."""
+    d = json.loads(json.dumps(SMOKE))
+    d.update(cache_dir=str(tiny_cache), quants=["Q4_K_M", "Q6_K"])
+    d["bench"].update(repetitions=3, rounds=2, n_prompt=0)
+    cfg = config.from_dict(d)
+    lines: list[str] = []
+    run_dir, errors = runner.run(cfg, out=tmp_path / "run", progress=False, echo=lines.append)
+    assert errors == {}
+    recs = schema.read_records(run_dir / "records.jsonl")
+    assert [(r.quant, r.rep) for r in recs] == [("Q4_K_M", 0), ("Q4_K_M", 1), ("Q6_K", 0), ("Q6_K", 1),
+                                                ("Q4_K_M", 2), ("Q6_K", 2)]
+    prs = schema.read_records(run_dir / "probes.jsonl")
+    first = [r.quant for r in prs if r.rep == 0]
+    assert [(r.quant, r.rep) for r in prs] == [(t, 0) for t in first] + [(t, 1) for t in first]
+    assert sum("round 2/2" in x and "measuring" in x for x in lines) == 2 + len(first)
+    again: list[str] = []
+    runner.run(cfg, resume=run_dir, progress=False, echo=again.append)
+    assert not any("measuring" in x for x in again)
+    assert len(schema.read_records(run_dir / "records.jsonl")) == 6
+
+
+def test_rounds_cannot_exceed_repetitions():
+    with pytest.raises(config.ConfigError, match="bench.rounds"):
+        config.from_dict({"name": "x", "bench": {"repetitions": 2, "rounds": 3}})
