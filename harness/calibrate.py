@@ -635,32 +635,46 @@ def fit_memory(points: pd.DataFrame) -> dict[str, Any] | None:
 
 
 def buffer_model(df: pd.DataFrame, peak_source: str = "rss") -> dict[str, Any]:
-    """How llama.cpp's buffers grow with the context, for estimates at other context sizes: KV bytes per
-    token (measured, else the f16 formula) and compute bytes = intercept + slope x n_ctx (least squares over
-    the tests' contexts; the slope is 0 from a single context), output bytes (median)."""
+    """How llama.cpp's buffers grow with the context, for estimates at other context sizes.
+
+    KV bytes per token: at the largest measured context (llama.cpp pads small caches to 256 cells, so a tg64
+    test's cache holds 4x its tokens), else the f16 formula. Compute bytes = intercept + slope x n_ctx, the
+    slope fitted only over contexts where the physical batch is the same (n_ctx >= n_ubatch): below that the
+    buffer follows the batch, not the context, and a line through a pp256 and a tg64 test would put gigabytes
+    of compute buffer at 8K. Without such contexts the slope is 0 from the largest context, and
+    `max_measured_ctx` tells an estimate how far it extrapolates. Output bytes: the median."""
     ok = _ok(df)
     gpu = peak_source == "gpu"
     rows = []
     for _, r in ok.iterrows():
         if r.n_ctx is None or pd.isna(r.n_ctx) or not r.n_ctx:
             continue
+        ub = r.get("n_ubatch")
+        ub = float(ub) if ub is not None and not pd.isna(ub) else 0.0
         rows.append((float(r.n_ctx), _device_bytes(r.kv_buffers, r.kv_bytes, gpu),
                      _device_bytes(r.compute_buffers, r.compute_bytes, gpu),
-                     _device_bytes(r.output_buffers, r.output_bytes, gpu)))
-    a = np.array(rows, float) if rows else np.zeros((0, 4))
+                     _device_bytes(r.output_buffers, r.output_bytes, gpu), ub))
+    a = np.array(rows, float) if rows else np.zeros((0, 5))
     kv = a[~np.isnan(a[:, 1])] if len(a) else a
-    kv_per_tok = float(np.median(kv[:, 1] / kv[:, 0])) if len(kv) else float(kv_bytes_per_token())
+    if len(kv):
+        top = kv[kv[:, 0] == kv[:, 0].max()]
+        kv_per_tok = float(np.median(top[:, 1] / top[:, 0]))
+    else:
+        kv_per_tok = float(kv_bytes_per_token())
     comp = a[~np.isnan(a[:, 2])] if len(a) else a
-    if len(comp) and len(np.unique(comp[:, 0])) > 1:
-        slope, intercept = np.polyfit(comp[:, 0], comp[:, 2], 1)
+    full = comp[comp[:, 0] >= comp[:, 4]] if len(comp) else comp  # the physical batch no longer grows
+    if len(full) and len(np.unique(full[:, 0])) > 1:
+        slope, intercept = np.polyfit(full[:, 0], full[:, 2], 1)
     elif len(comp):
-        slope, intercept = 0.0, float(np.median(comp[:, 2]))
+        top = comp[comp[:, 0] == comp[:, 0].max()]
+        slope, intercept = 0.0, float(np.median(top[:, 2]))
     else:
         slope, intercept = 0.0, math.nan
     out = a[~np.isnan(a[:, 3])] if len(a) else a
     return {"kv_bytes_per_token": kv_per_tok, "kv_bytes_per_token_f16_formula": kv_bytes_per_token(),
             "compute_bytes_intercept": float(intercept), "compute_bytes_per_ctx_token": float(max(slope, 0.0)),
-            "output_bytes": float(np.median(out[:, 3])) if len(out) else math.nan}
+            "output_bytes": float(np.median(out[:, 3])) if len(out) else math.nan,
+            "max_measured_ctx": int(a[:, 0].max()) if len(a) else None}
 
 
 def calibrate(df: pd.DataFrame, env: dict | None = None, run_id: str | None = None,
@@ -749,7 +763,8 @@ def _one_point(cal: dict, quant: str, n_depth: int, n_gen: int = 1) -> pd.DataFr
     kvt = (cal.get("buffers") or {}).get("kv_bytes_per_token") or kv_bytes_per_token()
     kv_read = kvt * (n_depth + (n_gen - 1) / 2)
     pts = pd.DataFrame([{"quant": quant, "n_depth": n_depth, "bytes_per_token": size + kv_read,
-                         "n_params": n_params, "family": quant_family(quant), "type": quant_type(quant),
+                         "kv_read_bytes": kv_read, "n_params": n_params, "family": quant_family(quant),
+                         "type": quant_type(quant),
                          "model_size_bytes": size, **mix_columns(info.get("tensor_types")),
                          "kernel_s": kernel_seconds(info.get("tensor_types"), cal.get("probes"))}])
     pts.attrs["size_note"] = size_note
@@ -777,8 +792,27 @@ def predict_tg_tok_s(cal: dict, quant: str, n_depth: int = 0, bandwidth_gb_s: fl
             not any(c.startswith("mix") for c in pts.columns):
         notes.append(f"the tensor types of {quant} are unknown to this calibration: its compute term is left out "
                      "(an overestimate of its speed)")
-    rate = 1 / float(predict(pts, tg["params"], "t_s")[0])
+    t = float(predict(pts, tg["params"], "t_s")[0])
     cal_bw = (cal.get("device") or {}).get("bandwidth_gb_s")
+    if n_depth and not tg["params"].get("s_per_byte") and not any(
+            k.startswith("s_per_byte:") and v for k, v in tg["params"].items()):
+        # The chosen model has no bytes term, so nothing in it grows with the context: add the KV cache's read
+        # at the device's bandwidth (a lower bound on its cost, attention's compute left out).
+        kv_read = float(pts.kv_read_bytes.iloc[0])
+        if cal_bw:
+            t += kv_read / (cal_bw * 1e9)
+            notes.append(f"the model chosen ({tg['chosen']}) has no bytes term: the KV cache read at depth "
+                         f"{n_depth:,} ({kv_read / 1e9:.2f} GB per token) is added at {cal_bw:,.1f} GB/s, not "
+                         "calibrated (a lower bound on its cost)")
+        else:
+            notes.append(f"the model chosen ({tg['chosen']}) has no term for the context: depth {n_depth:,} is "
+                         "not accounted for")
+    depths = [p.get("n_depth") or 0 for p in tg.get("points") or []]
+    if depths and n_depth > max(depths):
+        notes.append(f"depth {n_depth:,} lies beyond the measured ones (up to {max(depths):,}): extrapolated, not "
+                     "calibrated. Attention's own cost, which grows with the context and can dominate on a CPU, "
+                     "is in no term; measure that depth (bench.depths) to calibrate it")
+    rate = 1 / t
     if bandwidth_gb_s and cal_bw and abs(bandwidth_gb_s / cal_bw - 1) > 1e-9:
         ratio = bandwidth_gb_s / cal_bw
         rate *= ratio
@@ -804,6 +838,11 @@ def predict_memory_bytes(cal: dict, quant: str, n_ctx: int) -> tuple[float, floa
         weights = page.page_file_bytes(quant, printed=False)
         notes.append(f"{quant} was not measured in this calibration: its weights are the page's file size")
     buf = cal.get("buffers") or {}
+    top = buf.get("max_measured_ctx")
+    if top and n_ctx > top and not buf.get("compute_bytes_per_ctx_token"):
+        notes.append(f"the compute buffer was measured up to a context of {top:,} tokens only and is held at that "
+                     f"size: at {n_ctx:,} it can be larger (attention scratch grows with the context); measure "
+                     "that depth (bench.depths) to calibrate it")
     kv = (buf.get("kv_bytes_per_token") or kv_bytes_per_token()) * n_ctx
     comp = (buf.get("compute_bytes_intercept") or 0.0) + (buf.get("compute_bytes_per_ctx_token") or 0.0) * n_ctx
     pts = pd.DataFrame([{"quant": quant, "weights_bytes": weights, "kv_bytes": kv, "compute_bytes": comp,

@@ -99,8 +99,10 @@ def calibrated_estimate(cal: dict, device: dict, quant: str, context: int) -> di
     same = _same_device(cal, device)
     bw = None if same else device.get("bandwidth_gb_s")
     rate0, rel, notes = calibrate.predict_tg_tok_s(cal, quant, 0, bw)
-    rate_ctx, _, _ = calibrate.predict_tg_tok_s(cal, quant, context, bw)
-    out: dict[str, Any] = {"tok_s": rate0, "tok_s_at_context": rate_ctx, "tok_s_rel": rel, "notes": list(notes)}
+    rate_ctx, _, ctx_notes = calibrate.predict_tg_tok_s(cal, quant, context, bw)
+    notes = list(notes) + [n for n in ctx_notes if n not in notes]
+    out: dict[str, Any] = {"tok_s": rate0, "tok_s_at_context": rate_ctx, "tok_s_rel": rel, "notes": notes,
+                           "context_extrapolated": any("extrapolated, not calibrated" in n for n in ctx_notes)}
     try:
         mem, mem_rel, mem_notes = calibrate.predict_memory_bytes(cal, quant, context)
         out.update(memory_bytes=mem, memory_rel=mem_rel)
@@ -140,7 +142,8 @@ def render(device: dict, quant: str, context: int, pg: dict | None, cal: dict | 
     mem_s = (f"; peak memory ~{est['memory_bytes'] / GB:.2f} GB{_pm(est['memory_rel'])} at context {context:,}"
              if est.get("memory_bytes") else "")
     lines.append(f"calibrated: tg ~{est['tok_s']:,.1f} tok/s{_pm(est['tok_s_rel'])} with an empty cache, "
-                 f"~{est['tok_s_at_context']:,.1f} tok/s at {context:,} tokens of context{mem_s}")
+                 f"~{est['tok_s_at_context']:,.1f} tok/s at {context:,} tokens of context"
+                 f"{' (extrapolated: see the note)' if est.get('context_extrapolated') else ''}{mem_s}")
     d = cal.get("device") or {}
     run = cal.get("run") or {}
     tg = cal.get("tg") or {}

@@ -356,3 +356,39 @@ def test_no_probe_models_when_a_type_has_no_probe():
     tg = calibrate.calibrate(df, ENV_CPU, tensor_types=REAL_TYPES, probe_costs=costs)["tg"]
     assert not any(n.startswith("probe") for n in tg["candidates"])
     assert tg["fallback"] is None
+
+
+def _buf_record(test, n_ctx, kv, comp, n_ubatch=512):
+    return schema.make(
+        run_id="r", utc="2025-01-01T00:00:00+00:00", status="ok", quant="Q4_K_M", weights="synthetic",
+        file_sha256="0" * 64, test=test, n_prompt=n_ctx if test == "pp" else 0, n_gen=n_ctx if test == "tg" else 0,
+        n_depth=0, rep=0, wall_ns=1, tokens_per_s=1.0, n_ctx=n_ctx, n_ubatch=n_ubatch,
+        kv_buffers={"CPU": kv}, kv_bytes=kv, compute_buffers={"CPU": comp}, compute_bytes=comp,
+        output_buffers={"CPU": 1}, output_bytes=1)
+
+
+def test_buffer_model_ignores_padding_and_the_batch_sized_compute_buffer():
+    """As llama.cpp 0.3.36 on the 1B: a tg64 and a pp256 context both get a 256-cell KV cache (8 MiB), and
+    compute buffers of 28 and 129 MiB that follow the batch, not the context. A line through them would put
+    4 GB of compute buffer at 8K."""
+    kv = 256 * 32768
+    b = calibrate.buffer_model(frame([_buf_record("tg", 64, kv, 28 * MIB), _buf_record("pp", 256, kv, 129 * MIB)]))
+    assert b["kv_bytes_per_token"] == 32768
+    assert b["compute_bytes_per_ctx_token"] == 0 and b["compute_bytes_intercept"] == 129 * MIB
+    assert b["max_measured_ctx"] == 256
+    # contexts past the physical batch: the slope is fitted over those alone
+    recs = [_buf_record("tg", 64, kv, 28 * MIB)] + [_buf_record("tg", c, c * 32768, 100 * MIB + 1000 * c)
+                                                    for c in (1024, 4096, 8192)]
+    b = calibrate.buffer_model(frame(recs))
+    assert b["compute_bytes_per_ctx_token"] == pytest.approx(1000) and b["max_measured_ctx"] == 8192
+
+
+def test_estimates_beyond_the_measured_depths_say_so():
+    df = frame(make_records(noise=0.002))  # depth 0 only
+    cal = calibrate.calibrate(df, ENV_CPU)
+    _, _, notes = calibrate.predict_tg_tok_s(cal, "Q4_K_M", 0)
+    assert not any("extrapolated" in n for n in notes)
+    _, _, notes = calibrate.predict_tg_tok_s(cal, "Q4_K_M", 8192)
+    assert any("beyond the measured ones (up to 0)" in n for n in notes)
+    _, _, notes = calibrate.predict_memory_bytes(cal, "Q4_K_M", 8192)
+    assert any("measured up to a context of 64 tokens" in n for n in notes)
