@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from harness import devices, page
+from harness.probes import UNPROBED
 from harness.synthetic import ARCHS
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 CALIBRATION_VERSION = 1
 ARCH = ARCHS["llama-3.2-1b"]
 KV_TYPE_BYTES = 2  # llama.cpp's default KV cache type is f16
+KV_PAD_CELLS = 256  # llama.cpp 0.3.36 rounds a KV cache up to a multiple of 256 cells
 REF_FAMILY = "k"  # the family without a compute column of its own (the overhead carries its cost)
 TYPE_RIDGE = 1.0  # penalty on per-type deviations, in units of (deviation / median time)^2
 SELECT_TOLERANCE = 1.10  # a simpler model wins unless the better one's LOQO RMS error is 10% lower
@@ -138,7 +140,7 @@ def kernel_seconds(types: dict[str, Any] | None, probe_costs: dict[str, dict] | 
         return math.nan
     total = 0.0
     for name, v in types.items():
-        if ggml_type_family(name) is None and name.upper() not in ("F16", "BF16"):
+        if name.upper() in UNPROBED:
             continue  # F32 norms
         cost = (probe_costs.get(name.upper()) or {}).get("s_per_weight")
         if cost is None:
@@ -637,12 +639,14 @@ def fit_memory(points: pd.DataFrame) -> dict[str, Any] | None:
 def buffer_model(df: pd.DataFrame, peak_source: str = "rss") -> dict[str, Any]:
     """How llama.cpp's buffers grow with the context, for estimates at other context sizes.
 
-    KV bytes per token: at the largest measured context (llama.cpp pads small caches to 256 cells, so a tg64
-    test's cache holds 4x its tokens), else the f16 formula. Compute bytes = intercept + slope x n_ctx, the
-    slope fitted only over contexts where the physical batch is the same (n_ctx >= n_ubatch): below that the
-    buffer follows the batch, not the context, and a line through a pp256 and a tg64 test would put gigabytes
-    of compute buffer at 8K. Without such contexts the slope is 0 from the largest context, and
-    `max_measured_ctx` tells an estimate how far it extrapolates. Output bytes: the median."""
+    KV bytes per token: at the largest measured context, over the cells llama.cpp allocates for it (a multiple
+    of 256: a tg64 test's cache holds 4x its tokens), else the f16 formula.
+
+    Compute bytes = intercept + slope x n_ctx, the slope fitted only over contexts where the physical batch
+    is the same (n_ctx >= n_ubatch): below that the buffer follows the batch, not the context, and a line
+    through a pp256 and a tg64 test would put gigabytes of compute buffer at 8K. Without such contexts the
+    slope is 0 from the largest context, and `max_measured_ctx` tells an estimate how far it extrapolates.
+    Output bytes: the median."""
     ok = _ok(df)
     gpu = peak_source == "gpu"
     rows = []
@@ -658,7 +662,8 @@ def buffer_model(df: pd.DataFrame, peak_source: str = "rss") -> dict[str, Any]:
     kv = a[~np.isnan(a[:, 1])] if len(a) else a
     if len(kv):
         top = kv[kv[:, 0] == kv[:, 0].max()]
-        kv_per_tok = float(np.median(top[:, 1] / top[:, 0]))
+        cells = np.ceil(top[:, 0] / KV_PAD_CELLS) * KV_PAD_CELLS  # what llama.cpp allocates for that context
+        kv_per_tok = float(np.median(top[:, 1] / cells))
     else:
         kv_per_tok = float(kv_bytes_per_token())
     comp = a[~np.isnan(a[:, 2])] if len(a) else a
@@ -687,6 +692,14 @@ def calibrate(df: pd.DataFrame, env: dict | None = None, run_id: str | None = No
     env = env or {}
     device = run_device(df, env)
     tg = tg_points(df, tensor_types=tensor_types, probe_costs=probe_costs)
+    unavailable = None
+    if probe_costs and "kernel_s" not in tg.columns:
+        if not tensor_types:
+            unavailable = "the quants' tensor types are unknown (their files are not on disk)"
+        else:
+            missing = sorted({t for types in tensor_types.values() for t in (types or {})
+                              if t.upper() not in UNPROBED and t.upper() not in probe_costs})
+            unavailable = f"no probe measured for {', '.join(missing) or 'some tensor type'}"
     mem = memory_points(df, device["peak_source"])
     ok = _ok(df)
     first = ok.iloc[0] if len(ok) else None
@@ -719,6 +732,7 @@ def calibrate(df: pd.DataFrame, env: dict | None = None, run_id: str | None = No
                   "kv_bytes_per_token": kv_bytes_per_token()},
         "tg": fit_tg(tg, device) if len(tg) else None,
         "probes": probe_costs or {},
+        "probe_models_unavailable": unavailable,
         "memory": fit_memory(mem),
         "buffers": buffer_model(df, device["peak_source"]),
         "quants": quants_info,

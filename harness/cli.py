@@ -45,6 +45,7 @@ def _add_run(sub) -> None:
                    help="finish an interrupted run: measure only the cells missing from its records")
     p.add_argument("--quants", help="comma-separated subset or list of quants, overriding the config")
     p.add_argument("--repetitions", type=int, help="override bench.repetitions")
+    p.add_argument("--rounds", type=int, help="override bench.rounds (passes of the sweep sharing the repetitions)")
     p.add_argument("--threads", type=int, help="override bench.threads")
     p.add_argument("--n-gpu-layers", type=int, dest="n_gpu_layers", help="override bench.n_gpu_layers")
     p.add_argument("--timeout", type=float, dest="timeout_s", help="override bench.timeout_s (per model file)")
@@ -60,7 +61,7 @@ def _run(args) -> int:
     overrides = {}
     if args.quants:
         overrides["quants"] = args.quants
-    for key in ("repetitions", "threads", "n_gpu_layers", "timeout_s"):
+    for key in ("repetitions", "rounds", "threads", "n_gpu_layers", "timeout_s"):
         if getattr(args, key) is not None:
             overrides[f"bench.{key}"] = getattr(args, key)
     if args.cache_dir:
@@ -77,7 +78,10 @@ def _run(args) -> int:
     print(summary.text_table(table))
     probe_path = run_dir / "probes.jsonl"
     if probe_path.is_file():
-        print(summary.probe_line(summary.records_frame(schema.read_records(probe_path))))
+        try:
+            print(summary.probe_line(summary.records_frame(schema.read_records(probe_path))))
+        except schema.SchemaError as e:
+            print(f"kernel probes: cannot read {probe_path}: {e}", file=sys.stderr)
     for quant, err in errors.items():
         print(f"{quant}: {err}")
     if not args.no_report and "report" in COMMANDS:

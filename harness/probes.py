@@ -103,7 +103,11 @@ def ensure_probe(cache_dir: Path, parch: Arch, type_name: str, progress: bool = 
     # A uniform importance matrix, as for the synthetic quants (the IQ2 types require one).
     quantize.quantize_pure(f16, target, PURE_FTYPES[type_name], label=f"probe {type_name}", imatrix=True,
                            progress=progress)
-    got = validate.check(target).type_weights
+    try:
+        got = validate.check(target).type_weights
+    except validate.InvalidGGUF as e:
+        target.unlink()
+        raise ProbeError(f"llama.cpp's pure {PURE_FTYPES[type_name]} wrote an invalid file: {e}") from None
     stray = {t for t in got if t not in (type_name, "F32")}
     if stray:
         target.unlink()

@@ -259,6 +259,8 @@ def calibration_lines(cal: dict) -> list[str]:
                        + ", ".join(f"{f} {e:.3f}" for f, e in tg["efficiency_by_family"].items()))
         elif dev.get("bandwidth_gb_s"):
             out.append("- no bandwidth term survives the fit: generation here is bound by compute, not memory.")
+        if cal.get("probe_models_unavailable"):
+            out.append(f"- probe models not fitted: {cal['probe_models_unavailable']}")
         if tg.get("kernel_factor"):
             out.append(f"- kernel term: {tg['kernel_factor']:.3f} x the kernel probes' time per token (1 would be "
                        "the probes' cost per weight carried over unchanged; see Kernel probes)")
@@ -468,9 +470,7 @@ CAPTIONS = {
 def probe_rows(cal: dict, probe_df: pd.DataFrame | None) -> list[list[str]]:
     """One row per probed tensor type: its probe's speed, cost per weight, and the weights of it per quant."""
     costs = cal.get("probes") or {}
-    if not costs:
-        return []
-    ref = costs.get("Q4_K") or min(costs.values(), key=lambda c: c["s_per_weight"])
+    ref = (costs.get("Q4_K") or min(costs.values(), key=lambda c: c["s_per_weight"])) if costs else None
     quants = cal.get("quants") or {}
     rows = []
     for t, c in sorted(costs.items(), key=lambda kv: kv[1]["s_per_weight"]):

@@ -250,14 +250,18 @@ class Runner:
         )
 
     def run(self, writer: schema.RecordWriter, done: set[tuple[str, str, int, int]],
-            probe_writer: schema.RecordWriter | None = None, probes_done: set | None = None) -> None:
+            probe_writer: schema.RecordWriter | None = None, probes_done: set | None = None,
+            known_files: dict[str, str] | None = None) -> None:
         """Measure every quant; after each, the kernel probes of its tensor types not probed yet in this
         round (so probes and quants share the machine's conditions through the run). With bench.rounds > 1
-        the sweep is made that many times, each visit measuring its share of the repetitions."""
+        the sweep is made that many times, each visit measuring its share of the repetitions. `known_files`
+        ({quant: path} from a resumed run's records) lets the probes read a measured file's tensor types
+        without getting the file again."""
         cfg = self.cfg
         (self.run_dir / "logs").mkdir(exist_ok=True)
         n_q, rounds = len(cfg.quants), cfg.bench.rounds
-        files: dict[str, sources.ModelFile | None] = {}
+        resolved: dict[str, sources.ModelFile] = {}
+        paths: dict[str, Path] = {q: Path(p) for q, p in (known_files or {}).items()}  # for the probes
         for v in range(rounds):
             mine = set(visit_reps(self.bench["repetitions"], rounds, v))
             for i, quant in enumerate(cfg.quants, 1):
@@ -266,31 +270,28 @@ class Runner:
                     continue  # failed in an earlier round: its error record says why
                 cells = [c for c in all_cells(cfg, self.bench) if c[0] == quant and c[3] in mine]
                 todo = [c for c in cells if c not in done]
-                if not todo:
-                    if v == 0 or rounds == 1:
-                        self.echo(f"{head} already measured (resume): skipped")
-                    mf = files.get(quant)
-                    if mf is None and probe_writer is not None and quant not in files:
-                        mf = files[quant] = self._resolve(writer, head, quant, record_failure=False)
-                else:
-                    mf = files[quant] if quant in files else self._resolve(writer, head, quant)
-                    files[quant] = mf
-                    if mf is not None:
-                        skip = [[t, d, r] for (q, t, d, r) in all_cells(cfg, self.bench)
-                                if q == quant and (q, t, d, r) not in todo]
-                        self._measure(writer, head, quant, mf, skip, len(todo))
-                if mf is not None and probe_writer is not None:
-                    self._probe(probe_writer, head, mf, probes_done or set(), v)
+                if todo:
+                    mf = resolved.get(quant) or self._resolve(writer, head, quant)
+                    if mf is None:
+                        continue  # its error record is written; later rounds skip it
+                    resolved[quant] = mf
+                    paths[quant] = mf.path
+                    skip = [[t, d, r] for (q, t, d, r) in all_cells(cfg, self.bench)
+                            if q == quant and (q, t, d, r) not in todo]
+                    self._measure(writer, head, quant, mf, skip, len(todo))
+                elif v == 0:
+                    self.echo(f"{head} already measured (resume): skipped")
+                path = paths.get(quant)
+                if probe_writer is not None and path is not None and path.is_file():
+                    self._probe(probe_writer, head, path, probes_done or set(), v)
 
-    def _resolve(self, writer, head: str, quant: str, record_failure: bool = True) -> sources.ModelFile | None:
+    def _resolve(self, writer, head: str, quant: str) -> sources.ModelFile | None:
         try:
-            if record_failure:
-                self.echo(f"{head} getting the model file ({self.cfg.model.source})")
+            self.echo(f"{head} getting the model file ({self.cfg.model.source})")
             return sources.resolve(self.cfg, quant, progress=self.progress)
         except Exception as e:  # noqa: BLE001 - SourceError, QuantizeError, OSError: all end this quant only
-            if record_failure:
-                msg = str(e) if isinstance(e, sources.SourceError) else f"{type(e).__name__}: {e}"
-                self._fail(writer, head, quant, msg, None)
+            msg = str(e) if isinstance(e, sources.SourceError) else f"{type(e).__name__}: {e}"
+            self._fail(writer, head, quant, msg, None)
             return None
 
     def _measure(self, writer, head: str, quant: str, mf: sources.ModelFile, skip: list, n_todo: int) -> None:
@@ -328,10 +329,10 @@ class Runner:
         finally:
             bar.close()
 
-    def _probe(self, writer, head: str, mf: sources.ModelFile, done: set, visit: int = 0) -> None:
-        """Kernel probes for the tensor types of `mf` that this round of the run has not probed yet."""
+    def _probe(self, writer, head: str, model_path: Path, done: set, visit: int = 0) -> None:
+        """Kernel probes for the tensor types of the file at `model_path` that this round has not probed yet."""
         try:
-            summary = validate.check(mf.path)
+            summary = validate.check(model_path)
             parch = probes.probe_arch(probes.shape_of(summary.hparams), self.cfg.probes.n_layer)
         except (validate.InvalidGGUF, probes.ProbeError, OSError) as e:
             self.echo(f"{head} no kernel probes: {e}")
@@ -481,11 +482,17 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
     runner = Runner(cfg, run_dir, progress=progress, echo=echo)
     runner.echo(f"results folder: {run_dir}" + (f" (resuming: {len(done)} cells already measured)" if resume else ""))
     probe_path = run_dir / "probes.jsonl"
-    probes_done = done_cells(schema.read_records(probe_path)) if resume and probe_path.is_file() else set()
+    probes_done: set = set()
+    if resume and probe_path.is_file():
+        try:
+            probes_done = done_cells(schema.read_records(probe_path))
+        except schema.SchemaError as e:
+            raise RunError(f"--resume: {e}") from None
+    known = {r.quant: r.file_path for r in previous if r.status == "ok" and r.file_path}
     with schema.RecordWriter(run_dir / "records.jsonl") as writer:
         if probes_wanted(cfg):
             with schema.RecordWriter(probe_path) as probe_writer:
-                runner.run(writer, done, probe_writer, probes_done)
+                runner.run(writer, done, probe_writer, probes_done, known)
         else:
             runner.run(writer, done)
     return run_dir, runner.errors

@@ -101,8 +101,10 @@ def probe_line(df: pd.DataFrame) -> str:
     from harness import probes
 
     costs = probes.costs(df)
-    if not costs:
-        return "kernel probes: none measured"
+    failed = sorted(set(df[df.status == "error"].quant)) if len(df) else []
     parts = [f"{t} {c['tok_s']:,.1f} tok/s ({c['s_per_weight'] * 1e12:,.1f} ps/weight)"
              for t, c in sorted(costs.items(), key=lambda kv: kv[1]["s_per_weight"])]
-    return "kernel probes: " + ", ".join(parts)
+    line = "kernel probes: " + (", ".join(parts) if parts else "none measured")
+    if failed:
+        line += f"; FAILED: {', '.join(failed)} (see probes.jsonl; calibration goes on without them)"
+    return line

@@ -232,8 +232,8 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
             if alignment == 0 or alignment & (alignment - 1):
                 raise InvalidGGUF(f"general.alignment {alignment} is not a power of two")
         elif vtype in _SCALAR_FORMAT:
-            buf, i = r.view(pos, _SCALAR_SIZE[vtype], f"value of {key!r}")
-            hparams[key] = struct.unpack_from(_SCALAR_FORMAT[vtype], buf, i)[0]
+            buf, at = r.view(pos, _SCALAR_SIZE[vtype], f"value of {key!r}")
+            hparams[key] = struct.unpack_from(_SCALAR_FORMAT[vtype], buf, at)[0]
             pos += _SCALAR_SIZE[vtype]
         else:
             pos = _value(r, pos, vtype, key)

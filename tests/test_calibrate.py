@@ -392,3 +392,18 @@ def test_estimates_beyond_the_measured_depths_say_so():
     assert any("beyond the measured ones (up to 0)" in n for n in notes)
     _, _, notes = calibrate.predict_memory_bytes(cal, "Q4_K_M", 8192)
     assert any("measured up to a context of 64 tokens" in n for n in notes)
+
+
+def test_kernel_time_needs_a_probe_for_every_type_but_f32():
+    costs = {"Q4_K": {"s_per_weight": 1e-10}}
+    assert calibrate.kernel_seconds({"Q4_K": 10, "F32": 99}, costs) == pytest.approx(1e-9)
+    assert np.isnan(calibrate.kernel_seconds({"Q4_K": 10, "TQ1_0": 1}, costs))  # not free: unknown
+    assert np.isnan(calibrate.kernel_seconds({"Q4_K": 10, "F16": 1}, costs))
+
+
+def test_kv_per_token_counts_the_padded_cells():
+    """Only small contexts (smoke: tg16 and pp64), both in a 256-cell cache: the per-token figure is still the
+    cache's per cell, not 4-16x it."""
+    kv = 256 * 32768
+    b = calibrate.buffer_model(frame([_buf_record("tg", 16, kv, 1 * MIB), _buf_record("pp", 64, kv, 5 * MIB)]))
+    assert b["kv_bytes_per_token"] == 32768

@@ -162,3 +162,60 @@ def test_rounds_spread_each_quants_repetitions_over_passes(tiny_cache, tmp_path)
 def test_rounds_cannot_exceed_repetitions():
     with pytest.raises(config.ConfigError, match="bench.rounds"):
         config.from_dict({"name": "x", "bench": {"repetitions": 2, "rounds": 3}})
+
+
+def test_a_failed_probe_is_recorded_and_reported_and_the_run_goes_on(tiny_cache, tmp_path, tiny_file):
+    """A damaged cached probe file: its measurement fails in the child, an error record lands in probes.jsonl,
+    the quants and the other probes are measured, and the report and the calibration say what is missing."""
+    import shutil
+
+    from harness import report, summary
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    shape = probes.shape_of(validate.check(tiny_file("Q6_K")).hparams)
+    bad = probes.probe_file(cache, probes.probe_arch(shape, SMOKE["probes"]["n_layer"]), "Q6_K")
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(b"GGUF" + b"\0" * 60)
+    cfg = _cfg(cache, quants=["Q4_K_M", "Q6_K"])
+    lines: list[str] = []
+    run_dir, errors = runner.run(cfg, out=tmp_path / "run", progress=False, echo=lines.append)
+    assert errors == {}  # a probe is not a quant: the run's measurements are complete
+    prs = schema.read_records(run_dir / "probes.jsonl")
+    failed = [r for r in prs if r.status == "error"]
+    assert [r.quant for r in failed] == ["Q6_K"] and "invalid GGUF" in failed[0].error
+    assert {r.quant for r in prs if r.status == "ok"} == {"Q4_K"}
+    assert any("probe Q6_K ERROR" in x for x in lines)
+    assert {r.quant for r in schema.read_records(run_dir / "records.jsonl")} == {"Q4_K_M", "Q6_K"}
+    line = summary.probe_line(summary.records_frame(prs))
+    assert "FAILED: Q6_K" in line and "Q4_K" in line
+    out = report.write_report(run_dir, tmp_path / "rep")
+    md = (out / "report.md").read_text()
+    assert "| Q6_K | failed |" in md and "probe models not fitted: no probe measured for Q6_K" in md
+    cal = json.loads((out / "calibration.json").read_text())
+    assert not any(n.startswith("probe") for n in cal["tg"]["candidates"])
+
+
+def test_resume_records_a_quant_whose_file_is_gone_in_a_later_round(tiny_file, tmp_path):
+    """A 2-round run killed after round 1, resumed after the file of one quant disappeared: that quant gets an
+    error record (it is not silently dropped), the other quant's round 2 is measured."""
+    import shutil
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for q in ("Q4_K_M", "Q8_0"):
+        shutil.copy(tiny_file(q), models / f"{q}.gguf")
+    d = json.loads(json.dumps(SMOKE))
+    d.update(model={"source": "local", "path": str(models / "{quant}.gguf")}, quants=["Q4_K_M", "Q8_0"])
+    d["bench"].update(repetitions=2, rounds=2, n_prompt=0)
+    cfg = config.from_dict(d)
+    run_dir, errors = runner.run(cfg, out=tmp_path / "run", progress=False, echo=lambda s: None)
+    rec_path = run_dir / "records.jsonl"
+    kept = [x for x in rec_path.read_text().splitlines() if json.loads(x)["rep"] == 0]  # round 1 only
+    rec_path.write_text("\n".join(kept) + "\n")
+    (models / "Q8_0.gguf").unlink()
+    run_dir, errors = runner.run(cfg, resume=run_dir, progress=False, echo=lambda s: None)
+    assert "not found" in errors["Q8_0"]
+    recs = schema.read_records(rec_path)
+    assert sorted((r.quant, -1 if r.rep is None else r.rep, r.status) for r in recs) == [
+        ("Q4_K_M", 0, "ok"), ("Q4_K_M", 1, "ok"), ("Q8_0", -1, "error"), ("Q8_0", 0, "ok")]
