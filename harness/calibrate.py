@@ -457,15 +457,22 @@ def select(points: pd.DataFrame, candidates: tuple[Candidate, ...], target: str 
         table[c.name] = {**{f"loqo_{k}": v for k, v in _errors(per_quant).items()},
                          **{f"fit_{k}": v for k, v in _errors(fit_ape).items()},
                          "n_params": len(names), "description": c.description, "loqo_pred": pred}
-    scores = {n: t["loqo_rms_ape"] for n, t in table.items() if not math.isnan(t["loqo_rms_ape"])}
+    return _pick(candidates, table), table
+
+
+def _pick(candidates: tuple[Candidate, ...], table: dict[str, dict]) -> str:
+    """The simplest of `candidates` (all scored in `table`) whose LOQO RMS error is within SELECT_TOLERANCE
+    of the best one's."""
+    scores = {c.name: table[c.name]["loqo_rms_ape"] for c in candidates
+              if not math.isnan(table[c.name]["loqo_rms_ape"])}
     if not scores:  # a single quant: no held-out error; take the simplest candidate
-        return candidates[0].name, table
+        return candidates[0].name
     best = min(scores.values())
     for c in sorted(candidates, key=lambda c: table[c.name]["n_params"]):  # simplest first (stable)
         s = scores.get(c.name)
         if s is not None and s <= best * SELECT_TOLERANCE + SELECT_SLACK:
-            return c.name, table
-    return min(scores, key=scores.get), table
+            return c.name
+    return min(scores, key=scores.get)
 
 
 def bootstrap(points: pd.DataFrame, names: list[str], target: str = "t_s", n: int = N_BOOTSTRAP,
@@ -603,11 +610,11 @@ def fit_tg(points: pd.DataFrame, device: dict) -> dict[str, Any]:
 def _fallback(points: pd.DataFrame, table: dict[str, dict]) -> dict[str, Any]:
     """The best model without the probes, for estimates of a quant whose tensor types have no probe."""
     rest = tuple(c for c in TG_CANDIDATES if "kernel" not in c.features and c.name in table)
-    chosen, sub = select(points, rest, "t_s")
+    chosen = _pick(rest, table)  # scored already, with the probe candidates
     cand = {c.name: c for c in rest}[chosen]
     return {"chosen": chosen, "formula": cand.description,
             "params": solve(points, _feature_names(points, cand.features), "t_s"),
-            "loqo": {k.removeprefix("loqo_"): v for k, v in sub[chosen].items() if k.startswith("loqo_")
+            "loqo": {k.removeprefix("loqo_"): v for k, v in table[chosen].items() if k.startswith("loqo_")
                      and k != "loqo_pred"}}
 
 
@@ -808,8 +815,7 @@ def predict_tg_tok_s(cal: dict, quant: str, n_depth: int = 0, bandwidth_gb_s: fl
                      "(an overestimate of its speed)")
     t = float(predict(pts, tg["params"], "t_s")[0])
     cal_bw = (cal.get("device") or {}).get("bandwidth_gb_s")
-    if n_depth and not tg["params"].get("s_per_byte") and not any(
-            k.startswith("s_per_byte:") and v for k, v in tg["params"].items()):
+    if n_depth and not any(k.startswith("s_per_byte") and v for k, v in tg["params"].items()):
         # The chosen model has no bytes term, so nothing in it grows with the context: add the KV cache's read
         # at the device's bandwidth (a lower bound on its cost, attention's compute left out).
         kv_read = float(pts.kv_read_bytes.iloc[0])

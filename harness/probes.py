@@ -18,11 +18,10 @@ Their weights are seeded random numbers, like the synthetic models'.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
-from harness import quantize, synthetic, validate
+from harness import quantize, summary, synthetic, validate
 from harness.synthetic import Arch
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,7 @@ def ensure_probe(cache_dir: Path, parch: Arch, type_name: str, progress: bool = 
     target = probe_file(cache_dir, parch, type_name)
     if target.exists():
         return target, False
-    f16 = quantize.synthetic_dir(cache_dir, parch.name, SEED) / "F16.gguf"
+    f16 = quantize.synthetic_file(cache_dir, parch.name, SEED, "F16", imatrix=False)
     if not f16.exists():
         synthetic.write_f16(parch, f16, seed=SEED, progress=progress)
     # A uniform importance matrix, as for the synthetic quants (the IQ2 types require one).
@@ -135,6 +134,6 @@ def costs(df) -> dict[str, dict[str, float]]:
         out[str(t)] = {
             "tok_s": med, "n": int(len(tok)), "n_weights": int(n_w.iloc[0]),
             "s_per_weight": 1.0 / med / float(n_w.iloc[0]),
-            "spread": float((tok.max() - tok.min()) / 2 / med) if med else math.nan,
+            "spread": summary.spread(med, float(tok.min()), float(tok.max())),
         }
     return out

@@ -83,7 +83,7 @@ def _expected_synthetic_bytes(cfg: Config, todo: list[str]) -> int:
             need += int(n * (bits + 1.0) / 8)  # +1 bit: the page's bits run low (its column is not the truth)
     if probes_wanted(cfg) and todo:
         parch = probes.probe_arch(arch, cfg.probes.n_layer)
-        if not (quantize.synthetic_dir(cache, parch.name, probes.SEED) / "F16.gguf").exists():
+        if not quantize.synthetic_file(cache, parch.name, probes.SEED, "F16", False).exists():
             # its F16 file and, as a bound, 9 types (the page's quants use 9) at Q8_0's 8.5 bits
             need += int(parch.n_params() * (2 + 9 * 8.5 / 8))
     return need
@@ -268,16 +268,15 @@ class Runner:
                 head = f"[{i:>2}/{n_q}] {quant:<7}" + (f" round {v + 1}/{rounds}" if rounds > 1 else "")
                 if quant in self.errors:
                     continue  # failed in an earlier round: its error record says why
-                cells = [c for c in all_cells(cfg, self.bench) if c[0] == quant and c[3] in mine]
-                todo = [c for c in cells if c not in done]
+                cells = [c for c in all_cells(cfg, self.bench) if c[0] == quant]
+                todo = [c for c in cells if c[3] in mine and c not in done]
                 if todo:
                     mf = resolved.get(quant) or self._resolve(writer, head, quant)
                     if mf is None:
                         continue  # its error record is written; later rounds skip it
                     resolved[quant] = mf
                     paths[quant] = mf.path
-                    skip = [[t, d, r] for (q, t, d, r) in all_cells(cfg, self.bench)
-                            if q == quant and (q, t, d, r) not in todo]
+                    skip = [[t, d, r] for (_, t, d, r) in cells if (quant, t, d, r) not in todo]
                     self._measure(writer, head, quant, mf, skip, len(todo))
                 elif v == 0:
                     self.echo(f"{head} already measured (resume): skipped")
@@ -354,26 +353,24 @@ class Runner:
                     "llama_cpp_version": quantize.llama_cpp_version()}
             try:
                 path, built = probes.ensure_probe(self.cfg.resolved_cache_dir, parch, t, progress=self.progress)
-                sha = sources.sha256_file(path)
+                base.update(file_path=str(path), file_bytes=path.stat().st_size,
+                            file_sha256=sources.sha256_file(path))
             except Exception as e:  # noqa: BLE001 - ProbeError, QuantizeError, OSError: this probe only
-                self.probe_errors.add((parch.name, t))
-                self._probe_fail(writer, head, t, base, f"{type(e).__name__}: {e}")
+                self._probe_fail(writer, head, (parch.name, t), base, f"{type(e).__name__}: {e}")
                 continue
-            size = path.stat().st_size
-            self.echo(f"{head} {label}: {size / 1e6:,.0f} MB{' (built now)' if built else ''}; "
+            self.echo(f"{head} {label}: {base['file_bytes'] / 1e6:,.0f} MB{' (built now)' if built else ''}; "
                       f"measuring {n_todo} repetitions of tg{bench['n_gen']}")
             job = {"path": str(path), "bench": {**bench, "skip_cells": skip},
-                   "log_path": str(logs / f"probe-{t}.llama.log"), "expect_arch": "llama",
-                   "record_base": {**base, "file_path": str(path), "file_bytes": size, "file_sha256": sha}}
+                   "log_path": str(logs / f"probe-{t}.llama.log"), "expect_arch": "llama", "record_base": base}
             res = self._child(job, writer, label, n_todo, logs / f"probe-{t}.stderr")
             if res.error:
-                self.probe_errors.add((parch.name, t))
-                self._probe_fail(writer, head, t, {**base, "file_path": str(path), "file_bytes": size,
-                                                   "file_sha256": sha}, res.error)
+                self._probe_fail(writer, head, (parch.name, t), base, res.error)
 
-    def _probe_fail(self, writer, head: str, type_name: str, base: dict, error: str) -> None:
+    def _probe_fail(self, writer, head: str, key: tuple[str, str], base: dict, error: str) -> None:
+        """An error record for probe `key` (shape, type), which is then not tried again in this run."""
+        self.probe_errors.add(key)
         writer.write(schema.make(**base, utc=_utc(), status="error", error=error))
-        self.echo(f"{head} probe {type_name} ERROR: {error} (calibration goes on without it)")
+        self.echo(f"{head} probe {key[1]} ERROR: {error} (calibration goes on without it)")
 
     def _fail(self, writer, head: str, quant: str, error: str, mf, after: int = 0) -> None:
         self.errors[quant] = error
