@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from harness import memory
+from harness.config import CACHE_TYPES
 from harness.llamalog import LogCapture, flash_attn_resolved, parse_buffers
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,31 @@ def tests_for(bench: dict[str, Any]) -> list[Test]:
         if bench["n_gen"] > 0:
             out.append(Test("tg", 0, bench["n_gen"], d))
     return out
+
+
+def cache_types(bench: dict[str, Any]) -> list[tuple[str, str]]:
+    """(K, V) type pairs, every combination as llama-bench expands -ctk and -ctv; pp and tg use the first."""
+    return [(k, v) for k in bench.get("cache_type_k", ("f16",)) for v in bench.get("cache_type_v", ("f16",))]
+
+
+@dataclass(frozen=True)
+class MemCell:
+    """One context of the memory test: created with no decoding, its buffers and memory recorded."""
+    n_ctx: int
+    type_k: str
+    type_v: str
+    flash_attn: str
+
+    @property
+    def key(self) -> tuple:
+        return ("mem", self.n_ctx, self.type_k, self.type_v, self.flash_attn)
+
+
+def mem_cells(bench: dict[str, Any]) -> list[MemCell]:
+    """The memory test's contexts, smallest first: contexts x (K, V) types x flash-attention settings."""
+    fas = list(bench.get("context_flash_attn") or ()) or [bench["flash_attn"]]
+    return [MemCell(n, k, v, fa) for n in sorted(bench.get("contexts") or ())
+            for (k, v) in cache_types(bench) for fa in fas]
 
 
 def device_of(model_buffers: dict[str, int]) -> str:
@@ -132,21 +158,30 @@ class Session:
         return t
 
     def context(self, test: Test):
+        b = self.bench
+        return self.new_context(test.n_prompt + test.n_gen + test.n_depth, cache_types(b)[0], b["flash_attn"])
+
+    def new_context(self, n_ctx: int, kv: tuple[str, str], flash_attn: str):
+        """A llama_context of `n_ctx` tokens with KV types `kv` (K, V): (ctx, its log lines). BenchError
+        with llama.cpp's last log lines where it cannot be made."""
         lib, b = self.lib, self.bench
         cp = lib.llama_context_default_params()
-        cp.n_ctx = test.n_prompt + test.n_gen + test.n_depth
+        cp.n_ctx = n_ctx
         cp.n_batch = b["n_batch"]
         cp.n_ubatch = b["n_ubatch"]
         cp.n_threads = b["threads"]
         cp.n_threads_batch = b["threads"]
-        cp.flash_attn_type = FLASH_ATTN_TYPES[b["flash_attn"]]
+        cp.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
+        cp.type_k = CACHE_TYPES[kv[0]]
+        cp.type_v = CACHE_TYPES[kv[1]]
         cp.swa_full = False
         self.capture.take()
         ctx = lib.llama_init_from_model(self.model, cp)
         ctx_log = self.capture.take()
         if not ctx:
             tail = "; ".join(x.strip() for x in ctx_log[-4:] if x.strip())
-            raise BenchError(f"llama.cpp failed to create a context of {cp.n_ctx} tokens: {tail}")
+            raise BenchError(f"llama.cpp failed to create a context of {n_ctx} tokens (KV {kv[0]}/{kv[1]}, "
+                             f"flash_attn {flash_attn}): {tail or 'no reason logged'}")
         return ctx, ctx_log
 
     def _decode(self, ctx, batch: _Batch) -> None:
@@ -220,12 +255,54 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
             "n_threads": bench["threads"], "n_batch": bench["n_batch"], "n_ubatch": bench["n_ubatch"],
             "n_gpu_layers": bench["n_gpu_layers"], "flash_attn": bench["flash_attn"],
         }
+        kv0 = cache_types(bench)[0]
         skip = {tuple(c) for c in bench.get("skip_cells", ())}  # (test, depth, rep) done before a resume
         for test in tests_for(bench):
             reps = [r for r in range(bench["repetitions"]) if (test.kind, test.n_depth, r) not in skip]
             if not reps:
                 continue
-            _run_test(s, test, reps, bench, model_fields, gpu_sampler, emit, progress)
+            _run_test(s, test, reps, bench, {**model_fields, "cache_type_k": kv0[0], "cache_type_v": kv0[1]},
+                      gpu_sampler, emit, progress)
+        skip_mem = {tuple(c) for c in bench.get("skip_mem", ())}
+        for cell in mem_cells(bench):
+            if cell.key not in skip_mem:
+                _run_mem(s, cell, model_fields, nvml, gpu_sampler, emit, progress)
+
+
+def _run_mem(s: Session, cell: MemCell, model_fields: dict[str, Any], nvml, gpu_sampler, emit, progress) -> None:
+    """The memory test's one context: create it (no decoding), record its buffers and the memory in use, free
+    it. A context llama.cpp cannot make (too big, a V type without flash attention) is that cell's error
+    record, with what was asked; the sweep goes on."""
+    kv = f"{cell.type_k}/{cell.type_v}"
+    progress(f"context {cell.n_ctx} KV {kv} fa {cell.flash_attn}")
+    base = {**model_fields, "test": "mem", "n_prompt": 0, "n_gen": 0, "n_depth": 0, "rep": 0,
+            "n_ctx": cell.n_ctx, "cache_type_k": cell.type_k, "cache_type_v": cell.type_v,
+            "flash_attn": cell.flash_attn}
+    t0 = time.perf_counter_ns()
+    try:
+        ctx, ctx_log = s.new_context(cell.n_ctx, (cell.type_k, cell.type_v), cell.flash_attn)
+    except BenchError as e:
+        emit({**base, "status": "error", "error": str(e)})
+        return
+    wall = time.perf_counter_ns() - t0
+    try:
+        bufs = parse_buffers(ctx_log)
+        fa = flash_attn_resolved(ctx_log)
+        g = nvml.read() if nvml else None
+        peak = gpu_sampler.peak if gpu_sampler else None
+        emit({
+            **base, "wall_ns": wall,
+            "kv_buffers": bufs.kv, "compute_buffers": bufs.compute, "output_buffers": bufs.output,
+            "kv_bytes": sum(bufs.kv.values()), "compute_bytes": sum(bufs.compute.values()),
+            "output_bytes": sum(bufs.output.values()),
+            "rss_bytes": memory.rss_bytes(), "rss_peak_bytes": memory.peak_rss_bytes(),
+            "gpu_used_bytes": g.device_used_bytes if g else None,
+            "gpu_used_peak_bytes": peak.device_used_bytes if peak else None,
+            "gpu_process_bytes": g.process_bytes if g else None,
+            "extra": {"flash_attn_resolved": fa} if fa else {},
+        })
+    finally:
+        s.lib.llama_free(ctx)
 
 
 def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], model_fields: dict[str, Any],

@@ -49,6 +49,9 @@ def _add_run(sub) -> None:
     p.add_argument("--threads", type=int, help="override bench.threads")
     p.add_argument("--n-gpu-layers", type=int, dest="n_gpu_layers", help="override bench.n_gpu_layers")
     p.add_argument("--timeout", type=float, dest="timeout_s", help="override bench.timeout_s (per model file)")
+    p.add_argument("--contexts", help="override bench.contexts (the memory test), e.g. 2048,8192,32768")
+    p.add_argument("--cache-type-k", dest="cache_type_k", help="override bench.cache_type_k, e.g. f16,q8_0,q4_0")
+    p.add_argument("--cache-type-v", dest="cache_type_v", help="override bench.cache_type_v")
     p.add_argument("--cache-dir", help="where synthetic models are built (default: $HARNESS_CACHE or "
                                        "~/.cache/harness)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -64,6 +67,14 @@ def _run(args) -> int:
     for key in ("repetitions", "rounds", "threads", "n_gpu_layers", "timeout_s"):
         if getattr(args, key) is not None:
             overrides[f"bench.{key}"] = getattr(args, key)
+    if args.contexts is not None:
+        try:
+            overrides["bench.contexts"] = [int(x) for x in args.contexts.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--contexts must be comma-separated token counts, got {args.contexts!r}") from None
+    for key in ("cache_type_k", "cache_type_v"):
+        if getattr(args, key) is not None:
+            overrides[f"bench.{key}"] = getattr(args, key)
     if args.cache_dir:
         overrides["cache_dir"] = args.cache_dir
     if args.out and args.resume:
@@ -76,6 +87,9 @@ def _run(args) -> int:
     records = schema.read_records(run_dir / "records.jsonl")
     table = summary.per_quant(summary.records_frame(records))
     print(summary.text_table(table))
+    mem_path = run_dir / "contexts.jsonl"
+    if mem_path.is_file():
+        print(summary.context_table(summary.records_frame(schema.read_records(mem_path))))
     probe_path = run_dir / "probes.jsonl"
     if probe_path.is_file():
         try:

@@ -23,6 +23,8 @@ from harness.quants import suggest
 SOURCES = ("synthetic", "hub", "local")
 ARCHITECTURES = ("llama-3.2-1b", "tiny")  # kept in step with harness.synthetic.ARCHS
 FLASH_ATTN = ("auto", "on", "off")
+# KV cache types llama.cpp takes for type_k / type_v (llama-bench's -ctk / -ctv), as ggml type ids
+CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
 # The model keys each source takes.
 SOURCE_KEYS = {
     "synthetic": ("source", "architecture", "seed", "imatrix"),
@@ -64,6 +66,14 @@ class BenchSpec:
     seed: int = 42  # seed of the random token ids
     timeout_s: float = 1800.0  # wall-clock limit for one model file in its child process
     memory_limit_mb: int | None = None  # address-space limit on the child process; None = none
+    # The memory test: for each context size, KV type pair and flash-attention setting, a context is created
+    # with no decoding and llama.cpp's KV and compute buffers and the process's (and device's) memory are
+    # recorded (contexts.jsonl). The lists expand like llama-bench's (every combination); pp and tg use the
+    # first cache type of each list.
+    contexts: tuple[int, ...] = ()  # context sizes in tokens; () = no memory test
+    cache_type_k: tuple[str, ...] = ("f16",)  # KV cache K types (f16, q8_0, q4_0, ...)
+    cache_type_v: tuple[str, ...] = ("f16",)  # ... V types (quantized V needs flash attention)
+    context_flash_attn: tuple[str, ...] = ()  # the memory test's flash-attention axis; () = [bench.flash_attn]
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,8 @@ class Config:
         d["model"] = {k: v for k, v in d["model"].items() if k in SOURCE_KEYS[self.model.source]}
         d["quants"] = list(self.quants)
         d["bench"]["depths"] = list(self.bench.depths)
+        for k in ("contexts", "cache_type_k", "cache_type_v", "context_flash_attn"):
+            d["bench"][k] = list(getattr(self.bench, k))
         return d
 
     def sha256(self) -> str:
@@ -219,8 +231,9 @@ def _bench(data: Any) -> BenchSpec:
     if kw["rounds"] > kw["repetitions"]:
         raise ConfigError(f"bench.rounds ({kw['rounds']}) must not exceed bench.repetitions "
                           f"({kw['repetitions']}): each round measures at least one repetition")
-    if kw["n_prompt"] == 0 and kw["n_gen"] == 0:
-        raise ConfigError("bench.n_prompt and bench.n_gen are both 0: nothing to measure")
+    kw["contexts"] = _int_list("bench.contexts", data.get("contexts", list(d.contexts)), minimum=1)
+    if kw["n_prompt"] == 0 and kw["n_gen"] == 0 and not kw["contexts"]:
+        raise ConfigError("bench.n_prompt and bench.n_gen are both 0 and bench.contexts is empty: nothing to measure")
     if kw["n_ubatch"] > kw["n_batch"]:
         raise ConfigError(f"bench.n_ubatch ({kw['n_ubatch']}) must not exceed bench.n_batch ({kw['n_batch']})")
     depths = data.get("depths", list(d.depths))
@@ -245,6 +258,17 @@ def _bench(data: Any) -> BenchSpec:
     if fa not in FLASH_ATTN:
         raise ConfigError(f"bench.flash_attn {fa!r} is not one of {', '.join(FLASH_ATTN)}{suggest(fa, FLASH_ATTN)}")
     kw["flash_attn"] = fa
+    smallest = max(kw["n_prompt"], kw["n_gen"], 1)  # each test's own context (llama-bench: one per test)
+    for i, c in enumerate(kw["contexts"]):
+        if c < smallest:
+            raise ConfigError(f"bench.contexts[{i}] = {c} is below the tests' own tokens (max of n_prompt, "
+                              f"n_gen = {smallest}): a context must hold them")
+    for name in ("cache_type_k", "cache_type_v"):
+        kw[name] = _choice_list(f"bench.{name}", data.get(name, list(getattr(d, name))), list(CACHE_TYPES))
+    cfa = data.get("context_flash_attn", list(d.context_flash_attn))
+    if isinstance(cfa, list):
+        cfa = [("on" if x else "off") if isinstance(x, bool) else x for x in cfa]
+    kw["context_flash_attn"] = _choice_list("bench.context_flash_attn", cfa, list(FLASH_ATTN), empty_ok=True)
     threads = _typed("bench.threads", data.get("threads", d.threads), int, allow_none=True)
     kw["threads"] = None if threads is None else _positive("bench.threads", threads)
     kw["seed"] = _typed("bench.seed", data.get("seed", d.seed), int)
@@ -255,6 +279,36 @@ def _bench(data: Any) -> BenchSpec:
     mem = _typed("bench.memory_limit_mb", data.get("memory_limit_mb", d.memory_limit_mb), int, allow_none=True)
     kw["memory_limit_mb"] = None if mem is None else _positive("bench.memory_limit_mb", mem)
     return BenchSpec(**kw)
+
+
+def _int_list(where: str, value: Any, minimum: int) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of token counts, e.g. [2048, 8192], got {type(value).__name__}")
+    out = tuple(_typed(f"{where}[{i}]", x, int) for i, x in enumerate(value))
+    for i, x in enumerate(out):
+        if x < minimum:
+            raise ConfigError(f"{where}[{i}] must be >= {minimum}, got {x}")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{where} lists a value twice: {list(out)}")
+    return out
+
+
+def _choice_list(where: str, value: Any, allowed: list[str], empty_ok: bool = False) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or (not value and not empty_ok):
+        raise ConfigError(f"{where} must be a non-empty list, one or more of {', '.join(allowed)}")
+    out = []
+    for i, x in enumerate(value):
+        x = _typed(f"{where}[{i}]", x, str)
+        if x not in allowed:
+            raise ConfigError(f"{where}[{i}] {x!r} is not one of {', '.join(allowed)}{suggest(x, allowed)}")
+        if x in out:
+            raise ConfigError(f"{where} lists {x} twice")
+        out.append(x)
+    return tuple(out)
 
 
 def _probes(data: Any) -> ProbeSpec:

@@ -52,11 +52,15 @@ def default_threads() -> int:
 def llama_info() -> dict[str, Any]:
     import llama_cpp
 
-    return {
+    info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    out = {
         "llama_cpp_python": llama_cpp.__version__,
-        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "system_info": info,
         "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
     }
+    if "CUDA" in info:  # ggml-cuda lists its compile-time features there (ARCHS, USE_GRAPHS, FA_QUANTS, ...)
+        out["cuda_graphs"] = "USE_GRAPHS = 1" in info and not os.environ.get("GGML_CUDA_DISABLE_GRAPHS")
+    return out
 
 
 def memory_bandwidth() -> dict[str, Any] | None:

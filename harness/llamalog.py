@@ -46,7 +46,8 @@ def parse_buffers(lines: Iterable[str]) -> Buffers:
     return out
 
 
-_FA_RE = re.compile(r"Flash Attention (?:was auto, set to )?(?P<val>enabled|disabled)")
+_FA_RE = re.compile(r"Flash Attention (?:was auto, set to )?(?P<val>enabled|disabled)"
+                    r"|flash_attn\s+=\s+(?P<val2>enabled|disabled)")
 
 
 def flash_attn_resolved(lines: Iterable[str]) -> str | None:
@@ -54,7 +55,7 @@ def flash_attn_resolved(lines: Iterable[str]) -> str | None:
     for line in lines:
         m = _FA_RE.search(line)
         if m:
-            return m["val"]
+            return m["val"] or m["val2"]
     return None
 
 

@@ -67,7 +67,23 @@ class Nvml:
         return GpuReading(used, own)
 
     def info(self) -> dict:
-        return {"name": self.name, "memory_total_bytes": self.total_bytes, "driver": self.driver}
+        out = {"name": self.name, "memory_total_bytes": self.total_bytes, "driver": self.driver}
+        for key, call in (("compute_capability", lambda: ".".join(
+                              str(x) for x in self._nv.nvmlDeviceGetCudaComputeCapability(self.handle))),
+                          ("cuda_driver_version", lambda: _cuda_version(self._nv.nvmlSystemGetCudaDriverVersion())),
+                          ("memory_bus_width_bits", lambda: int(self._nv.nvmlDeviceGetMemoryBusWidth(self.handle))),
+                          ("max_memory_clock_mhz", lambda: int(self._nv.nvmlDeviceGetMaxClockInfo(
+                              self.handle, self._nv.NVML_CLOCK_MEM)))):
+            try:
+                out[key] = call()
+            except Exception:  # noqa: BLE001 - older drivers lack some queries: the field is then absent
+                pass
+        return out
+
+
+def _cuda_version(v: int) -> str:
+    """NVML's CUDA driver version (12040) as "12.4"."""
+    return f"{v // 1000}.{v % 1000 // 10}"
 
 
 def nvml_probe() -> Nvml | None:

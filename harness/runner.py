@@ -8,6 +8,7 @@ measurement, and ``--resume`` measures only the cells that are missing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -26,7 +27,7 @@ from typing import Any, NamedTuple
 from harness import config as config_mod
 from harness import env as env_mod
 from harness import page, probes, quantize, schema, sources, validate
-from harness.bench import tests_for
+from harness.bench import mem_cells, tests_for
 from harness.config import Config
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def all_cells(cfg: Config, bench: dict[str, Any]) -> list[tuple[str, str, int, i
 def probe_bench(cfg: Config, bench: dict[str, Any]) -> dict[str, Any]:
     """The probes' test: the run's settings, tg only, at depth 0."""
     p = cfg.probes
-    return {**bench, "n_prompt": 0, "n_gen": p.n_gen, "depths": [0], "repetitions": p.repetitions}
+    return {**bench, "n_prompt": 0, "n_gen": p.n_gen, "depths": [0], "repetitions": p.repetitions, "contexts": []}
 
 
 def visit_reps(repetitions: int, rounds: int, visit: int) -> list[int]:
@@ -237,6 +238,8 @@ class Runner:
         self.errors: dict[str, str] = {}
         self.probed: set[tuple[str, str, int]] = set()  # (probe shape, ggml type, round) measured or tried
         self.probe_errors: set[tuple[str, str]] = set()  # (probe shape, ggml type) that failed: not tried again
+        self.mem_writer: schema.RecordWriter | None = None  # contexts.jsonl, for bench.contexts
+        self.mem_done: set[tuple] = set()  # (quant, "mem", n_ctx, type_k, type_v, flash_attn) recorded
 
     def _error_record(self, quant: str, error: str, mf: sources.ModelFile | None) -> schema.Record:
         return schema.make(
@@ -270,14 +273,17 @@ class Runner:
                     continue  # failed in an earlier round: its error record says why
                 cells = [c for c in all_cells(cfg, self.bench) if c[0] == quant]
                 todo = [c for c in cells if c[3] in mine and c not in done]
-                if todo:
+                mem_todo = [m.key for m in mem_cells(self.bench) if (quant, *m.key) not in self.mem_done]
+                if todo or mem_todo:
                     mf = resolved.get(quant) or self._resolve(writer, head, quant)
                     if mf is None:
                         continue  # its error record is written; later rounds skip it
                     resolved[quant] = mf
                     paths[quant] = mf.path
                     skip = [[t, d, r] for (_, t, d, r) in cells if (quant, t, d, r) not in todo]
-                    self._measure(writer, head, quant, mf, skip, len(todo))
+                    skip_mem = [list(m.key) for m in mem_cells(self.bench) if m.key not in mem_todo]
+                    self._measure(writer, head, quant, mf, skip, len(todo), skip_mem, len(mem_todo))
+                    self.mem_done.update((quant, *k) for k in mem_todo)  # tried: errors are not retried
                 elif v == 0:
                     self.echo(f"{head} already measured (resume): skipped")
                 path = paths.get(quant)
@@ -293,15 +299,17 @@ class Runner:
             self._fail(writer, head, quant, msg, None)
             return None
 
-    def _measure(self, writer, head: str, quant: str, mf: sources.ModelFile, skip: list, n_todo: int) -> None:
+    def _measure(self, writer, head: str, quant: str, mf: sources.ModelFile, skip: list, n_todo: int,
+                 skip_mem: list | None = None, n_mem: int = 0) -> None:
         t0 = time.monotonic()
         size = mf.path.stat().st_size
         built = " (built now)" if mf.built_now else ""
-        self.echo(f"{head} {mf.path.name} {size / 1e6:,.0f} MB{built}; measuring {n_todo} repetitions")
+        contexts = f" and {n_mem} contexts (memory test)" if n_mem else ""
+        self.echo(f"{head} {mf.path.name} {size / 1e6:,.0f} MB{built}; measuring {n_todo} repetitions{contexts}")
         logs = self.run_dir / "logs"
         job = {
             "path": str(mf.path),
-            "bench": {**self.bench, "skip_cells": skip},
+            "bench": {**self.bench, "skip_cells": skip, "skip_mem": skip_mem or []},
             "log_path": str(logs / f"{quant}.llama.log"),
             "expect_arch": "llama",  # the worker checks the file's header for it before llama.cpp opens it
             "record_base": {
@@ -310,17 +318,18 @@ class Runner:
                 "llama_cpp_version": quantize.llama_cpp_version(),
             },
         }
-        res = self._child(job, writer, quant, n_todo, logs / f"{quant}.stderr")
+        res = self._child(job, writer, quant, n_todo + n_mem, logs / f"{quant}.stderr")
         if res.error:
             self._fail(writer, head, quant, res.error, mf, after=res.n_records)
         else:
-            self.echo(f"{head} done: {res.n_records} repetitions in {time.monotonic() - t0:,.0f} s")
+            self.echo(f"{head} done: {res.n_records} records in {time.monotonic() - t0:,.0f} s")
 
     def _child(self, job: dict, writer, label: str, n_todo: int, stderr_path: Path) -> ChildResult:
         bar = _Bar(n_todo, label, enabled=self.progress)
 
         def on_record(d: dict) -> None:
-            writer.write(schema.from_dict(d))
+            rec = schema.from_dict(d)
+            (self.mem_writer if rec.test == "mem" and self.mem_writer is not None else writer).write(rec)
             bar.update(1)
 
         try:
@@ -486,10 +495,20 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
         except schema.SchemaError as e:
             raise RunError(f"--resume: {e}") from None
     known = {r.quant: r.file_path for r in previous if r.status == "ok" and r.file_path}
-    with schema.RecordWriter(run_dir / "records.jsonl") as writer:
+    mem_path = run_dir / "contexts.jsonl"
+    if resume and mem_path.is_file():
+        try:
+            runner.mem_done = {(r.quant, "mem", r.n_ctx, r.cache_type_k, r.cache_type_v, r.flash_attn)
+                               for r in schema.read_records(mem_path)}
+        except schema.SchemaError as e:
+            raise RunError(f"--resume: {e}") from None
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(schema.RecordWriter(run_dir / "records.jsonl"))
+        if runner.bench.get("contexts"):
+            runner.mem_writer = stack.enter_context(schema.RecordWriter(mem_path))
         if probes_wanted(cfg):
-            with schema.RecordWriter(probe_path) as probe_writer:
-                runner.run(writer, done, probe_writer, probes_done, known)
+            probe_writer = stack.enter_context(schema.RecordWriter(probe_path))
+            runner.run(writer, done, probe_writer, probes_done, known)
         else:
             runner.run(writer, done)
     return run_dir, runner.errors

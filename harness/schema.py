@@ -39,13 +39,14 @@ class Record:
     model_size_bytes: int | None  # llama_model_size: bytes of all weight tensors
     model_n_params: int | None  # llama_model_n_params
     # --- the test (llama-bench's protocol)
-    test: str | None  # "pp" (prompt processing) or "tg" (text generation); null for a model that failed to load
+    test: str | None  # "pp" (prompt processing), "tg" (text generation) or "mem" (a context created with no
+    # decoding: the memory test of bench.contexts, in contexts.jsonl); null for a model that failed to load
     n_prompt: int | None  # tokens in the pp test (0 for tg)
     n_gen: int | None  # tokens in the tg test (0 for pp)
     n_depth: int | None  # tokens already in the KV cache (pre-filled untimed) when the test starts
     rep: int | None  # repetition index, 0-based
-    wall_ns: int | None  # wall time of this repetition, perf_counter_ns
-    tokens_per_s: float | None  # (n_prompt + n_gen) / wall time
+    wall_ns: int | None  # wall time of this repetition, perf_counter_ns ("mem": of creating the context)
+    tokens_per_s: float | None  # (n_prompt + n_gen) / wall time (null for "mem")
     # --- settings
     n_threads: int | None  # CPU threads given to llama.cpp
     n_batch: int | None  # logical batch
@@ -77,6 +78,11 @@ class Record:
     # --- provenance
     llama_cpp_version: str | None  # llama-cpp-python version (pins the llama.cpp commit)
     extra: dict[str, Any] = field(default_factory=dict)  # anything else, free-form (e.g. resolved flash-attn)
+    # --- added later (optional in older records)
+    cache_type_k: str | None = None  # KV cache K type of the context ("f16", "q8_0", ...)
+    cache_type_v: str | None = None  # ... V type
+    rss_bytes: int | None = None  # "mem": the process's resident set with the context created
+    gpu_used_bytes: int | None = None  # "mem": NVML device memory used with the context created (all processes)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=False)
@@ -87,7 +93,8 @@ REQUIRED = [f.name for f in dataclasses.fields(Record) if f.default is dataclass
             and f.default_factory is dataclasses.MISSING]
 
 # Measurement fields that must be present (non-null) in an "ok" record.
-OK_REQUIRED = ("test", "n_prompt", "n_gen", "n_depth", "rep", "wall_ns", "tokens_per_s", "file_sha256")
+OK_REQUIRED = ("test", "n_prompt", "n_gen", "n_depth", "rep", "wall_ns", "file_sha256")
+TESTS = ("pp", "tg", "mem")
 
 
 class SchemaError(ValueError):
@@ -108,9 +115,12 @@ def from_dict(d: dict[str, Any]) -> Record:
         nulls = [k for k in OK_REQUIRED if d.get(k) is None]
         if nulls:
             raise SchemaError(f"ok record with null {nulls}")
-        if d["test"] not in ("pp", "tg"):
-            raise SchemaError(f"test must be pp or tg, got {d['test']!r}")
-        if not d["wall_ns"] > 0 or not d["tokens_per_s"] > 0:
+        if d["test"] not in TESTS:
+            raise SchemaError(f"test must be one of {', '.join(TESTS)}, got {d['test']!r}")
+        if d["test"] == "mem":
+            if not d["wall_ns"] > 0 or not d.get("n_ctx"):
+                raise SchemaError("ok mem record needs positive wall_ns and n_ctx")
+        elif not d["wall_ns"] > 0 or not d.get("tokens_per_s") or not d["tokens_per_s"] > 0:
             raise SchemaError("ok record needs positive wall_ns and tokens_per_s")
     elif not d.get("error"):
         raise SchemaError("error record without an error message")

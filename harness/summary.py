@@ -55,6 +55,10 @@ def _mib(v) -> str:
     return "-" if v is None or pd.isna(v) else f"{v / MIB:,.0f}"
 
 
+def _mib1(v) -> str:
+    return "-" if v is None or pd.isna(v) else f"{v / MIB:,.1f}"
+
+
 def spread(med, lo, hi) -> float:
     """Half the min-max range, relative to the median (NaN where there is no measurement)."""
     if med is None or pd.isna(med) or not med or lo is None or pd.isna(lo):
@@ -93,6 +97,26 @@ def text_table(s: pd.DataFrame) -> str:
             out.append("  ".join([x[0].ljust(widths[0]), x[1].ljust(widths[1]), x[2]]))
         else:
             out.append("  ".join(v.ljust(w) for v, w in zip(x, widths)))
+    return "\n".join(out)
+
+
+def context_table(df: pd.DataFrame) -> str:
+    """The memory test (bench.contexts): one line per quant and context, per KV type and flash-attention
+    setting: llama.cpp's KV and compute buffers, and the memory in use with the context created."""
+    if df.empty:
+        return "memory test: no records"
+    head = ["quant", "n_ctx", "KV K/V", "fa", "KV MiB", "compute MiB", "RSS MiB", "GPU used MiB", "error"]
+    lines = []
+    for _, r in df.iterrows():
+        fa = r.extra.get("flash_attn_resolved") if isinstance(r.extra, dict) else None
+        lines.append([str(r.quant), str(int(r.n_ctx)) if pd.notna(r.n_ctx) else "-",
+                      f"{r.cache_type_k}/{r.cache_type_v}", f"{r.flash_attn}" + (f" ({fa})" if fa else ""),
+                      _mib1(r.kv_bytes), _mib1(r.compute_bytes), _mib(r.rss_bytes), _mib(r.gpu_used_bytes),
+                      "" if r.status == "ok" else str(r.error)[:80]])
+    widths = [max(len(head[i]), *(len(x[i]) for x in lines)) for i in range(len(head))]
+    out = ["memory test (contexts created with no decoding):",
+           "  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(x, widths)).rstrip() for x in lines]
     return "\n".join(out)
 
 

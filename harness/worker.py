@@ -73,8 +73,8 @@ def run_job(job: dict[str, Any], send) -> int:
             log_file.write(line + "\n")
 
     def emit(measured: dict[str, Any]) -> None:
-        rec = schema.make(**job["record_base"], **measured, status="ok",
-                          utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        rec = schema.make(**{**job["record_base"], "status": "ok", **measured,
+                             "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
         send({"kind": "record", "record": json.loads(rec.to_json())})
 
     try:

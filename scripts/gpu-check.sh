@@ -19,8 +19,9 @@
 #   4 run      python -m harness run configs/1b-synthetic-gpu.yaml, then python -m harness report; every record
 #              must say device=cuda
 #   5 collect  environment and logs, packed into OUT_DIR/gpu-check.tar.gz
-# OUT_DIR ends with at most 7 files (the device tool returns 8): gpu-check.log (all output), stages.tsv,
-# records.jsonl, env.json, summary.csv, report.md, and gpu-check.tar.gz (results/, report/, logs/, env/).
+# OUT_DIR ends with at most 8 files (what the device tool returns): gpu-check.log (all output), stages.tsv,
+# records.jsonl, env.json, summary.csv, report.md, contexts.jsonl (the context sweep's memory test), and
+# gpu-check.tar.gz (results/, report/, contexts/, logs/, env/).
 #
 # Environment:
 #   GPU_CHECK_DRY_RUN=1    stage 1, then stage 2 without compiling llama.cpp; exits 3 where there is no GPU
@@ -34,6 +35,11 @@
 #   GPU_CHECK_DEADLINE_S   budget for the whole script (default 570 s): stage 4 is interrupted (records kept)
 #                          so that stage 5 always runs
 #   GPU_CHECK_BUNDLE       default vendor/gpu-bundle
+#   GPU_CHECK_BUILD=1      compile llama-cpp-python here even where the bundle holds a prebuilt CUDA wheel
+#                          (vendor/gpu-bundle/cuda/, from scripts/build-cuda-wheel.sh) for this GPU
+#   GPU_CHECK_CONTEXTS_CONFIG  the context sweep run after the main one (default
+#                          configs/1b-synthetic-gpu-contexts.yaml; empty: none); GPU_CHECK_CONTEXTS_RESERVE_S
+#                          (default 150) is kept for it out of the main run's time
 #
 # Exit status: 0 all measured on the GPU; 1 a quant failed, was not measured in time, or ran off the GPU;
 # 2 usage; 3 no NVIDIA GPU; 4 a tool, package or the bundle is missing; 5 the build failed; 6 the build
@@ -124,9 +130,11 @@ collect() {
   local parts=()
   [ -d "$R" ] && parts+=(-C "$OUT_DIR" results)
   [ -d "$OUT_DIR/report" ] && parts+=(-C "$OUT_DIR" report)
+  [ -f "$OUT_DIR/contexts/contexts.jsonl" ] && cp "$OUT_DIR/contexts/contexts.jsonl" "$OUT_DIR/" 2>/dev/null
+  [ -d "$OUT_DIR/contexts" ] && parts+=(-C "$OUT_DIR" contexts)
   parts+=(-C "$WORK" logs env)
   if tar -czf "$OUT_DIR/gpu-check.tar.gz" "${parts[@]}"; then
-    rm -rf "$R" "$OUT_DIR/report"  # now in the tarball: OUT_DIR keeps few files
+    rm -rf "$R" "$OUT_DIR/report" "$OUT_DIR/contexts"  # now in the tarball: OUT_DIR keeps few files
   fi
   echo "packed: gpu-check.tar.gz ($(du -h "$OUT_DIR/gpu-check.tar.gz" | cut -f1)); in $OUT_DIR: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
   end ok
@@ -230,7 +238,13 @@ echo "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0], sys.pre
 if [ "$DRY" = 0 ]; then
   [ "$GPU_OK" = 1 ] || die 3 "no NVIDIA GPU on this machine ($GPU_WHY): this check needs one." \
     "GPU_CHECK_DRY_RUN=1 checks the rest without one."
-  [ "${#MISSING[@]}" = 0 ] || die 4 "missing: ${MISSING[*]}"
+  if [ "${#MISSING[@]}" != 0 ]; then
+    if ls "$BUNDLE"/cuda/llama_cpp_python-*.whl >/dev/null 2>&1 && [ "${GPU_CHECK_BUILD:-0}" = 0 ]; then
+      echo "(a compile would need them; the prebuilt CUDA wheel in $BUNDLE/cuda does not)"
+    else
+      die 4 "missing: ${MISSING[*]}"
+    fi
+  fi
   end ok
 else
   end "ok (dry run$([ "$GPU_OK" = 1 ] || echo ', no GPU'))"
@@ -240,11 +254,12 @@ fi
 begin 2 build
 SDIST=$BUNDLE/llama_cpp_python-$VER.tar.gz
 WHEELS=$BUNDLE/wheels
-[ -f "$SDIST" ] && [ -d "$WHEELS" ] || die 4 "no $SDIST or $WHEELS: run scripts/prepare-gpu-bundle.sh" \
+{ [ -f "$SDIST" ] || ls "$BUNDLE"/cuda/llama_cpp_python-"$VER"-*.whl >/dev/null 2>&1; } && [ -d "$WHEELS" ] || die 4 "no $SDIST or $WHEELS: run scripts/prepare-gpu-bundle.sh" \
   "where PyPI is reachable, and bring vendor/gpu-bundle along (device tool: carry [\"vendor/gpu-bundle\"])"
 if [ -f "$BUNDLE/MANIFEST.txt" ]; then
   want=$(awk -v f="llama_cpp_python-$VER.tar.gz" '$3 == f { print $1 }' "$BUNDLE/MANIFEST.txt")
-  [ -z "$want" ] || [ "$(sha256sum "$SDIST" | cut -c1-64)" = "$want" ] || die 4 "$SDIST does not match MANIFEST.txt"
+  [ -z "$want" ] || [ ! -f "$SDIST" ] || [ "$(sha256sum "$SDIST" | cut -c1-64)" = "$want" ] ||
+    die 4 "$SDIST does not match MANIFEST.txt"
 fi
 # The venv sees the base interpreter's packages (PyTorch images ship numpy, pandas, ...). When that interpreter
 # is itself a venv, --system-site-packages alone would show the venv's base instead: a .pth adds its own
@@ -325,6 +340,49 @@ elif [ "$(uname -m)" = x86_64 ] && echo 'int main(void){return 0;}' | ${CC:-cc} 
   export CFLAGS="${CFLAGS:-} $AMX_OFF" CXXFLAGS="${CXXFLAGS:-} $AMX_OFF"
 fi
 STAMP=$VENV/.llama-cpp-python-$VER-cuda-${ARCH//;/_}
+# A CUDA build made where there are cores to spare (scripts/build-cuda-wheel.sh, into vendor/gpu-bundle/cuda/)
+# is installed instead of compiling here, when it was built for this GPU's architecture (GPU_CHECK_BUILD=1
+# compiles all the same). Its libraries link CUDA's runtime and cuBLAS of its CUDA major version: where the
+# loader does not know them, they are looked up in the toolkit and in the base Python's nvidia-* packages and
+# put on LD_LIBRARY_PATH (for the checks below and the run).
+PREBUILT=""
+for w in "$BUNDLE"/cuda/llama_cpp_python-"$VER"-*.whl; do
+  [ -f "$w" ] || continue
+  warch=$(sed -n 's/^cuda_architectures: *//p' "$BUNDLE/cuda/BUILD-INFO.txt" 2>/dev/null)
+  if [ "${GPU_CHECK_BUILD:-0}" = 1 ]; then
+    echo "prebuilt $(basename "$w") ignored (GPU_CHECK_BUILD=1)"
+  elif [ -n "$ARCH" ] && [ "$warch" = "$ARCH" ]; then
+    PREBUILT=$w
+    echo "prebuilt CUDA build: $(basename "$w") ($(du -h "$w" | cut -f1)); $(grep -E '^(cuda|built|llama)' "$BUNDLE/cuda/BUILD-INFO.txt" | paste -sd';')"
+  else
+    echo "prebuilt $(basename "$w") is for CUDA architectures '$warch', this GPU needs '$ARCH': compiling instead"
+  fi
+done
+cuda_libs_path() {  # add to LD_LIBRARY_PATH the folders of the CUDA libraries the installed build cannot find
+  local so missing lib dir cands=() sp
+  so=$("$VPY" -c 'import llama_cpp, os, glob; print(" ".join(glob.glob(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cuda*.so*"))))' 2>/dev/null) || return 0
+  [ -n "$so" ] || return 0
+  [ -n "${CUDA_ROOT:-}" ] && cands+=("$CUDA_ROOT"/lib64 "$CUDA_ROOT"/targets/*/lib)
+  cands+=(/usr/local/cuda/lib64 /usr/local/cuda/targets/*/lib)
+  for sp in $("$PY" -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
+    cands+=("$sp"/nvidia/*/lib "$sp"/nvidia/cu*/lib)
+  done
+  # shellcheck disable=SC2086
+  missing=$(ldd $so 2>/dev/null | awk '/not found/ { print $1 }' | sort -u)
+  for lib in $missing; do
+    for dir in "${cands[@]}"; do
+      if [ -e "$dir/$lib" ]; then
+        case ":${LD_LIBRARY_PATH:-}:" in *":$dir:"*) ;; *) export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
+        echo "  $lib: $dir"
+        break
+      fi
+    done
+  done
+  # shellcheck disable=SC2086
+  missing=$(ldd $so 2>/dev/null | awk '/not found/ { print $1 }' | sort -u | paste -sd' ')
+  [ -z "$missing" ] || echo "  still not found: $missing"
+}
+cuda_libs_path
 if [ "$DRY" = 1 ]; then
   echo "dry run: not compiling llama-cpp-python $VER ($(du -h "$SDIST" | cut -f1) pruned source package);" \
     "it would build on $NPROC cores with CMAKE_ARGS=$CMAKE_ARGS and, where the compiler takes them," \
@@ -333,6 +391,13 @@ if [ "$DRY" = 1 ]; then
 elif [ -f "$STAMP" ] && "$VPY" -c 'import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())' 2>/dev/null; then
   echo "llama-cpp-python $VER with CUDA for $ARCH already built in $VENV: reused"
   end "ok (reused)"
+elif [ -n "$PREBUILT" ]; then
+  "${PIP[@]}" install -q --no-index --no-deps --force-reinstall "$PREBUILT" >"$WORK/logs/pip-prebuilt.log" 2>&1 ||
+    { tail -20 "$WORK/logs/pip-prebuilt.log"; die 5 "the prebuilt CUDA wheel does not install (log above)"; }
+  echo "installed $(basename "$PREBUILT"); CUDA libraries it needs from outside the loader's path:"
+  cuda_libs_path
+  touch "$STAMP"
+  end "ok (prebuilt)"
 else
   # The synthetic F16 file (~2.5 GB, ~30 s on one core) needs only numpy and gguf: write it while nvcc runs.
   "$VPY" - "$CONFIG" "$CACHE" >"$WORK/logs/f16.log" 2>&1 <<'EOF' &
@@ -425,7 +490,11 @@ if [ -n "$F16_PID" ]; then
   F16_PID=""
   cat "$WORK/logs/f16.log"
 fi
-left=$((DEADLINE_S - $(elapsed) - 45))  # 45 s for a slow stop (15 s), the report and stage 5
+CTX_CONFIG=${GPU_CHECK_CONTEXTS_CONFIG-configs/1b-synthetic-gpu-contexts.yaml}
+CTX_RESERVE=0
+[ -z "$CTX_CONFIG" ] || CTX_RESERVE=${GPU_CHECK_CONTEXTS_RESERVE_S:-150}
+# 45 s for a slow stop (15 s), the report and stage 5; the context sweep's reserve (it gets what is left)
+left=$((DEADLINE_S - $(elapsed) - 45 - CTX_RESERVE))
 if [ "$left" -lt 60 ]; then
   end "skipped (${left} s left of GPU_CHECK_DEADLINE_S=$DEADLINE_S)"
   die 1 "no time left to measure"
@@ -474,6 +543,18 @@ if [ "$(elapsed)" -gt $((DEADLINE_S - 25)) ]; then
 elif [ -d "$OUT_DIR/results" ] && "$VPY" -c "import harness.report" 2>/dev/null; then
   "$VPY" -m harness report "$OUT_DIR/results" --out "$OUT_DIR/report" >"$WORK/logs/report.log" 2>&1 ||
     { tail -5 "$WORK/logs/report.log"; echo "report failed (records intact)"; }
+fi
+if [ -n "$CTX_CONFIG" ]; then  # the context axis: memory test and tg at depth (its own results folder)
+  cleft=$((DEADLINE_S - $(elapsed) - 30))
+  if [ "$cleft" -lt 45 ]; then
+    echo "context sweep ($CTX_CONFIG) skipped: $cleft s left of GPU_CHECK_DEADLINE_S"
+  else
+    cargs=(run "$CTX_CONFIG" --out "$OUT_DIR/contexts" --cache-dir "$CACHE" --no-report --no-progress)
+    echo "python -m harness ${cargs[*]} (interrupted after $cleft s)"
+    timeout -s INT -k 15 "$cleft" env PYTHONUNBUFFERED=1 "$VPY" -m harness "${cargs[@]}" 2>&1 |
+      tee "$WORK/logs/contexts-run.log"
+    echo "context sweep: exit ${PIPESTATUS[0]}"
+  fi
 fi
 case "$run_rc" in
   0) end ok ;;

@@ -53,8 +53,10 @@ def test_torn_last_line_is_skipped_and_append_starts_fresh(tmp_path):
 @pytest.mark.parametrize("change, msg", [
     ({"bogus": 1}, "unknown fields"),
     ({"status": "fine"}, "status must be ok or error"),
-    ({"test": "xx"}, "test must be pp or tg"),
+    ({"test": "xx"}, "test must be one of pp, tg, mem"),
     ({"tokens_per_s": 0.0}, "positive"),
+    ({"tokens_per_s": None}, "positive"),
+    ({"test": "mem", "n_ctx": None}, "mem record needs positive wall_ns and n_ctx"),
     ({"wall_ns": None}, "ok record with null"),
 ])
 def test_schema_rejects(change, msg):
@@ -62,6 +64,13 @@ def test_schema_rejects(change, msg):
     d.update(change)
     with pytest.raises(schema.SchemaError, match=msg):
         schema.from_dict(d)
+
+
+def test_mem_record_has_no_rate():
+    d = json.loads(ok_record().to_json())
+    d.update(test="mem", tokens_per_s=None, n_ctx=131072, cache_type_k="q8_0", cache_type_v="q8_0")
+    r = schema.from_dict(d)
+    assert (r.test, r.n_ctx, r.cache_type_k) == ("mem", 131072, "q8_0")
 
 
 def test_error_record_needs_a_reason():
