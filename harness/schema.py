@@ -83,6 +83,8 @@ class Record:
     cache_type_v: str | None = None  # ... V type
     rss_bytes: int | None = None  # "mem": the process's resident set with the context created
     gpu_used_bytes: int | None = None  # "mem": NVML device memory used with the context created (all processes)
+    tensor_types: dict[str, dict[str, int]] | None = None  # the file's tensors per ggml type, from its header:
+    # {"Q4_K": {"n_weights": ..., "n_bytes": ...}, ...} (what the analysis needs; no report reopens the file)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=False)

@@ -78,6 +78,13 @@ class Summary(NamedTuple):
     file_bytes: int  # size of the file
     type_weights: dict[str, int]  # weights (elements) per ggml type name, e.g. {"Q4_K": ..., "F32": ...}
     hparams: dict[str, int | float]  # the numeric scalars, e.g. {"llama.block_count": 16, ...}
+    type_bytes: dict[str, int] = {}  # bytes of tensor data per ggml type name
+
+    def tensor_types(self) -> dict[str, dict[str, int]]:
+        """{ggml type: {"n_weights": ..., "n_bytes": ...}}: what the analysis needs of a file, recorded with
+        every measurement so that no report has to reopen the file."""
+        return {t: {"n_weights": int(n), "n_bytes": int(self.type_bytes.get(t, 0))}
+                for t, n in sorted(self.type_weights.items())}
 
 
 class _Reader:
@@ -246,6 +253,7 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
     names: set[bytes] = set()
     spans: list[tuple[int, int, str]] = []  # (offset, nbytes, name)
     type_weights: dict[str, int] = {}
+    type_nbytes: dict[str, int] = {}
     for i in range(n_tensors):
         left -= _MIN_TENSOR_INFO_BYTES
         raw, pos = r.string(pos, f"name of tensor #{i}", limit=MAX_NAME - 1)
@@ -285,6 +293,7 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
             raise InvalidGGUF(f"tensor {name!r} offset {offset} is not a multiple of the alignment {alignment}")
         spans.append((offset, nbytes, name))
         type_weights[_TYPE_NAMES[ttype]] = type_weights.get(_TYPE_NAMES[ttype], 0) + n_elements
+        type_nbytes[_TYPE_NAMES[ttype]] = type_nbytes.get(_TYPE_NAMES[ttype], 0) + nbytes
         if pos + left > size:
             raise InvalidGGUF(f"truncated: {n_tensors - i - 1} more tensor infos cannot fit after byte {pos}")
 
@@ -300,4 +309,4 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
             raise InvalidGGUF(f"tensors {name_prev!r} and {name!r} overlap")
         end_prev, name_prev = offset + nbytes, name
         tensor_bytes += nbytes
-    return Summary(version, n_tensors, n_kv, architecture, tensor_bytes, size, type_weights, hparams)
+    return Summary(version, n_tensors, n_kv, architecture, tensor_bytes, size, type_weights, hparams, type_nbytes)

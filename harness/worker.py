@@ -57,10 +57,11 @@ def run_job(job: dict[str, Any], send) -> int:
     # Check the header in Python before llama.cpp is even imported: a hostile or damaged file must not reach
     # its parser (absurd allocations, assertion aborts, reads past the mapping).
     try:
-        validate.check(job["path"], job.get("expect_arch", "llama"))
+        header = validate.check(job["path"], job.get("expect_arch", "llama"))
     except validate.InvalidGGUF as e:
         send({"kind": "error", "error": f"invalid GGUF, not loaded: {e}"})
         return 3
+    tensor_types = header.tensor_types()
 
     from harness import bench, schema
     from harness.llamalog import LogCapture
@@ -73,7 +74,7 @@ def run_job(job: dict[str, Any], send) -> int:
             log_file.write(line + "\n")
 
     def emit(measured: dict[str, Any]) -> None:
-        rec = schema.make(**{**job["record_base"], "status": "ok", **measured,
+        rec = schema.make(**{**job["record_base"], "tensor_types": tensor_types, "status": "ok", **measured,
                              "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
         send({"kind": "record", "record": json.loads(rec.to_json())})
 
