@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build llama-cpp-python with CUDA on a machine WITHOUT a GPU, for scripts/gpu-check.sh to install on one.
 #
-#   scripts/build-cuda-wheel.sh            # -> vendor/gpu-bundle/cuda/llama_cpp_python-<pin>-*.whl + BUILD-INFO.txt
+#   scripts/build-cuda-wheel.sh            # -> vendor/gpu-bundle/cuda/llama_cpp_python-<pin>-cuda<arch>.tar.xz
+#                                          #    + BUILD-INFO.txt
 #
 # Why: the GPU machine is lent for minutes; compiling ggml's CUDA back end there (286 build steps, 144 of them
 # nvcc) costs most of them. Here it runs on spare cores instead (about 25-30 minutes on 2), with CUDA's compiler
@@ -62,8 +63,26 @@ python3 -m pip wheel -v --no-deps --disable-pip-version-check -w "$BUILD" \
   --config-settings=build-dir="$BUILD/build" "$SRC/llama_cpp_python-$VER.tar.gz" >"$BUILD/build.log" 2>&1 ||
   { tail -30 "$BUILD/build.log"; echo "build-cuda-wheel: the build failed (log: $BUILD/build.log)" >&2; exit 1; }
 whl=$(ls "$BUILD"/llama_cpp_python-"$VER"-*.whl)
-rm -f "$OUT"/llama_cpp_python-*.whl
-cp "$whl" "$OUT/"
+# The wheel holds each library three times (symlinks become copies in a zip): ~260 MB for one architecture,
+# past what the device tool carries (64 MiB). Carried instead: the package as installed, its libraries as
+# symlinks, xz-packed (~40 MB); gpu-check.sh unpacks it into its venv.
+SLIM=$BUILD/slim
+rm -rf "$SLIM"
+mkdir -p "$SLIM"
+python3 -m zipfile -e "$whl" "$SLIM"
+(
+  cd "$SLIM/llama_cpp/lib"
+  for full in lib*.so.*.*; do  # libggml-cuda.so.0.25.3 -> libggml-cuda.so.0 -> libggml-cuda.so
+    soname=${full%.*.*}
+    base=${soname%.*}
+    rm -f "$soname" "$base"
+    ln -s "$full" "$soname"
+    ln -s "$soname" "$base"
+  done
+)
+TARBALL=llama_cpp_python-$VER-cuda${ARCHS//;/_}.tar.xz
+rm -f "$OUT"/llama_cpp_python-*
+tar -C "$SLIM" -cf - llama_cpp "llama_cpp_python-$VER.dist-info" | xz -T"$JOBS" -9 >"$OUT/$TARBALL"
 {
   echo "llama_cpp_python: $VER"
   echo "cuda_architectures: $ARCHS"
@@ -71,7 +90,7 @@ cp "$whl" "$OUT/"
   echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(nproc) cores, in $(( $(date +%s) - t0 )) s"
   echo "cmake_args: $CMAKE_ARGS"
   echo "features: $(grep -oE 'GGML_CUDA_USE_GRAPHS|GGML_CUDA_FA_[A-Z0-9_]+=1' "$BUILD/build.log" | sort -u | paste -sd' ')"
-  echo "sha256: $(sha256sum "$OUT/$(basename "$whl")" | cut -c1-64)  $(basename "$whl")"
+  echo "sha256: $(sha256sum "$OUT/$TARBALL" | cut -c1-64)  $TARBALL"
 } >"$OUT/BUILD-INFO.txt"
 cat "$OUT/BUILD-INFO.txt"
-echo "wheel: $OUT/$(basename "$whl") ($(du -h "$whl" | cut -f1))"
+echo "package: $OUT/$TARBALL ($(du -h "$OUT/$TARBALL" | cut -f1))"

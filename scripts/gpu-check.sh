@@ -239,7 +239,7 @@ if [ "$DRY" = 0 ]; then
   [ "$GPU_OK" = 1 ] || die 3 "no NVIDIA GPU on this machine ($GPU_WHY): this check needs one." \
     "GPU_CHECK_DRY_RUN=1 checks the rest without one."
   if [ "${#MISSING[@]}" != 0 ]; then
-    if ls "$BUNDLE"/cuda/llama_cpp_python-*.whl >/dev/null 2>&1 && [ "${GPU_CHECK_BUILD:-0}" = 0 ]; then
+    if ls "$BUNDLE"/cuda/llama_cpp_python-* >/dev/null 2>&1 && [ "${GPU_CHECK_BUILD:-0}" = 0 ]; then
       echo "(a compile would need them; the prebuilt CUDA wheel in $BUNDLE/cuda does not)"
     else
       die 4 "missing: ${MISSING[*]}"
@@ -254,7 +254,7 @@ fi
 begin 2 build
 SDIST=$BUNDLE/llama_cpp_python-$VER.tar.gz
 WHEELS=$BUNDLE/wheels
-{ [ -f "$SDIST" ] || ls "$BUNDLE"/cuda/llama_cpp_python-"$VER"-*.whl >/dev/null 2>&1; } && [ -d "$WHEELS" ] || die 4 "no $SDIST or $WHEELS: run scripts/prepare-gpu-bundle.sh" \
+{ [ -f "$SDIST" ] || ls "$BUNDLE"/cuda/llama_cpp_python-"$VER"-* >/dev/null 2>&1; } && [ -d "$WHEELS" ] || die 4 "no $SDIST or $WHEELS: run scripts/prepare-gpu-bundle.sh" \
   "where PyPI is reachable, and bring vendor/gpu-bundle along (device tool: carry [\"vendor/gpu-bundle\"])"
 if [ -f "$BUNDLE/MANIFEST.txt" ]; then
   want=$(awk -v f="llama_cpp_python-$VER.tar.gz" '$3 == f { print $1 }' "$BUNDLE/MANIFEST.txt")
@@ -346,7 +346,7 @@ STAMP=$VENV/.llama-cpp-python-$VER-cuda-${ARCH//;/_}
 # loader does not know them, they are looked up in the toolkit and in the base Python's nvidia-* packages and
 # put on LD_LIBRARY_PATH (for the checks below and the run).
 PREBUILT=""
-for w in "$BUNDLE"/cuda/llama_cpp_python-"$VER"-*.whl; do
+for w in "$BUNDLE"/cuda/llama_cpp_python-"$VER"-*.whl "$BUNDLE"/cuda/llama_cpp_python-"$VER"-*.tar.xz; do
   [ -f "$w" ] || continue
   warch=$(sed -n 's/^cuda_architectures: *//p' "$BUNDLE/cuda/BUILD-INFO.txt" 2>/dev/null)
   if [ "${GPU_CHECK_BUILD:-0}" = 1 ]; then
@@ -392,8 +392,16 @@ elif [ -f "$STAMP" ] && "$VPY" -c 'import llama_cpp, sys; sys.exit(not llama_cpp
   echo "llama-cpp-python $VER with CUDA for $ARCH already built in $VENV: reused"
   end "ok (reused)"
 elif [ -n "$PREBUILT" ]; then
-  "${PIP[@]}" install -q --no-index --no-deps --force-reinstall "$PREBUILT" >"$WORK/logs/pip-prebuilt.log" 2>&1 ||
-    { tail -20 "$WORK/logs/pip-prebuilt.log"; die 5 "the prebuilt CUDA wheel does not install (log above)"; }
+  if [ "${PREBUILT%.tar.xz}" != "$PREBUILT" ]; then
+    # the installed package itself (llama_cpp/ with its libraries as symlinks, and its dist-info), packed by
+    # scripts/build-cuda-wheel.sh: a wheel cannot hold symlinks and would carry libggml-cuda.so three times
+    PURE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    rm -rf "$PURE/llama_cpp" "$PURE"/llama_cpp_python-*.dist-info
+    tar -xJf "$PREBUILT" -C "$PURE" || die 5 "cannot unpack $PREBUILT"
+  else
+    "${PIP[@]}" install -q --no-index --no-deps --force-reinstall "$PREBUILT" >"$WORK/logs/pip-prebuilt.log" 2>&1 ||
+      { tail -20 "$WORK/logs/pip-prebuilt.log"; die 5 "the prebuilt CUDA wheel does not install (log above)"; }
+  fi
   echo "installed $(basename "$PREBUILT"); CUDA libraries it needs from outside the loader's path:"
   cuda_libs_path
   touch "$STAMP"
