@@ -7,8 +7,8 @@ import yaml
 from conftest import REPO, run_cli
 
 from harness import config
+from harness.catalog.quants import PAGE_QUANTS
 from harness.config import ConfigError
-from harness.quants import PAGE_QUANTS
 
 
 def good() -> dict:

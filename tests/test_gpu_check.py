@@ -13,7 +13,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from harness import config, memory, runner, schema
+from harness import config, schema
+from harness.measure import memory, runner
 
 SCRIPTS = [REPO / "scripts" / "gpu-check.sh", REPO / "scripts" / "prepare-gpu-bundle.sh"]
 BUNDLE = REPO / "vendor" / "gpu-bundle"

@@ -9,8 +9,10 @@ import pytest
 import yaml
 from conftest import REPO, run_cli
 
-from harness import config, runner, schema, synthetic
-from harness.sources import sha256_file
+from harness import config, schema
+from harness.measure import runner
+from harness.sources import synthetic
+from harness.sources.base import sha256_file
 
 SMOKE = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
 

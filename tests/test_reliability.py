@@ -1,6 +1,6 @@
 """Reliability: hostile files, crashes and interruptions lose nothing.
 
-- damaged and hostile GGUF files are rejected in Python (:mod:`harness.validate`) before llama.cpp sees them,
+- damaged and hostile GGUF files are rejected in Python (:mod:`harness.gguf.validate`) before llama.cpp sees them,
   in the measuring child as well as in a whole sweep;
 - a sweep killed with SIGKILL resumes to exactly the full set of cells, torn last line and all;
 - an output folder that cannot be written, or a resume folder that is not one: exit 1 and one line;
@@ -31,8 +31,10 @@ import pytest
 import yaml
 from conftest import REPO, run_cli
 
-from harness import config, runner, schema, validate
-from harness.sources import sha256_file
+from harness import config, schema
+from harness.gguf import validate
+from harness.measure import runner, worker
+from harness.sources.base import sha256_file
 
 SMOKE = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
 
@@ -357,17 +359,10 @@ def _same_length_tokens(data: bytes, lay: Layout) -> tuple[tuple[int, bytes], tu
 
 
 def child_job(cfg: config.Config, path: Path, logs: Path, quant: str = "Q4_K_M") -> dict:
-    """The job Runner.run sends to harness.worker for one file."""
-    return {
-        "path": str(path),
-        "bench": {**runner.resolved_bench(cfg), "skip_cells": []},
-        "log_path": str(logs / f"{path.stem}.llama.log"),
-        "expect_arch": "llama",
-        "record_base": {
-            "run_id": "test", "quant": quant, "weights": "local", "weights_ref": str(path), "file_path": str(path),
-            "file_bytes": path.stat().st_size, "file_sha256": sha256_file(path), "llama_cpp_version": "0.3.36",
-        },
-    }
+    """The job Runner.run sends to harness.measure.worker for one file."""
+    base = {"run_id": "test", "quant": quant, "weights": "local", "weights_ref": str(path), "file_path": str(path),
+            "file_bytes": path.stat().st_size, "file_sha256": sha256_file(path), "llama_cpp_version": "0.3.36"}
+    return worker.make_job(path, runner.resolved_bench(cfg), base, logs / f"{path.stem}.llama.log")
 
 
 def test_damaged_files_never_reach_llama_cpp(tiny_cache, tiny_file, tmp_path, capsys):
@@ -483,7 +478,7 @@ def _workers(pid: int) -> set[int]:
     out = set()
     for k in kids:
         try:
-            if "harness.worker" in " ".join(k.cmdline()):
+            if "harness.measure.worker" in " ".join(k.cmdline()):
                 out.add(k.pid)
         except psutil.Error:
             pass
@@ -563,7 +558,7 @@ def test_kill9_then_resume(tiny_cache, tmp_path):
 _PARENT = """
 import json, sys
 from pathlib import Path
-from harness import runner
+from harness.measure import runner
 runner.measure_in_child(json.loads(sys.argv[1]), 600, lambda r: None, lambda m: print(m, flush=True),
                         Path(sys.argv[2]))
 """
@@ -626,7 +621,7 @@ def test_ctrl_c_exits_130_and_leaves_nothing_running(tiny_cache, tmp_path):
     assert not _alive(workers)
     orphans = []
     for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
-        if p.info["ppid"] == proc.pid and "harness.worker" in " ".join(p.info["cmdline"] or []):
+        if p.info["ppid"] == proc.pid and "harness.measure.worker" in " ".join(p.info["cmdline"] or []):
             orphans.append(p.info["pid"])
     assert orphans == []
 
@@ -674,7 +669,8 @@ BIG_DEPTH = 786_432  # tokens: the tiny model's KV cache is 2 KiB/token (8 layer
 
 _CONTEXT_ONLY = """
 import json, sys
-from harness import bench, worker
+from harness.measure import bench
+from harness.measure import worker
 from harness.llamalog import LogCapture
 path, limit, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 worker._limit_memory(limit or None)

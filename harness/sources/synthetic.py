@@ -2,7 +2,7 @@
 
 Speed and memory depend on tensor shapes and quant types, not on weight values, so a file with the real
 model's metadata, tensor names and shapes measures the same work as the real download (quality does not
-carry over). The F16 file written here is quantized by llama.cpp itself (:mod:`harness.quantize`).
+carry over). The F16 file written here is quantized by llama.cpp itself (:mod:`harness.sources.quantize`).
 
 Tensors are written one at a time, so writing the 2.5 GB F16 file of the 1B model needs no more memory
 than its largest tensor.
@@ -206,9 +206,9 @@ def write_f16(arch: Arch, path: str | os.PathLike, seed: int = 0, progress: bool
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(f"synthetic {arch.name} (seed {seed})")
     w.add_description(f"shape-faithful copy of {arch.hf_id} with seeded random weights, written by harness")
-    w.add_string("harness.synthetic.architecture", arch.name)
-    w.add_uint32("harness.synthetic.seed", seed)
-    w.add_uint32("harness.synthetic.writer_version", WRITER_VERSION)
+    w.add_string("harness.sources.synthetic.architecture", arch.name)
+    w.add_uint32("harness.sources.synthetic.seed", seed)
+    w.add_uint32("harness.sources.synthetic.writer_version", WRITER_VERSION)
     w.add_block_count(arch.n_layer)
     w.add_context_length(arch.n_ctx_train)
     w.add_embedding_length(arch.n_embd)
