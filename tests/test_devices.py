@@ -82,10 +82,10 @@ def test_cpu_bandwidth_probe_small():
     assert d["threads"] == 2 and d["trials"] >= 3 and "STREAM" in d["method"]
 
 
-def test_cpu_bandwidth_probe_default_is_quick():
-    t0 = time.perf_counter()
+def test_cpu_bandwidth_probe_default():
+    """The default probe gives a bandwidth in a physical range (its duration is measured in
+    benchmarks/timings.py)."""
     gb_s = bandwidth.measure_cpu_bandwidth()
-    assert time.perf_counter() - t0 < 3.0
     assert 0.1 < gb_s < 10_000
 
 

@@ -254,23 +254,45 @@ def _text_file(tmp_path: Path) -> Path:
     return p
 
 
-def test_big_vocabulary_header_is_fast():
-    """The 1B file's header (128k tokens and as many merges; the real download has 280k) parses in well under
-    a second, in little memory."""
-    cache = Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "harness"))
-    path = cache / "synthetic" / "llama-3.2-1b-seed0-w2" / "F16.gguf"
-    if not path.is_file():
-        pytest.skip(f"no 1B synthetic model at {path} (built by a 1b-synthetic run)")
-    t0 = time.perf_counter()
+def header_heavy_gguf(path: Path) -> Path:
+    """A GGUF with Llama 3.2 1B's full header weight (its 128,256-token vocabulary and as many merges) and one
+    small tensor: what the header parser faces on the real file, in a few MB written in a second or two."""
+    import gguf
+    import numpy as np
+
+    from harness.sources import synthetic
+
+    arch = synthetic.ARCHS["llama-3.2-1b"]
+    tok = synthetic.build_tokenizer(arch)
+    w = gguf.GGUFWriter(path, arch="llama")
+    w.add_block_count(arch.n_layer)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tok.tokens)
+    w.add_token_types(tok.types)
+    w.add_token_merges(tok.merges)
+    w.add_array("tokenizer.ggml.extra_merges", tok.merges + tok.merges)  # as the real file's 280k merges
+    w.add_tensor("output_norm.weight", np.ones(arch.n_embd, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_big_vocabulary_header_parses_in_little_memory(tmp_path):
+    """The 1B file's header (128k tokens and as many merges; the real download has 280k) is read through a
+    bounded window: the parser's memory stays small whatever the header's size. Its speed (milliseconds) is
+    measured in benchmarks/timings.py, not asserted here."""
+    path = header_heavy_gguf(tmp_path / "vocab.gguf")
+    size = path.stat().st_size
+    assert size > 6 << 20  # the header alone is several times the read window
     s = validate.check(path)
-    elapsed = time.perf_counter() - t0
-    assert s.n_tensors == 147 and s.architecture == "llama"
-    assert elapsed < 0.5, f"{elapsed:.2f} s"
+    assert s.n_tensors == 1 and s.architecture == "llama" and s.type_weights == {"F32": 2048}
     tracemalloc.start()
     validate.check(path)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < 4 << 20, peak  # the read window plus small change; the header itself is ~8 MB
+    assert peak < min(size // 2, 4 << 20), (peak, size)  # the 1 MiB read window plus small change
 
 
 def test_fuzz_damaged_files(tiny_file, tmp_path, capsys):
