@@ -15,8 +15,8 @@ import pytest
 from test_calibrate import BPW, ENV_CPU, MIB, N, frame, make_records
 
 from harness import cli, report, schema
-from harness.report import tables
 from harness.catalog import page
+from harness.report import tables
 
 
 def write_run(path, records, env=ENV_CPU):
