@@ -114,7 +114,8 @@ def test_dry_run_reads_the_architecture_off_nvidia_smi(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(memory.nvml_probe() is None, reason="no NVIDIA GPU (NVML finds none)")
+@pytest.mark.skipif(memory.nvml_probe() is None,
+                    reason="needs an NVIDIA GPU (NVML finds none here): scripts/gpu-check.sh runs it on one")
 def test_cuda_build_offloads(tiny_cache, tmp_path):
     """On a GPU with a CUDA build (scripts/gpu-check.sh makes one): a 1-quant smoke run runs on the GPU."""
     import llama_cpp
