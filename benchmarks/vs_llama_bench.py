@@ -37,7 +37,7 @@ def run_llama_bench(exe: str, path: str, a) -> dict[str, list[float]]:
 
 
 def run_harness(path: str, a) -> dict[str, list[float]]:
-    from harness import runner
+    from harness.measure import runner
 
     bench = {"n_prompt": a.n_prompt, "n_gen": a.n_gen, "depths": [0], "repetitions": a.reps, "warmup": 1,
              "n_gpu_layers": a.ngl, "flash_attn": "auto", "threads": a.threads, "n_batch": a.n_batch,

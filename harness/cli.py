@@ -22,7 +22,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Subcommands other than `run`, each a module with add_parser(subparsers) and main(args) -> int.
 COMMANDS = {
     # name: module
-    "inspect": "harness.inspect",
+    "inspect": "harness.gguf.inspect",
     "report": "harness.report",
     "estimate": "harness.estimate",
 }
@@ -59,7 +59,9 @@ def _add_run(sub) -> None:
 
 
 def _run(args) -> int:
-    from harness import config, runner, schema, summary
+    from harness import config, schema
+    from harness.analysis import summary
+    from harness.measure import runner
 
     overrides = {}
     if args.quants:
@@ -126,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from harness.runner import RunError
-    from harness.sources import SourceError
+    from harness.measure.runner import RunError
+    from harness.sources.base import SourceError
 
     try:
         if args.command == "run":

@@ -17,11 +17,11 @@ from typing import Any
 
 import yaml
 
-from harness import quants
-from harness.quants import suggest
+from harness.catalog import quants
+from harness.catalog.quants import suggest
 
 SOURCES = ("synthetic", "hub", "local")
-ARCHITECTURES = ("llama-3.2-1b", "tiny")  # kept in step with harness.synthetic.ARCHS
+ARCHITECTURES = ("llama-3.2-1b", "tiny")  # kept in step with harness.sources.synthetic.ARCHS
 FLASH_ATTN = ("auto", "on", "off")
 # KV cache types llama.cpp takes for type_k / type_v (llama-bench's -ctk / -ctv), as ggml type ids
 CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
@@ -78,7 +78,7 @@ class BenchSpec:
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    # Kernel probes (harness.probes): for each tensor type in the quants, a few-layer model of the same layer
+    # Kernel probes (harness.sources.probes): for each tensor type in the quants, a few-layer model of the same layer
     # shapes, all in that type, measured with the tg test; calibration uses them as the per-type kernel costs.
     enabled: bool = True  # measure them (needs bench.n_gen > 0)
     n_layer: int = 8  # layers of the probe model: at the 1B's shapes 486M weights (2/5 of it), per-token overhead small

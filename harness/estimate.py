@@ -2,7 +2,7 @@
 
     python -m harness estimate --device "RTX 4090" --quant Q4_K_M [--context 8192] [--calibration FILE ...]
 
-The page's estimate is its own rule (:mod:`harness.page`). The calibrated estimate comes from a
+The page's estimate is its own rule (:mod:`harness.catalog.page`). The calibrated estimate comes from a
 ``calibration.json`` written by ``python -m harness report``: the one from the same device if given, else
 the one whose device's bandwidth is nearest, scaled by the bandwidth ratio (and said so).
 """
@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import calibrate, devices, page, quants
+from harness.analysis import calibration, predict
+from harness.catalog import devices, page, quants
 
 GB = 1e9
 GIB = 1024**3
@@ -31,7 +32,7 @@ def resolve_device(name: str, bandwidth_gb_s: float | None = None, cals: list[di
     "cpu" is this machine's CPU: its bandwidth from --bandwidth, else from a CPU calibration given, else
     measured now (about 2 s). Any other name is looked up in the catalog (UnknownDevice says "did you mean")."""
     if name.strip().lower() in ("cpu", "this cpu", "host"):
-        from harness import env
+        from harness.measure import bandwidth, env
 
         cpu_cals = [c for c in cals or [] if (c.get("device") or {}).get("kind") == "cpu"]
         if bandwidth_gb_s:
@@ -40,7 +41,7 @@ def resolve_device(name: str, bandwidth_gb_s: float | None = None, cals: list[di
             bw = cpu_cals[0]["device"]["bandwidth_gb_s"]
             src = f"from {cpu_cals[0].get('source_path', 'the calibration')}"
         else:
-            d = devices.measure_cpu_bandwidth_detail()
+            d = bandwidth.measure_cpu_bandwidth_detail()
             bw, src = d["gb_s"], f"measured now: {d['method']}"
         import psutil
 
@@ -98,19 +99,19 @@ def calibrated_estimate(cal: dict, device: dict, quant: str, context: int) -> di
     """Calibrated tg tok/s (empty cache and at `context` tokens) and peak memory at `context`."""
     same = _same_device(cal, device)
     bw = None if same else device.get("bandwidth_gb_s")
-    rate0, rel, notes = calibrate.predict_tg_tok_s(cal, quant, 0, bw)
-    rate_ctx, _, ctx_notes = calibrate.predict_tg_tok_s(cal, quant, context, bw)
+    rate0, rel, notes = predict.predict_tg_tok_s(cal, quant, 0, bw)
+    rate_ctx, _, ctx_notes = predict.predict_tg_tok_s(cal, quant, context, bw)
     notes = list(notes) + [n for n in ctx_notes if n not in notes]
     out: dict[str, Any] = {"tok_s": rate0, "tok_s_at_context": rate_ctx, "tok_s_rel": rel, "notes": notes,
                            "context_extrapolated": any("extrapolated, not calibrated" in n for n in ctx_notes)}
     try:
-        mem, mem_rel, mem_notes = calibrate.predict_memory_bytes(cal, quant, context)
+        mem, mem_rel, mem_notes = predict.predict_memory_bytes(cal, quant, context)
         out.update(memory_bytes=mem, memory_rel=mem_rel)
         if not same:
             mem_notes.append(f"memory overhead measured on {cal['device']['name']}: another device's runtime "
                              "(GPU context, drivers) differs")
         out["notes"] += [n for n in mem_notes if n not in out["notes"]]
-    except calibrate.CalibrationError as e:
+    except calibration.CalibrationError as e:
         out.update(memory_bytes=None, memory_rel=None)
         out["notes"].append(str(e))
     return out
@@ -182,8 +183,8 @@ def main(args) -> int:
         print("error: --context must be >= 0", file=sys.stderr)
         return EXIT_USAGE
     try:
-        cals = [calibrate.load(p) for p in args.calibration]
-    except calibrate.CalibrationError as e:
+        cals = [calibration.load(p) for p in args.calibration]
+    except calibration.CalibrationError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -197,7 +198,7 @@ def main(args) -> int:
     if cal is not None:
         try:
             est = calibrated_estimate(cal, device, args.quant, args.context)
-        except calibrate.CalibrationError as e:
+        except calibration.CalibrationError as e:
             why = str(e)
             cal = None
     print(render(device, args.quant, args.context, pg, cal, why, est))

@@ -412,7 +412,8 @@ else
 import sys
 import time
 
-from harness import config, quantize
+from harness import config
+from harness.sources import quantize
 
 cfg = config.load(sys.argv[1], {"cache_dir": sys.argv[2]})
 m = cfg.model

@@ -15,7 +15,8 @@ sys.path.insert(0, str(REPO))
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     """A synthetic-model cache holding the tiny architecture's F16 file and all 12 page quants."""
-    from harness import quantize, quants
+    from harness.catalog import quants
+    from harness.sources import quantize
 
     cache = tmp_path_factory.mktemp("harness-cache")
     for q in quants.PAGE_QUANTS:
@@ -25,7 +26,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_file(tiny_cache):
-    from harness import quantize
+    from harness.sources import quantize
 
     def get(quant: str) -> Path:
         return quantize.synthetic_file(tiny_cache, "tiny", 0, quant, True)

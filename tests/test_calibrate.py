@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import calibrate, quants, schema, summary
+from harness import schema
+from harness.analysis import calibration, fit, points, predict, summary
+from harness.catalog import quants
 
 N = 1_235_814_400
 # Bits per weight of the generated "files" (made up, in the range of the real ones).
@@ -20,8 +22,8 @@ MIB = 1024 * 1024
 
 def tg_time(quant: str, depth: int, bw: float, eff: float, overhead: float, fam: dict, n_gen: int = 64) -> float:
     size = int(BPW[quant] * N / 8)
-    b = size + calibrate.kv_bytes_per_token() * (depth + (n_gen - 1) / 2)
-    return b / (bw * 1e9 * eff) + overhead + fam.get(calibrate.quant_family(quant), 0.0)
+    b = size + points.kv_bytes_per_token() * (depth + (n_gen - 1) / 2)
+    return b / (bw * 1e9 * eff) + overhead + fam.get(points.quant_family(quant), 0.0)
 
 
 def make_records(quant_list=quants.PAGE_QUANTS, bw=20.0, eff=0.6, overhead=0.004, fam=None, noise=0.002,
@@ -37,7 +39,7 @@ def make_records(quant_list=quants.PAGE_QUANTS, bw=20.0, eff=0.6, overhead=0.004
         size = int(BPW[q] * N / 8)
         for depth in depths:
             n_ctx = 64 + depth
-            kv, comp, outb = calibrate.kv_bytes_per_token() * n_ctx, 260 * MIB + 4096 * depth, 501 * 1024
+            kv, comp, outb = points.kv_bytes_per_token() * n_ctx, 260 * MIB + 4096 * depth, 501 * 1024
             peak = size + kv + comp + outb + mem_overhead
             t = time_fn(q, depth) if time_fn else tg_time(q, depth, bw, eff, overhead, fam)
             tests = [("tg", 0, 64, 1 / t)] + ([("pp", 256, 0, 40 / t)] if pp else [])
@@ -81,7 +83,7 @@ ENV_CPU = {"utc": "2025-01-01T00:00:00+00:00", "cpu": {"model": "Test CPU"}, "ra
 
 def test_kv_bytes_per_token_of_llama_3_2_1b():
     # 2 (K and V) x 16 layers x 8 KV heads x 64 dims x 2 bytes (f16)
-    assert calibrate.kv_bytes_per_token() == 2 * 16 * 8 * 64 * 2 == 32768
+    assert points.kv_bytes_per_token() == 2 * 16 * 8 * 64 * 2 == 32768
 
 
 @pytest.mark.parametrize("quant,family,qtype", [
@@ -90,13 +92,13 @@ def test_kv_bytes_per_token_of_llama_3_2_1b():
     ("F16", "float", "f16"),
 ])
 def test_families(quant, family, qtype):
-    assert calibrate.quant_family(quant) == family
-    assert calibrate.quant_type(quant) == qtype
+    assert points.quant_family(quant) == family
+    assert points.quant_type(quant) == qtype
 
 
 def test_tg_points_bytes_and_medians():
     df = frame(make_records(depths=(0, 1024), noise=0.0))
-    pts = calibrate.tg_points(df)
+    pts = points.tg_points(df)
     assert len(pts) == 24
     p = pts[(pts.quant == "Q4_K_M") & (pts.n_depth == 1024)].iloc[0]
     size = int(BPW["Q4_K_M"] * N / 8)
@@ -106,9 +108,9 @@ def test_tg_points_bytes_and_medians():
 
 def test_fit_recovers_known_parameters():
     df = frame(make_records(depths=(0, 2048, 8192), noise=0.0005))
-    pts = calibrate.tg_points(df)
+    pts = points.tg_points(df)
     names = ["s_per_byte", "overhead", "per_weight:family:iq", "per_weight:family:legacy"]
-    p = calibrate.solve(pts, names)
+    p = fit.solve(pts, names)
     assert 1 / (p["s_per_byte"] * 20e9) == pytest.approx(0.6, rel=0.02)
     assert p["overhead"] == pytest.approx(0.004, abs=3e-4)
     assert p["per_weight:family:iq"] * N == pytest.approx(0.012, abs=3e-4)
@@ -117,7 +119,7 @@ def test_fit_recovers_known_parameters():
 
 def test_loqo_picks_the_family_model_when_families_differ():
     df = frame(make_records(noise=0.003))
-    cal = calibrate.calibrate(df, ENV_CPU)
+    cal = calibration.calibrate(df, ENV_CPU)
     tg = cal["tg"]
     assert tg["chosen"] == "bandwidth+overhead+family"
     assert tg["efficiency"] == pytest.approx(0.6, rel=0.05)
@@ -128,9 +130,9 @@ def test_loqo_picks_the_family_model_when_families_differ():
 
 def test_loqo_picks_the_simpler_model_when_there_is_no_family_term():
     df = frame(make_records(fam={}, noise=0.003))
-    assert calibrate.calibrate(df, ENV_CPU)["tg"]["chosen"] == "bandwidth+overhead"
+    assert calibration.calibrate(df, ENV_CPU)["tg"]["chosen"] == "bandwidth+overhead"
     df = frame(make_records(fam={}, overhead=0.0, noise=0.003))
-    assert calibrate.calibrate(df, ENV_CPU)["tg"]["chosen"] == "bandwidth"
+    assert calibration.calibrate(df, ENV_CPU)["tg"]["chosen"] == "bandwidth"
 
 
 def test_flat_cpu_generation_is_fitted_within_targets():
@@ -139,12 +141,12 @@ def test_flat_cpu_generation_is_fitted_within_targets():
     cost = {"iq3_s": 0.036, "iq4_xs": 0.032, "q4_0": 0.017, "q8_0": 0.017}  # kernel time per token, s
 
     def time_fn(q, depth):
-        return 0.010 + int(BPW[q] * N / 8) / 80e9 + cost.get(calibrate.quant_type(q), 0.021)
+        return 0.010 + int(BPW[q] * N / 8) / 80e9 + cost.get(points.quant_type(q), 0.021)
 
     df = frame(make_records(time_fn=time_fn, noise=0.01, seed=3))
-    pts = calibrate.tg_points(df)
+    pts = points.tg_points(df)
     assert pts.loc[pts.tok_s.idxmin(), "quant"] == "IQ3_M"
-    tg = calibrate.calibrate(df, ENV_CPU)["tg"]
+    tg = calibration.calibrate(df, ENV_CPU)["tg"]
     assert tg["candidates"]["bandwidth"]["loqo_median_ape"] > 0.05
     assert tg["loqo"]["median_ape"] <= 0.05
     assert tg["loqo"]["worst_ape"] <= 0.15
@@ -169,8 +171,8 @@ def test_mix_model_uses_tensor_types():
         return 0.003 + int(BPW[q] * N / 8) / 12e9 + compute
 
     df = frame(make_records(time_fn=time_fn, noise=0.002))
-    without = calibrate.calibrate(df, ENV_CPU)["tg"]
-    with_types = calibrate.calibrate(df, ENV_CPU, tensor_types=types)["tg"]
+    without = calibration.calibrate(df, ENV_CPU)["tg"]
+    with_types = calibration.calibrate(df, ENV_CPU, tensor_types=types)["tg"]
     assert "mix" in with_types["chosen"]
     assert with_types["loqo"]["rms_ape"] < without["loqo"]["rms_ape"]
     assert with_types["loqo"]["median_ape"] <= 0.05
@@ -179,14 +181,14 @@ def test_mix_model_uses_tensor_types():
 
 def test_bootstrap_spread_is_small_on_clean_data():
     df = frame(make_records(noise=0.002))
-    tg = calibrate.calibrate(df, ENV_CPU)["tg"]
+    tg = calibration.calibrate(df, ENV_CPU)["tg"]
     assert 0 < tg["param_std"]["s_per_byte"] < 0.1 * tg["params"]["s_per_byte"]
     assert tg["efficiency_std"] < 0.05
 
 
 def test_memory_model_recovers_the_overhead():
     df = frame(make_records(noise=0.002, depths=(0, 4096)))
-    mem = calibrate.calibrate(df, ENV_CPU)["memory"]
+    mem = calibration.calibrate(df, ENV_CPU)["memory"]
     assert mem["chosen"] == "buffers+overhead"
     assert mem["overhead_bytes"] == pytest.approx(150 * MIB, rel=0.05)
     assert mem["loqo"]["median_ape"] <= 0.03
@@ -194,7 +196,7 @@ def test_memory_model_recovers_the_overhead():
 
 def test_memory_points_on_a_gpu_count_only_device_buffers():
     df = frame(make_records(device="cuda", gpu_name="NVIDIA H100 80GB HBM3", noise=0.0, quant_list=["Q4_K_M"]))
-    m = calibrate.memory_points(df, "gpu").iloc[0]
+    m = points.memory_points(df, "gpu").iloc[0]
     size = int(BPW["Q4_K_M"] * N / 8)
     assert m.weights_bytes == size - 50 * MIB  # CPU_Mapped left out
     assert m.compute_bytes == 260 * MIB  # CUDA_Host left out
@@ -203,38 +205,38 @@ def test_memory_points_on_a_gpu_count_only_device_buffers():
 
 
 def test_run_device():
-    cpu = calibrate.run_device(frame(make_records(quant_list=["Q4_0"])), ENV_CPU)
+    cpu = calibration.run_device(frame(make_records(quant_list=["Q4_0"])), ENV_CPU)
     assert (cpu["kind"], cpu["name"], cpu["bandwidth_gb_s"], cpu["peak_source"]) == ("cpu", "Test CPU", 20.0, "rss")
-    gpu = calibrate.run_device(frame(make_records(quant_list=["Q4_0"], device="cuda",
+    gpu = calibration.run_device(frame(make_records(quant_list=["Q4_0"], device="cuda",
                                                   gpu_name="NVIDIA H100 80GB HBM3")), {})
     assert (gpu["kind"], gpu["name"], gpu["bandwidth_gb_s"], gpu["vendor"]) == ("gpu", "NVIDIA H100 SXM", 3352,
                                                                                  "nvidia")
-    unknown = calibrate.run_device(frame(make_records(quant_list=["Q4_0"])), {"cpu": {"model": "x"}})
+    unknown = calibration.run_device(frame(make_records(quant_list=["Q4_0"])), {"cpu": {"model": "x"}})
     assert unknown["bandwidth_gb_s"] is None and "unknown" in unknown["bandwidth_source"]
 
 
 def test_calibration_json_round_trip_and_predictions(tmp_path):
     df = frame(make_records(noise=0.002, depths=(0, 1024)))
-    cal = calibrate.calibrate(df, ENV_CPU, run_id="run-test", results_dir="/r")
-    path = calibrate.write(cal, tmp_path / "calibration.json")
+    cal = calibration.calibrate(df, ENV_CPU, run_id="run-test", results_dir="/r")
+    path = calibration.write(cal, tmp_path / "calibration.json")
     json.loads(path.read_text())  # plain JSON: no NaN
     assert "NaN" not in path.read_text()
-    back = calibrate.load(path)
+    back = calibration.load(path)
     for key in ("device", "llama_cpp_version", "run", "tg", "memory", "buffers", "quants"):
         assert key in back
     assert back["run"]["run_id"] == "run-test" and back["llama_cpp_version"] == "0.3.36"
     assert back["device"]["bandwidth_gb_s"] == 20.0
 
-    rate, rel, notes = calibrate.predict_tg_tok_s(back, "Q4_K_M", 0)
+    rate, rel, notes = predict.predict_tg_tok_s(back, "Q4_K_M", 0)
     truth = 1 / tg_time("Q4_K_M", 0, 20.0, 0.6, 0.004, {"iq": 0.012, "legacy": -0.002})
     assert rate == pytest.approx(truth, rel=0.02) and notes == [] and 0 < rel < 0.05
-    scaled, _, notes = calibrate.predict_tg_tok_s(back, "Q4_K_M", 0, bandwidth_gb_s=40.0)
+    scaled, _, notes = predict.predict_tg_tok_s(back, "Q4_K_M", 0, bandwidth_gb_s=40.0)
     assert scaled == pytest.approx(2 * rate) and "bandwidth ratio" in notes[0]
-    deeper, _, _ = calibrate.predict_tg_tok_s(back, "Q4_K_M", 8192)
+    deeper, _, _ = predict.predict_tg_tok_s(back, "Q4_K_M", 8192)
     assert deeper < rate
 
-    m1, _, _ = calibrate.predict_memory_bytes(back, "Q4_K_M", 1000)
-    m2, _, _ = calibrate.predict_memory_bytes(back, "Q4_K_M", 9000)
+    m1, _, _ = predict.predict_memory_bytes(back, "Q4_K_M", 1000)
+    m2, _, _ = predict.predict_memory_bytes(back, "Q4_K_M", 9000)
     buf = back["buffers"]
     assert m2 - m1 == pytest.approx(8000 * (buf["kv_bytes_per_token"] + buf["compute_bytes_per_ctx_token"]), rel=1e-6)
     assert buf["compute_bytes_per_ctx_token"] == pytest.approx(4096, rel=1e-3)
@@ -243,15 +245,15 @@ def test_calibration_json_round_trip_and_predictions(tmp_path):
 def test_load_rejects_other_files(tmp_path):
     p = tmp_path / "x.json"
     p.write_text("{}")
-    with pytest.raises(calibrate.CalibrationError):
-        calibrate.load(p)
+    with pytest.raises(calibration.CalibrationError):
+        calibration.load(p)
     p.write_text("not json")
-    with pytest.raises(calibrate.CalibrationError):
-        calibrate.load(p)
+    with pytest.raises(calibration.CalibrationError):
+        calibration.load(p)
 
 
 def test_single_quant_run_still_calibrates():
-    cal = calibrate.calibrate(frame(make_records(quant_list=["Q4_K_M"])), ENV_CPU)
+    cal = calibration.calibrate(frame(make_records(quant_list=["Q4_K_M"])), ENV_CPU)
     assert cal["tg"]["chosen"] == "bandwidth"
     assert cal["tg"]["loqo"]["median_ape"] is None  # nothing to hold out
     assert cal["tg"]["fit"]["median_ape"] == pytest.approx(0, abs=0.01)
@@ -260,7 +262,7 @@ def test_single_quant_run_still_calibrates():
 def test_memory_overhead_may_be_negative():
     """RSS counts touched pages only: a compute buffer never fully touched leaves the peak below the buffers."""
     df = frame(make_records(noise=0.001, mem_overhead=-100 * MIB))
-    mem = calibrate.calibrate(df, ENV_CPU)["memory"]
+    mem = calibration.calibrate(df, ENV_CPU)["memory"]
     assert mem["overhead_bytes"] == pytest.approx(-100 * MIB, rel=0.05)
     assert mem["loqo"]["worst_ape"] < 0.01
 
@@ -308,29 +310,29 @@ def kernel_time(q: str, depth: int = 0) -> float:
 
 
 def test_probe_costs_from_records():
-    from harness import probes
+    from harness.analysis import kernels
 
-    costs = probes.costs(frame(probe_records(noise=0.0)))
+    costs = kernels.costs(frame(probe_records(noise=0.0)))
     assert set(costs) == set(KERNEL)
     for t, c in costs.items():
         assert c["n"] == 5 and c["n_weights"] == PROBE_WEIGHTS
         assert c["s_per_weight"] == pytest.approx(KERNEL[t] + PROBE_OVERHEAD / PROBE_WEIGHTS, rel=1e-9)
-    assert calibrate.kernel_seconds({"Q4_K": 10, "F32": 5}, costs) == pytest.approx(10 * costs["Q4_K"]["s_per_weight"])
-    assert np.isnan(calibrate.kernel_seconds({"Q4_K": 10, "Q2_K": 1}, costs))  # a type without a probe
-    assert np.isnan(calibrate.kernel_seconds(None, costs))
+    assert points.kernel_seconds({"Q4_K": 10, "F32": 5}, costs) == pytest.approx(10 * costs["Q4_K"]["s_per_weight"])
+    assert np.isnan(points.kernel_seconds({"Q4_K": 10, "Q2_K": 1}, costs))  # a type without a probe
+    assert np.isnan(points.kernel_seconds(None, costs))
 
 
 def test_probes_predict_a_kernel_only_the_held_out_quant_uses():
     """IQ3_M is the only quant with IQ3_S tensors: no model fitted to the other 11 can know their cost, so the
     best model without probes misses it by far; with the probes' costs it is predicted like the rest."""
-    from harness import probes
+    from harness.analysis import kernels
 
     df = frame(make_records(time_fn=kernel_time, noise=0.01, seed=2))
-    without = calibrate.calibrate(df, ENV_CPU, tensor_types=REAL_TYPES)["tg"]
+    without = calibration.calibrate(df, ENV_CPU, tensor_types=REAL_TYPES)["tg"]
     iq3 = [p for p in without["points"] if p["quant"] == "IQ3_M"][0]
     assert iq3["loqo_tok_s"] / iq3["measured_tok_s"] - 1 > 0.20  # held out, IQ3_M looks much faster than it is
-    costs = probes.costs(frame(probe_records()))
-    cal = calibrate.calibrate(df, ENV_CPU, tensor_types=REAL_TYPES, probe_costs=costs)
+    costs = kernels.costs(frame(probe_records()))
+    cal = calibration.calibrate(df, ENV_CPU, tensor_types=REAL_TYPES, probe_costs=costs)
     tg = cal["tg"]
     assert tg["chosen"].startswith("probe-kernels")
     assert tg["loqo"]["median_ape"] <= 0.05 and tg["loqo"]["worst_ape"] <= 0.15
@@ -340,20 +342,20 @@ def test_probes_predict_a_kernel_only_the_held_out_quant_uses():
     assert set(cal["probes"]) == set(KERNEL)
 
     # estimates: a measured quant through the probes; a quant without tensor types through the fallback
-    rate, rel, notes = calibrate.predict_tg_tok_s(cal, "Q4_K_M", 0)
+    rate, rel, notes = predict.predict_tg_tok_s(cal, "Q4_K_M", 0)
     assert rate == pytest.approx(1 / kernel_time("Q4_K_M"), rel=0.05) and notes == []
     cal["quants"]["Q6_K"]["tensor_types"] = None
-    rate, rel, notes = calibrate.predict_tg_tok_s(cal, "Q6_K", 0)
+    rate, rel, notes = predict.predict_tg_tok_s(cal, "Q6_K", 0)
     assert "without probes" in notes[0] and rate == pytest.approx(1 / kernel_time("Q6_K"), rel=0.15)
     assert rel == tg["fallback"]["loqo"]["rms_ape"]
 
 
 def test_no_probe_models_when_a_type_has_no_probe():
-    from harness import probes
+    from harness.analysis import kernels
 
     df = frame(make_records(time_fn=kernel_time, noise=0.01, seed=2))
-    costs = probes.costs(frame(probe_records(types={k: v for k, v in KERNEL.items() if k != "IQ3_S"})))
-    tg = calibrate.calibrate(df, ENV_CPU, tensor_types=REAL_TYPES, probe_costs=costs)["tg"]
+    costs = kernels.costs(frame(probe_records(types={k: v for k, v in KERNEL.items() if k != "IQ3_S"})))
+    tg = calibration.calibrate(df, ENV_CPU, tensor_types=REAL_TYPES, probe_costs=costs)["tg"]
     assert not any(n.startswith("probe") for n in tg["candidates"])
     assert tg["fallback"] is None
 
@@ -372,38 +374,38 @@ def test_buffer_model_ignores_padding_and_the_batch_sized_compute_buffer():
     compute buffers of 28 and 129 MiB that follow the batch, not the context. A line through them would put
     4 GB of compute buffer at 8K."""
     kv = 256 * 32768
-    b = calibrate.buffer_model(frame([_buf_record("tg", 64, kv, 28 * MIB), _buf_record("pp", 256, kv, 129 * MIB)]))
+    b = calibration.buffer_model(frame([_buf_record("tg", 64, kv, 28 * MIB), _buf_record("pp", 256, kv, 129 * MIB)]))
     assert b["kv_bytes_per_token"] == 32768
     assert b["compute_bytes_per_ctx_token"] == 0 and b["compute_bytes_intercept"] == 129 * MIB
     assert b["max_measured_ctx"] == 256
     # contexts past the physical batch: the slope is fitted over those alone
     recs = [_buf_record("tg", 64, kv, 28 * MIB)] + [_buf_record("tg", c, c * 32768, 100 * MIB + 1000 * c)
                                                     for c in (1024, 4096, 8192)]
-    b = calibrate.buffer_model(frame(recs))
+    b = calibration.buffer_model(frame(recs))
     assert b["compute_bytes_per_ctx_token"] == pytest.approx(1000) and b["max_measured_ctx"] == 8192
 
 
 def test_estimates_beyond_the_measured_depths_say_so():
     df = frame(make_records(noise=0.002))  # depth 0 only
-    cal = calibrate.calibrate(df, ENV_CPU)
-    _, _, notes = calibrate.predict_tg_tok_s(cal, "Q4_K_M", 0)
+    cal = calibration.calibrate(df, ENV_CPU)
+    _, _, notes = predict.predict_tg_tok_s(cal, "Q4_K_M", 0)
     assert not any("extrapolated" in n for n in notes)
-    _, _, notes = calibrate.predict_tg_tok_s(cal, "Q4_K_M", 8192)
+    _, _, notes = predict.predict_tg_tok_s(cal, "Q4_K_M", 8192)
     assert any("beyond the measured ones (up to 0)" in n for n in notes)
-    _, _, notes = calibrate.predict_memory_bytes(cal, "Q4_K_M", 8192)
+    _, _, notes = predict.predict_memory_bytes(cal, "Q4_K_M", 8192)
     assert any("measured up to a context of 64 tokens" in n for n in notes)
 
 
 def test_kernel_time_needs_a_probe_for_every_type_but_f32():
     costs = {"Q4_K": {"s_per_weight": 1e-10}}
-    assert calibrate.kernel_seconds({"Q4_K": 10, "F32": 99}, costs) == pytest.approx(1e-9)
-    assert np.isnan(calibrate.kernel_seconds({"Q4_K": 10, "TQ1_0": 1}, costs))  # not free: unknown
-    assert np.isnan(calibrate.kernel_seconds({"Q4_K": 10, "F16": 1}, costs))
+    assert points.kernel_seconds({"Q4_K": 10, "F32": 99}, costs) == pytest.approx(1e-9)
+    assert np.isnan(points.kernel_seconds({"Q4_K": 10, "TQ1_0": 1}, costs))  # not free: unknown
+    assert np.isnan(points.kernel_seconds({"Q4_K": 10, "F16": 1}, costs))
 
 
 def test_kv_per_token_counts_the_padded_cells():
     """Only small contexts (smoke: tg16 and pp64), both in a 256-cell cache: the per-token figure is still the
     cache's per cell, not 4-16x it."""
     kv = 256 * 32768
-    b = calibrate.buffer_model(frame([_buf_record("tg", 16, kv, 1 * MIB), _buf_record("pp", 64, kv, 5 * MIB)]))
+    b = calibration.buffer_model(frame([_buf_record("tg", 16, kv, 1 * MIB), _buf_record("pp", 64, kv, 5 * MIB)]))
     assert b["kv_bytes_per_token"] == 32768

@@ -7,8 +7,8 @@ import yaml
 from conftest import REPO, run_cli
 
 from harness import config
+from harness.catalog.quants import PAGE_QUANTS
 from harness.config import ConfigError
-from harness.quants import PAGE_QUANTS
 
 
 def good() -> dict:
@@ -22,6 +22,15 @@ def test_shipped_configs_load():
         assert cfg.model.source == "synthetic"
     assert config.load(REPO / "configs" / "smoke.yaml").model.architecture == "tiny"
     assert config.load(REPO / "configs" / "1b-synthetic.yaml").model.architecture == "llama-3.2-1b"
+
+
+def test_context_axes():
+    d = good()
+    d["bench"].update(contexts=131072, cache_type_k="f16,q8_0", context_flash_attn=[True, False])
+    b = config.from_dict(d).bench
+    assert b.contexts == (131072,) and b.cache_type_k == ("f16", "q8_0") and b.cache_type_v == ("f16",)
+    assert b.context_flash_attn == ("on", "off")
+    assert config.from_dict({"name": "x", "bench": {"n_prompt": 0, "n_gen": 0, "contexts": [512]}}).bench.contexts
 
 
 def test_defaults_fill_in():
@@ -41,6 +50,15 @@ def test_defaults_fill_in():
     (lambda d: d["bench"].update(flash_attn="yes"), "bench.flash_attn 'yes' is not one of auto, on, off"),
     (lambda d: d["bench"].update(n_ubatch=1024, n_batch=512), "bench.n_ubatch (1024) must not exceed"),
     (lambda d: d["bench"].update(n_prompt=0, n_gen=0), "nothing to measure"),
+    (lambda d: d["bench"].update(contexts=[2048, 32]),
+     "bench.contexts[1] = 32 is below the tests' own tokens (max of n_prompt, n_gen = 64)"),
+    (lambda d: d["bench"].update(contexts=[2048, 2048]), "bench.contexts lists a value twice"),
+    (lambda d: d["bench"].update(contexts=["8K"]), "bench.contexts[0] must be int, got str '8K'"),
+    (lambda d: d["bench"].update(cache_type_k=["f16", "q8"]),
+     "bench.cache_type_k[1] 'q8' is not one of f32, f16, bf16, q8_0"),
+    (lambda d: d["bench"].update(cache_type_v="q4_0,q4_0"), "bench.cache_type_v lists q4_0 twice"),
+    (lambda d: d["bench"].update(context_flash_attn=["on", "maybe"]),
+     "bench.context_flash_attn[1] 'maybe' is not one of auto, on, off"),
     (lambda d: d.update(quants=["Q4_KM"]), "quants[0]: unknown quant 'Q4_KM' (did you mean 'Q4_K_M'?)"),
     (lambda d: d.update(quants=["Q8_0", "Q8_0"]), "quants[1]: Q8_0 is listed twice"),
     (lambda d: d.update(quants=[]), "quants must be a non-empty list"),

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from harness import devices, env, page
+from harness.catalog import devices, page
+from harness.measure import bandwidth, env
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -76,15 +75,15 @@ def test_spec_bandwidths():
 
 
 def test_cpu_bandwidth_probe_small():
-    d = devices.measure_cpu_bandwidth_detail(seconds=0.05, array_mib=8, threads=2)
+    d = bandwidth.measure_cpu_bandwidth_detail(seconds=0.05, array_mib=8, threads=2)
     assert d["copy_gb_s"] > 0 and d["triad_gb_s"] > 0 and d["gb_s"] == max(d["copy_gb_s"], d["triad_gb_s"])
     assert d["threads"] == 2 and d["trials"] >= 3 and "STREAM" in d["method"]
 
 
-def test_cpu_bandwidth_probe_default_is_quick():
-    t0 = time.perf_counter()
-    gb_s = devices.measure_cpu_bandwidth()
-    assert time.perf_counter() - t0 < 3.0
+def test_cpu_bandwidth_probe_default():
+    """The default probe gives a bandwidth in a physical range (its duration is measured in
+    benchmarks/timings.py)."""
+    gb_s = bandwidth.measure_cpu_bandwidth()
     assert 0.1 < gb_s < 10_000
 
 
@@ -97,7 +96,7 @@ def test_env_entries(monkeypatch):
     assert env.catalog_entry({"name": "NVIDIA H100 80GB HBM3"})["bandwidth_gb_s"] == 3352
     assert env.catalog_entry({"name": "Some Future GPU"}) is None
     assert env.catalog_entry(None) is None
-    monkeypatch.setattr(devices, "measure_cpu_bandwidth_detail", lambda: {
+    monkeypatch.setattr(bandwidth, "measure_cpu_bandwidth_detail", lambda: {
         "gb_s": 12.345, "copy_gb_s": 12.345, "triad_gb_s": 6.0, "method": "test"})
     assert env.memory_bandwidth() == {"measured_gb_s": 12.35, "copy_gb_s": 12.35, "triad_gb_s": 6.0,
                                       "method": "test"}
@@ -105,5 +104,5 @@ def test_env_entries(monkeypatch):
     def broken():
         raise MemoryError("no room")
 
-    monkeypatch.setattr(devices, "measure_cpu_bandwidth_detail", broken)
+    monkeypatch.setattr(bandwidth, "measure_cpu_bandwidth_detail", broken)
     assert env.memory_bandwidth() is None

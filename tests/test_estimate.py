@@ -7,7 +7,8 @@ import re
 import pytest
 from test_calibrate import ENV_CPU, frame, make_records
 
-from harness import calibrate, cli
+from harness import cli
+from harness.analysis import calibration, predict
 
 
 def run(capsys, *args):
@@ -18,16 +19,16 @@ def run(capsys, *args):
 
 @pytest.fixture
 def cpu_cal(tmp_path):
-    cal = calibrate.calibrate(frame(make_records(noise=0.002)), ENV_CPU, run_id="cpu-run")
-    return calibrate.write(cal, tmp_path / "cpu.json")
+    cal = calibration.calibrate(frame(make_records(noise=0.002)), ENV_CPU, run_id="cpu-run")
+    return calibration.write(cal, tmp_path / "cpu.json")
 
 
 @pytest.fixture
 def h100_cal(tmp_path):
     df = frame(make_records(device="cuda", gpu_name="NVIDIA H100 80GB HBM3", bw=3352, eff=0.5, overhead=0.002,
                             fam={}, noise=0.002, run_id="h100-run"))
-    cal = calibrate.calibrate(df, {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}, run_id="h100-run")
-    return calibrate.write(cal, tmp_path / "h100.json")
+    cal = calibration.calibrate(df, {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}, run_id="h100-run")
+    return calibration.write(cal, tmp_path / "h100.json")
 
 
 @pytest.mark.parametrize("device,printed", [("RTX 4090", 799), ("H100 SXM", 2657), ("MI300X", 3555),
@@ -59,8 +60,8 @@ def test_calibration_from_another_device_is_scaled_and_says_so(capsys, cpu_cal):
                      "--calibration", str(cpu_cal))
     assert rc == 0
     assert "factors from Test CPU" in out and "bandwidth ratio" in out and "this device was not measured" in out
-    cal = calibrate.load(cpu_cal)
-    expected, rel, _ = calibrate.predict_tg_tok_s(cal, "Q4_K_M", 0, bandwidth_gb_s=1008)
+    cal = calibration.load(cpu_cal)
+    expected, rel, _ = predict.predict_tg_tok_s(cal, "Q4_K_M", 0, bandwidth_gb_s=1008)
     m = re.search(r"tg ~([\d,.]+) tok/s ±([\d.]+)%", out)
     assert float(m[1].replace(",", "")) == pytest.approx(expected, rel=1e-3)
     assert "at 8,192 tokens of context" in out and "peak memory" in out and "fits in 24.0 GiB" in out
@@ -71,7 +72,7 @@ def test_same_device_calibration_is_used_unscaled(capsys, cpu_cal, h100_cal):
                      "--calibration", str(cpu_cal), str(h100_cal))
     assert rc == 0
     assert "factors from NVIDIA H100 SXM (measured on this device)" in out and "bandwidth ratio" not in out
-    expected, _, _ = calibrate.predict_tg_tok_s(calibrate.load(h100_cal), "Q4_K_M", 0)
+    expected, _, _ = predict.predict_tg_tok_s(calibration.load(h100_cal), "Q4_K_M", 0)
     m = re.search(r"tg ~([\d,.]+) tok/s", out)
     assert float(m[1].replace(",", "")) == pytest.approx(expected, rel=1e-3)
 

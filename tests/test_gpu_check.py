@@ -13,7 +13,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from harness import config, memory, runner, schema
+from harness import config, schema
+from harness.measure import memory, runner
 
 SCRIPTS = [REPO / "scripts" / "gpu-check.sh", REPO / "scripts" / "prepare-gpu-bundle.sh"]
 BUNDLE = REPO / "vendor" / "gpu-bundle"
@@ -113,7 +114,8 @@ def test_dry_run_reads_the_architecture_off_nvidia_smi(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(memory.nvml_probe() is None, reason="no NVIDIA GPU (NVML finds none)")
+@pytest.mark.skipif(memory.nvml_probe() is None,
+                    reason="needs an NVIDIA GPU (NVML finds none here): scripts/gpu-check.sh runs it on one")
 def test_cuda_build_offloads(tiny_cache, tmp_path):
     """On a GPU with a CUDA build (scripts/gpu-check.sh makes one): a 1-quant smoke run runs on the GPU."""
     import llama_cpp

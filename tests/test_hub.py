@@ -22,8 +22,9 @@ import pytest
 from conftest import REPO, run_cli
 from huggingface_hub import constants
 
-from harness import config, hub, quantize, sources
+from harness import config
 from harness.config import ModelSpec
+from harness.sources import base, hub, quantize, resolve
 
 HUB_REPO = "bartowski/Llama-3.2-1B-Instruct-GGUF"
 PATTERN = "Llama-3.2-1B-Instruct-{quant}.gguf"
@@ -97,7 +98,7 @@ def test_cached_file_resolves_offline_with_commit_and_sha256(offline, tiny_gguf)
     # through the config, as the runner calls it
     cfg = config.from_dict({"name": "t", "model": {"source": "hub", "repo": HUB_REPO, "file": PATTERN},
                             "quants": ["Q4_K_M"]})
-    assert sources.resolve(cfg, "Q4_K_M") == mf
+    assert resolve.resolve(cfg, "Q4_K_M") == mf
 
 
 def test_cache_stays_healthy_for_huggingface_hub(offline, tiny_gguf):
@@ -116,7 +117,7 @@ def test_cache_stays_healthy_for_huggingface_hub(offline, tiny_gguf):
 def test_checksum_mismatch_is_refused(offline, tiny_gguf):
     wrong = hashlib.sha256(b"some other file").hexdigest()
     put_in_cache(offline, tiny_gguf, PATTERN.format(quant="Q8_0"), blob_name=wrong)
-    with pytest.raises(sources.SourceError) as e:
+    with pytest.raises(base.SourceError) as e:
         hub.fetch(SPEC, "Q8_0")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("Q8_0: ") and "corrupt" in msg
@@ -124,7 +125,7 @@ def test_checksum_mismatch_is_refused(offline, tiny_gguf):
 
 
 def test_offline_and_not_cached_says_the_way_out(offline):
-    with pytest.raises(sources.SourceError) as e:
+    with pytest.raises(base.SourceError) as e:
         hub.fetch(SPEC, "Q4_K_M")
     msg = str(e.value)
     assert "\n" not in msg
@@ -173,7 +174,7 @@ def test_fetch_when_the_hub_refuses_connections_uses_the_cache_at_once(hf_cache,
     assert hub.fetch(SPEC, "Q4_K_M").weights_ref == f"{HUB_REPO}@{COMMIT}:{PATTERN.format(quant='Q4_K_M')}"
     (line,) = hub.preflight(SPEC, ["Q4_K_M", "Q8_0"])
     assert line.startswith("Q8_0: ") and "cannot be reached (ConnectError" in line
-    with pytest.raises(sources.SourceError, match=r"^Q8_0: .*cannot be reached.*hf download"):
+    with pytest.raises(base.SourceError, match=r"^Q8_0: .*cannot be reached.*hf download"):
         hub.fetch(SPEC, "Q8_0")
 
 
@@ -254,14 +255,14 @@ def test_cache_without_symlinks_is_checked_against_the_hubs_metadata(fake_hub, h
     assert hub.fetch(SPEC, "Q4_K_M").sha256 == sha256(tiny_gguf)
     assert ("HEAD", resolve_path(file, COMMIT)) in fake_hub.requests
     link.write_bytes(tiny_gguf.read_bytes()[:-1] + b"x")  # a damaged copy
-    with pytest.raises(sources.SourceError, match="is corrupt"):
+    with pytest.raises(base.SourceError, match="is corrupt"):
         hub.fetch(SPEC, "Q4_K_M")
 
 
 def test_download_with_a_wrong_etag_is_refused(fake_hub, tiny_gguf):
     file = PATTERN.format(quant="Q8_0")
     serve_file(fake_hub, file, tiny_gguf.read_bytes(), hashlib.sha256(b"the Hub's real file").hexdigest())
-    with pytest.raises(sources.SourceError, match=r"^Q8_0: .* is corrupt: its sha256 is"):
+    with pytest.raises(base.SourceError, match=r"^Q8_0: .* is corrupt: its sha256 is"):
         hub.fetch(SPEC, "Q8_0")
 
 
@@ -269,7 +270,7 @@ def test_missing_file_names_file_and_repo(fake_hub, monkeypatch):
     file = PATTERN.format(quant="Q4_K_M")
     fake_hub.routes[resolve_path(file)] = (404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT,
                                                  "X-Error-Message": "Entry not found"}, b"")
-    with pytest.raises(sources.SourceError) as e:
+    with pytest.raises(base.SourceError) as e:
         hub.fetch(SPEC, "Q4_K_M")
     msg = str(e.value)
     assert "\n" not in msg and f"file {file!r} not found in {HUB_REPO}" in msg and "model.file" in msg
@@ -284,7 +285,7 @@ def test_gated_repo_says_accept_license_and_set_token(fake_hub):
     spec = ModelSpec(source="hub", architecture="", repo=repo, file="model-{quant}.gguf")
     fake_hub.routes[resolve_path("model-Q4_K_M.gguf", repo=repo)] = (
         401, {"X-Error-Code": "GatedRepo", "X-Error-Message": f"Access to model {repo} is restricted."}, b"")
-    with pytest.raises(sources.SourceError) as e:
+    with pytest.raises(base.SourceError) as e:
         hub.fetch(spec, "Q4_K_M")
     msg = str(e.value)
     assert "\n" not in msg and "gated" in msg and "accept its license" in msg and "HF_TOKEN" in msg and repo in msg
@@ -292,7 +293,7 @@ def test_gated_repo_says_accept_license_and_set_token(fake_hub):
 
 def test_unknown_or_private_repo(fake_hub):
     spec = ModelSpec(source="hub", architecture="", repo="nobody/nothing", file="m-{quant}.gguf")
-    with pytest.raises(sources.SourceError) as e:
+    with pytest.raises(base.SourceError) as e:
         hub.fetch(spec, "Q4_K_M")
     msg = str(e.value)
     assert "\n" not in msg and "repository nobody/nothing not found" in msg and "HF_TOKEN" in msg
@@ -302,7 +303,7 @@ def test_unknown_revision(fake_hub):
     spec = ModelSpec(source="hub", architecture="", repo=HUB_REPO, file=PATTERN, revision="v9")
     fake_hub.routes[resolve_path(PATTERN.format(quant="Q4_K_M"), "v9")] = (
         404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id: v9"}, b"")
-    with pytest.raises(sources.SourceError, match=r"^Q4_K_M: revision 'v9' not found in .*model.revision"):
+    with pytest.raises(base.SourceError, match=r"^Q4_K_M: revision 'v9' not found in .*model.revision"):
         hub.fetch(spec, "Q4_K_M")
 
 
@@ -314,7 +315,7 @@ def test_disk_full_while_downloading(fake_hub, tiny_gguf, monkeypatch):
 
     monkeypatch.setattr(file_download, "http_get", full)
     serve_file(fake_hub, PATTERN.format(quant="Q4_K_M"), tiny_gguf.read_bytes(), sha256(tiny_gguf))
-    with pytest.raises(sources.SourceError, match=r"^Q4_K_M: disk full while downloading .*HF_HOME"):
+    with pytest.raises(base.SourceError, match=r"^Q4_K_M: disk full while downloading .*HF_HOME"):
         hub.fetch(SPEC, "Q4_K_M")
 
 
@@ -325,7 +326,7 @@ def test_hub_down_and_not_cached(fake_hub, monkeypatch):
 
     monkeypatch.setattr(file_download, "_ETAG_RETRY_TIMEOUT", 1)
     monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)  # the library's backoff
-    with pytest.raises(sources.SourceError) as e:
+    with pytest.raises(base.SourceError) as e:
         hub.fetch(SPEC, "Q4_K_M")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("Q4_K_M: ") and "HTTP 500" in msg and "hf download" in msg

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from harness import inspect, quantize, synthetic
 from harness.config import ConfigError
+from harness.gguf import inspect
+from harness.sources import quantize, synthetic
 
 TINY = synthetic.ARCHS["tiny"]
 QUANTS = ("Q4_K_M", "Q8_0", "Q4_K_L")

@@ -9,8 +9,10 @@ import pytest
 import yaml
 from conftest import REPO, run_cli
 
-from harness import config, runner, schema, synthetic
-from harness.sources import sha256_file
+from harness import config, schema
+from harness.measure import runner
+from harness.sources import synthetic
+from harness.sources.base import sha256_file
 
 SMOKE = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
 
@@ -130,3 +132,39 @@ def test_results_are_never_overwritten(measured):
     cfg, run_dir, errors, recs = measured
     with pytest.raises(runner.RunError, match="never overwritten"):
         runner.run(cfg, out=run_dir, progress=False)
+
+
+def test_memory_test_kv_buffers_match_the_arithmetic(tiny_cache, tmp_path):
+    """bench.contexts: llama.cpp's own KV buffer, for every cache type and size, equals
+    2 (K and V) x layers x KV heads x head size x bytes per element x cells (the context rounded up to 256
+    cells), with ggml's block sizes: f16 2 bytes, q8_0 34 per 32, q4_0 18 per 32. V quantized without flash
+    attention is an error cell, and the sweep goes on."""
+    arch = synthetic.ARCHS["tiny"]
+    cfg = smoke_cfg(tiny_cache, n_prompt=0, n_gen=16, repetitions=1, contexts=[16, 300, 4096],
+                    cache_type_k=["f16", "q8_0", "q4_0"], cache_type_v=["f16", "q4_0"],
+                    context_flash_attn=["on", "off"])
+    cfg = config.from_dict({**cfg.to_dict(), "quants": ["Q4_K_M"], "probes": False})
+    run_dir, errors = runner.run(cfg, out=tmp_path / "run", progress=False, echo=lambda s: None)
+    assert errors == {}
+    mem = schema.read_records(run_dir / "contexts.jsonl")
+    assert len(mem) == 3 * 3 * 2 * 2 and all(r.test == "mem" for r in mem)
+    per_elem = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+    for r in mem:
+        if r.cache_type_v != "f16" and r.flash_attn == "off":
+            assert r.status == "error" and "failed to create a context" in r.error, r
+            continue
+        assert r.status == "ok", r.error
+        cells = -(-r.n_ctx // 256) * 256
+        half = arch.n_layer * arch.n_head_kv * arch.head_dim * cells
+        want = half * (per_elem[r.cache_type_k] + per_elem[r.cache_type_v])
+        assert abs(r.kv_bytes - want) <= 2 * 5 * 1024, (r.n_ctx, r.cache_type_k, r.cache_type_v, r.kv_bytes, want)
+        assert r.compute_bytes > 0 and r.rss_bytes > 0
+    # the pp/tg records ran with the first KV types and say so
+    recs = schema.read_records(run_dir / "records.jsonl")
+    assert {(r.cache_type_k, r.cache_type_v) for r in recs} == {("f16", "f16")}
+
+
+def test_kv_bytes_per_token_of_the_1b():
+    from harness.analysis import points
+
+    assert points.kv_bytes_per_token() == 32 * 1024  # 2 x 16 layers x 8 KV heads x 64 x 2 bytes (f16)

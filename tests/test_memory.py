@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from harness import memory
+from harness.measure import memory
 
 
 def test_sampler_peak_first_last_fieldwise():

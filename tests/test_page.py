@@ -1,4 +1,4 @@
-"""Every number the page prints, reproduced to its printed precision by harness.page's rules, and the
+"""Every number the page prints, reproduced to its printed precision by harness.catalog.page's rules, and the
 places where the page's text gives other rules."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import calibrate, devices, page, quants
+from harness.analysis import points
+from harness.catalog import devices, page, quants
 
 SEED_PAGE = Path("/work/shared/seed/llama-3.2-1b-requirements-page.txt")
 REPO_SEED = Path(__file__).resolve().parent.parent / "shared" / "seed" / SEED_PAGE.name
@@ -108,7 +109,7 @@ def test_other_quants_follow_the_same_rule():
 
 
 def test_kv_claim_in_the_discrepancies():
-    assert calibrate.kv_bytes_per_token() * 2048 == 64 * 1024 * 1024
+    assert points.kv_bytes_per_token() * 2048 == 64 * 1024 * 1024
     assert any("64 MiB" in d for d in page.DISCREPANCIES)
 
 

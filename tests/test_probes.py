@@ -9,7 +9,10 @@ import pytest
 import yaml
 from conftest import REPO
 
-from harness import config, probes, quantize, runner, schema, synthetic, validate
+from harness import config, schema
+from harness.gguf import validate
+from harness.measure import runner
+from harness.sources import probes, quantize, synthetic
 
 TINY = synthetic.ARCHS["tiny"]
 
@@ -169,7 +172,8 @@ def test_a_failed_probe_is_recorded_and_reported_and_the_run_goes_on(tiny_cache,
     the quants and the other probes are measured, and the report and the calibration say what is missing."""
     import shutil
 
-    from harness import report, summary
+    from harness import report
+    from harness.analysis import summary
 
     cache = tmp_path / "cache"
     shutil.copytree(tiny_cache, cache)

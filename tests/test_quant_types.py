@@ -7,7 +7,7 @@ import collections
 import gguf
 import pytest
 
-from harness import quants
+from harness.catalog import quants
 
 # Dominant type of the block weight matrices, and the type of token_embd (which is also the output matrix:
 # the embeddings are tied, so llama.cpp quantizes it like output.weight).
@@ -55,7 +55,7 @@ def test_m_and_l_recipes_spend_more_bits(tiny_file):
 def test_imatrix_changes_type_choices_like_the_hub(tiny_cache, tmp_path):
     """With an importance matrix llama.cpp picks some types differently, as in the Hub's imatrix quants:
     IQ4_XS keeps the first eighth of ffn_down in IQ4_XS (Q5_K without), Q4_0 moves it to Q4_1."""
-    from harness import quantize
+    from harness.sources import quantize
 
     f16 = quantize.synthetic_file(tiny_cache, "tiny", 0, "F16", True)
     for quant, plain_type, imatrix_type in (("IQ4_XS", "Q5_K", "IQ4_XS"), ("Q4_0", "Q4_0", "Q4_1")):

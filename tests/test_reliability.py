@@ -1,6 +1,6 @@
 """Reliability: hostile files, crashes and interruptions lose nothing.
 
-- damaged and hostile GGUF files are rejected in Python (:mod:`harness.validate`) before llama.cpp sees them,
+- damaged and hostile GGUF files are rejected in Python (:mod:`harness.gguf.validate`) before llama.cpp sees them,
   in the measuring child as well as in a whole sweep;
 - a sweep killed with SIGKILL resumes to exactly the full set of cells, torn last line and all;
 - an output folder that cannot be written, or a resume folder that is not one: exit 1 and one line;
@@ -31,8 +31,10 @@ import pytest
 import yaml
 from conftest import REPO, run_cli
 
-from harness import config, runner, schema, validate
-from harness.sources import sha256_file
+from harness import config, schema
+from harness.gguf import validate
+from harness.measure import runner, worker
+from harness.sources.base import sha256_file
 
 SMOKE = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
 
@@ -252,23 +254,45 @@ def _text_file(tmp_path: Path) -> Path:
     return p
 
 
-def test_big_vocabulary_header_is_fast():
-    """The 1B file's header (128k tokens and as many merges; the real download has 280k) parses in well under
-    a second, in little memory."""
-    cache = Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "harness"))
-    path = cache / "synthetic" / "llama-3.2-1b-seed0-w2" / "F16.gguf"
-    if not path.is_file():
-        pytest.skip(f"no 1B synthetic model at {path} (built by a 1b-synthetic run)")
-    t0 = time.perf_counter()
+def header_heavy_gguf(path: Path) -> Path:
+    """A GGUF with Llama 3.2 1B's full header weight (its 128,256-token vocabulary and as many merges) and one
+    small tensor: what the header parser faces on the real file, in a few MB written in a second or two."""
+    import gguf
+    import numpy as np
+
+    from harness.sources import synthetic
+
+    arch = synthetic.ARCHS["llama-3.2-1b"]
+    tok = synthetic.build_tokenizer(arch)
+    w = gguf.GGUFWriter(path, arch="llama")
+    w.add_block_count(arch.n_layer)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tok.tokens)
+    w.add_token_types(tok.types)
+    w.add_token_merges(tok.merges)
+    w.add_array("tokenizer.ggml.extra_merges", tok.merges + tok.merges)  # as the real file's 280k merges
+    w.add_tensor("output_norm.weight", np.ones(arch.n_embd, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_big_vocabulary_header_parses_in_little_memory(tmp_path):
+    """The 1B file's header (128k tokens and as many merges; the real download has 280k) is read through a
+    bounded window: the parser's memory stays small whatever the header's size. Its speed (milliseconds) is
+    measured in benchmarks/timings.py, not asserted here."""
+    path = header_heavy_gguf(tmp_path / "vocab.gguf")
+    size = path.stat().st_size
+    assert size > 6 << 20  # the header alone is several times the read window
     s = validate.check(path)
-    elapsed = time.perf_counter() - t0
-    assert s.n_tensors == 147 and s.architecture == "llama"
-    assert elapsed < 0.5, f"{elapsed:.2f} s"
+    assert s.n_tensors == 1 and s.architecture == "llama" and s.type_weights == {"F32": 2048}
     tracemalloc.start()
     validate.check(path)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < 4 << 20, peak  # the read window plus small change; the header itself is ~8 MB
+    assert peak < min(size // 2, 4 << 20), (peak, size)  # the 1 MiB read window plus small change
 
 
 def test_fuzz_damaged_files(tiny_file, tmp_path, capsys):
@@ -357,17 +381,10 @@ def _same_length_tokens(data: bytes, lay: Layout) -> tuple[tuple[int, bytes], tu
 
 
 def child_job(cfg: config.Config, path: Path, logs: Path, quant: str = "Q4_K_M") -> dict:
-    """The job Runner.run sends to harness.worker for one file."""
-    return {
-        "path": str(path),
-        "bench": {**runner.resolved_bench(cfg), "skip_cells": []},
-        "log_path": str(logs / f"{path.stem}.llama.log"),
-        "expect_arch": "llama",
-        "record_base": {
-            "run_id": "test", "quant": quant, "weights": "local", "weights_ref": str(path), "file_path": str(path),
-            "file_bytes": path.stat().st_size, "file_sha256": sha256_file(path), "llama_cpp_version": "0.3.36",
-        },
-    }
+    """The job Runner.run sends to harness.measure.worker for one file."""
+    base = {"run_id": "test", "quant": quant, "weights": "local", "weights_ref": str(path), "file_path": str(path),
+            "file_bytes": path.stat().st_size, "file_sha256": sha256_file(path), "llama_cpp_version": "0.3.36"}
+    return worker.make_job(path, runner.resolved_bench(cfg), base, logs / f"{path.stem}.llama.log")
 
 
 def test_damaged_files_never_reach_llama_cpp(tiny_cache, tiny_file, tmp_path, capsys):
@@ -483,7 +500,7 @@ def _workers(pid: int) -> set[int]:
     out = set()
     for k in kids:
         try:
-            if "harness.worker" in " ".join(k.cmdline()):
+            if "harness.measure.worker" in " ".join(k.cmdline()):
                 out.add(k.pid)
         except psutil.Error:
             pass
@@ -563,7 +580,7 @@ def test_kill9_then_resume(tiny_cache, tmp_path):
 _PARENT = """
 import json, sys
 from pathlib import Path
-from harness import runner
+from harness.measure import runner
 runner.measure_in_child(json.loads(sys.argv[1]), 600, lambda r: None, lambda m: print(m, flush=True),
                         Path(sys.argv[2]))
 """
@@ -626,7 +643,7 @@ def test_ctrl_c_exits_130_and_leaves_nothing_running(tiny_cache, tmp_path):
     assert not _alive(workers)
     orphans = []
     for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
-        if p.info["ppid"] == proc.pid and "harness.worker" in " ".join(p.info["cmdline"] or []):
+        if p.info["ppid"] == proc.pid and "harness.measure.worker" in " ".join(p.info["cmdline"] or []):
             orphans.append(p.info["pid"])
     assert orphans == []
 
@@ -674,7 +691,8 @@ BIG_DEPTH = 786_432  # tokens: the tiny model's KV cache is 2 KiB/token (8 layer
 
 _CONTEXT_ONLY = """
 import json, sys
-from harness import bench, worker
+from harness.measure import bench
+from harness.measure import worker
 from harness.llamalog import LogCapture
 path, limit, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 worker._limit_memory(limit or None)

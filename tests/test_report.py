@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 from test_calibrate import BPW, ENV_CPU, MIB, N, frame, make_records
 
-from harness import cli, page, report, schema
+from harness import cli, report, schema
+from harness.catalog import page
+from harness.report import tables
 
 
 def write_run(path, records, env=ENV_CPU):
@@ -39,20 +41,20 @@ def write_run(path, records, env=ENV_CPU):
     (100, float("nan"), "-", None),
 ])
 def test_verdict(measured, predicted, text, inside):
-    assert report.verdict(measured, predicted) == text
-    assert report.inside(measured, predicted) is inside
+    assert tables.verdict(measured, predicted) == text
+    assert tables.inside(measured, predicted) is inside
 
 
 def test_quant_table_on_fixed_records():
     df = frame(make_records(quant_list=["Q4_K_M", "Q8_0"], noise=0.0))
     device = {"name": "Test CPU", "kind": "cpu", "vendor": "cpu", "bandwidth_gb_s": 20.0, "peak_source": "rss"}
-    t = report.quant_table(df, device)
+    t = tables.quant_table(df, device)
     assert list(t.quant) == ["Q4_K_M", "Q8_0"]
     r = t.set_index("quant").loc["Q4_K_M"]
     size = int(BPW["Q4_K_M"] * N / 8)
     assert r.page_tok_s == pytest.approx(20.0 / 0.82 * 0.55)
     assert r.tg_vs_page == pytest.approx(r.tg_tok_s / r.page_tok_s)
-    assert r.tg_verdict == report.verdict(r.tg_tok_s, r.page_tok_s)
+    assert r.tg_verdict == tables.verdict(r.tg_tok_s, r.page_tok_s)
     assert r.pp_tok_s == pytest.approx(40 * r.tg_tok_s)
     assert r.tg_spread == 0
     assert r.weights_bytes == size
@@ -139,7 +141,7 @@ def test_failed_quant_and_missing_env(tmp_path):
 
 def test_hub_weights_statement():
     df = frame(make_records(quant_list=["Q4_0"], weights="hub"))
-    assert "real weights" in report.weights_statement(df)
+    assert "real weights" in tables.weights_statement(df)
 
 
 def test_cli_report(tmp_path, capsys):
@@ -173,26 +175,54 @@ def _tiny_gguf(path):
     return path
 
 
-def test_gguf_tensor_types(tmp_path):
-    from harness import inspect
+def test_one_reader_for_tensor_types(tmp_path):
+    from harness.gguf import inspect, validate
 
     p = _tiny_gguf(tmp_path / "t.gguf")
-    types = report.gguf_tensor_types(p)
-    assert types == {"F32": 1024, "F16": 2048, "Q8_0": 512}
-    assert types == {k: v["n_elements"] for k, v in inspect.describe(p)["types"].items()}
+    header = validate.check(p, expect_arch=None)
+    assert header.type_weights == {"F32": 1024, "F16": 2048, "Q8_0": 512}
+    assert header.type_weights == {k: v["n_elements"] for k, v in inspect.describe(p)["types"].items()}
+    # bytes per type: F32 4 per weight, F16 2, Q8_0 34 per block of 32 (ggml's own block sizes)
+    assert header.tensor_types() == {"F16": {"n_weights": 2048, "n_bytes": 4096},
+                                     "F32": {"n_weights": 1024, "n_bytes": 4096},
+                                     "Q8_0": {"n_weights": 512, "n_bytes": 512 // 32 * 34}}
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"nope")
     with pytest.raises(ValueError):
-        report.gguf_tensor_types(bad)
+        validate.check(bad, expect_arch=None)
 
 
-def test_tensor_types_from_files(tmp_path):
-    p = _tiny_gguf(tmp_path / "t.gguf")
-    recs = [dataclasses.replace(r, file_path=str(p), file_bytes=p.stat().st_size)
-            for r in make_records(quant_list=["Q4_K_M"], pp=False)]
-    assert report.tensor_types_from_files(frame(recs)) == {"Q4_K_M": {"F32": 1024, "F16": 2048, "Q8_0": 512}}
-    moved = make_records(quant_list=["Q4_K_M"], pp=False)  # file paths that do not exist
-    assert report.tensor_types_from_files(frame(recs + moved)) is not None  # one readable file per quant suffices
-    assert report.tensor_types_from_files(frame(make_records(quant_list=["Q8_0"], pp=False))) is None
-    changed = [dataclasses.replace(r, file_bytes=1) for r in recs]  # the file changed since
-    assert report.tensor_types_from_files(frame(changed)) is None
+def with_types(records, types):
+    return [dataclasses.replace(r, tensor_types=types.get(r.quant)) for r in records]
+
+
+def test_tensor_types_come_from_the_records():
+    from harness.analysis import points
+
+    types = {"Q4_K_M": {"Q4_K": {"n_weights": 1000, "n_bytes": 562}, "F32": {"n_weights": 10, "n_bytes": 40}}}
+    recs = with_types(make_records(quant_list=["Q4_K_M"], pp=False), types)
+    assert points.tensor_types_from_records(frame(recs)) == {"Q4_K_M": {"Q4_K": 1000, "F32": 10}}
+    # a quant whose records predate the field: no tensor types for anyone (the mix models sit out)
+    older = make_records(quant_list=["Q8_0"], pp=False)
+    assert points.tensor_types_from_records(frame(recs + older)) is None
+
+
+def test_report_never_opens_model_files(tmp_path):
+    """A report regenerated after the model files (and the whole cache) are gone equals the original."""
+    tiny = _tiny_gguf(tmp_path / "model.gguf")
+    recs = [dataclasses.replace(r, file_path=str(tiny), file_bytes=tiny.stat().st_size)
+            for r in make_records(quant_list=["Q4_K_M", "Q8_0", "IQ3_M"], noise=0.0)]
+    types = {q: {"Q4_K": {"n_weights": 900_000_000, "n_bytes": 506_250_000},
+                 "Q6_K": {"n_weights": 300_000_000, "n_bytes": 246_093_750}} if q == "Q4_K_M" else
+             {"Q8_0": {"n_weights": 1_200_000_000, "n_bytes": 1_275_000_000}} if q == "Q8_0" else
+             {"IQ3_S": {"n_weights": 1_000_000_000, "n_bytes": 429_687_500},
+              "Q6_K": {"n_weights": 200_000_000, "n_bytes": 164_062_500}} for q in ("Q4_K_M", "Q8_0", "IQ3_M")}
+    run = write_run(tmp_path / "run", with_types(recs, types))
+    first = report.write_report(run, tmp_path / "r1")
+    tiny.unlink()
+    second = report.write_report(run, tmp_path / "r2")
+    for name in ("summary.csv", "calibration.json", "report.md"):
+        a, b = (first / name).read_text(), (second / name).read_text()
+        assert a.replace("r1", "rX") == b.replace("r2", "rX"), name
+    cal = json.loads((first / "calibration.json").read_text())
+    assert any("mix" in c for c in cal["tg"]["candidates"]), "the mix models ran: the tensor types were used"

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from harness import quantize, synthetic
+from harness.sources import quantize, synthetic
 
 ONE_B = synthetic.ARCHS["llama-3.2-1b"]
 

@@ -2,7 +2,7 @@
 
 Speed and memory depend on tensor shapes and quant types, not on weight values, so a file with the real
 model's metadata, tensor names and shapes measures the same work as the real download (quality does not
-carry over). The F16 file written here is quantized by llama.cpp itself (:mod:`harness.quantize`).
+carry over). The F16 file written here is quantized by llama.cpp itself (:mod:`harness.sources.quantize`).
 
 Tensors are written one at a time, so writing the 2.5 GB F16 file of the 1B model needs no more memory
 than its largest tensor.

@@ -1,6 +1,6 @@
 """Measure one GGUF file with llama.cpp, the way llama-bench does, through the low-level API.
 
-Runs inside the child process (:mod:`harness.worker`). For each depth and each test (pp, tg) a context of
+Runs inside the child process (:mod:`harness.measure.worker`). For each depth and each test (pp, tg) a context of
 ``n_prompt + n_gen + n_depth`` tokens is created, as llama-bench does; one untimed warm-up, then each
 repetition clears the KV cache, restores the pre-filled depth (untimed), and times only ``llama_decode``
 calls on seeded random token ids: no tokenization, no sampling. ``pp`` decodes the prompt in ``n_batch``
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from harness import memory
 from harness.config import CACHE_TYPES
 from harness.llamalog import LogCapture, flash_attn_resolved, parse_buffers
+from harness.measure import memory
 
 log = logging.getLogger(__name__)
 

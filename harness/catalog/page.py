@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from harness import quants
+from harness.catalog import quants
 
 GB = 1e9  # the page's GB are decimal
 
@@ -65,7 +65,7 @@ BY_QUANT: dict[str, PageRow] = {r.quant: r for r in ROWS}
 class PageSpeed(NamedTuple):
     """One printed speed at Q4_K_M and the bandwidth and vendor that reproduce it."""
 
-    device: str  # the page's device name (harness.devices.lookup finds it in the catalog)
+    device: str  # the page's device name (harness.catalog.devices.lookup finds it in the catalog)
     vendor: str  # "nvidia" or "amd": picks the efficiency
     tok_s: int  # printed "~N tok/s"
     bandwidth_gb_s: float  # the bandwidth the page must have used (= the spec sheet's)

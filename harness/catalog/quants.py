@@ -5,7 +5,7 @@ are llama.cpp's own; ``Q4_K_L`` and ``Q5_K_L`` are the Hub's convention (bartows
 recipe with the token embedding and output tensors kept in Q8_0.
 
 What the page under test claims for each quant (its "Bits" column among them) is transcribed once, in
-:mod:`harness.page`.
+:mod:`harness.catalog.page`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """``python -m harness inspect FILE.gguf``: what a GGUF file really holds, read from its header.
 
-The file is memory-mapped by ``gguf.GGUFReader`` and never loaded into llama.cpp, so inspecting a 1B file takes
-a moment and no memory. It reports the parameter count, a histogram of tensor types, and the true bits per weight
-(8 * tensor bytes / elements) overall, for the token embedding and for everything else, next to the "Bits"
-column the page prints for that quant (:data:`harness.page.BY_QUANT`), which is a claim, not a measurement.
+The header is read by :mod:`harness.gguf.validate` (bounded, validated, milliseconds) and the file is never
+loaded into llama.cpp, so inspecting a 1B file takes a moment and no memory. It reports the parameter count,
+a histogram of tensor types, and the true bits per weight (8 * tensor bytes / elements) overall, for the token
+embedding and for everything else, next to the "Bits" column the page prints for that quant
+(:data:`harness.catalog.page.BY_QUANT`), which is a claim, not a measurement.
 """
 
 from __future__ import annotations
@@ -15,20 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import page, quants
+from harness.catalog import page, quants
 from harness.config import ConfigError
+from harness.gguf import validate
 
 EMBD = "token_embd.weight"
-
-
-def _field(reader, key: str) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    try:
-        return f.contents()
-    except (IndexError, ValueError):
-        return None
 
 
 def _bits(n_bytes: int, n_elements: int) -> float | None:
@@ -56,7 +48,8 @@ def quant_of(ftype_name: str | None, embd_type: str | None, file_name: str) -> t
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """Everything :func:`format_text` prints, as a JSON-ready dict; raises ConfigError for a missing or bad file."""
+    """Everything :func:`format_text` prints, as a JSON-ready dict; raises ConfigError for a missing or bad file.
+    The header is read (and validated) by :func:`harness.gguf.validate.check`, the one GGUF reader."""
     import gguf
 
     p = Path(path)
@@ -65,21 +58,20 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(p, "rb") as f:
             magic = f.read(4)
+        if magic != b"GGUF":
+            raise ConfigError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        header = validate.check(p, expect_arch=None)
+    except validate.InvalidGGUF as e:
+        raise ConfigError(f"{path}: not a readable GGUF file: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-    if magic != b"GGUF":
-        raise ConfigError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    try:
-        reader = gguf.GGUFReader(p, "r")
-        tensors = list(reader.tensors)
-    except Exception as e:  # noqa: BLE001 - a truncated or corrupt header can fail in many ways
-        raise ConfigError(f"{path}: not a readable GGUF file: {type(e).__name__}: {e}") from None
+    tensors = header.tensors
 
     types: dict[str, dict[str, int]] = {}
     n_params = n_bytes = 0
     embd: dict[str, Any] | None = None
     for t in tensors:
-        name = t.tensor_type.name
+        name = t.type_name
         row = types.setdefault(name, {"tensors": 0, "n_elements": 0, "bytes": 0})
         row["tensors"] += 1
         row["n_elements"] += int(t.n_elements)
@@ -93,7 +85,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         row["bits_per_weight"] = _bits(row["bytes"], row["n_elements"])
     types = dict(sorted(types.items(), key=lambda kv: -kv[1]["bytes"]))
 
-    ftype_id = _field(reader, "general.file_type")
+    ftype_id = header.hparams.get("general.file_type")
     try:
         ftype_name = gguf.LlamaFileType(int(ftype_id)).name if ftype_id is not None else None
     except ValueError:
@@ -106,8 +98,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     return {
         "path": str(p),
         "file_bytes": p.stat().st_size,
-        "architecture": _field(reader, "general.architecture"),
-        "name": _field(reader, "general.name"),
+        "architecture": header.architecture,
+        "name": header.strings.get("general.name"),
         "file_type": ftype_name,  # gguf.LlamaFileType name of general.file_type, e.g. "MOSTLY_Q4_K_M"
         "quant": quant,  # recipe name, or None when neither the file type nor the file name tells
         "quant_from": quant_from,  # how: "general.file_type" (+ the embedding's type for _L), or "file name"

@@ -1,6 +1,6 @@
 """The sweep: config -> model files -> one child process per file -> records.jsonl.
 
-Each model file is measured in its own child process (:mod:`harness.worker`) under a time limit, so a crash,
+Each model file is measured in its own child process (:mod:`harness.measure.worker`) under a time limit, so a crash,
 a hang or an out-of-memory in llama.cpp becomes that quant's error record and the sweep goes on. Records are
 written by this process as they arrive, flushed and fsynced, so a killed run keeps every finished
 measurement, and ``--resume`` measures only the cells that are missing.
@@ -25,14 +25,20 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from harness import config as config_mod
-from harness import env as env_mod
-from harness import page, probes, quantize, schema, sources, validate
-from harness.bench import mem_cells, tests_for
+from harness import schema
+from harness.catalog import page
 from harness.config import Config
+from harness.gguf import validate
+from harness.measure import env as env_mod
+from harness.measure import worker
+from harness.measure.bench import mem_cells, tests_for
+from harness.sources import probes, quantize
+from harness.sources.base import ModelFile, SourceError, sha256_file
+from harness.sources.resolve import resolve as resolve_source
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "results"
 
 
@@ -69,7 +75,7 @@ def check_writable(folder: Path) -> None:
 
 def _expected_synthetic_bytes(cfg: Config, todo: list[str]) -> int:
     """Disk needed to build what the synthetic cache lacks (a bound: 8.5 bits/weight for unknown recipes)."""
-    from harness import synthetic
+    from harness.sources import synthetic
 
     arch = synthetic.ARCHS[cfg.model.architecture]
     n = arch.n_params()
@@ -144,10 +150,10 @@ def resolved_bench(cfg: Config) -> dict[str, Any]:
 
 def measure_in_child(job: dict[str, Any], timeout_s: float, on_record: Callable[[dict], None],
                      on_progress: Callable[[str], None], stderr_path: Path) -> ChildResult:
-    """Run harness.worker on `job`; pass each record to `on_record` as it arrives."""
+    """Run harness.measure.worker on `job`; pass each record to `on_record` as it arrives."""
     with open(stderr_path, "ab") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "harness.measure.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=err, cwd=str(REPO), start_new_session=True,  # own group: a timeout kills it all
         )
     lines: queue.Queue[bytes | None] = queue.Queue()
@@ -241,7 +247,7 @@ class Runner:
         self.mem_writer: schema.RecordWriter | None = None  # contexts.jsonl, for bench.contexts
         self.mem_done: set[tuple] = set()  # (quant, "mem", n_ctx, type_k, type_v, flash_attn) recorded
 
-    def _error_record(self, quant: str, error: str, mf: sources.ModelFile | None) -> schema.Record:
+    def _error_record(self, quant: str, error: str, mf: ModelFile | None) -> schema.Record:
         return schema.make(
             run_id=self.run_id, utc=_utc(), status="error", error=error, quant=quant,
             weights=mf.weights if mf else self.cfg.model.source, weights_ref=mf.weights_ref if mf else None,
@@ -263,7 +269,7 @@ class Runner:
         cfg = self.cfg
         (self.run_dir / "logs").mkdir(exist_ok=True)
         n_q, rounds = len(cfg.quants), cfg.bench.rounds
-        resolved: dict[str, sources.ModelFile] = {}
+        resolved: dict[str, ModelFile] = {}
         paths: dict[str, Path] = {q: Path(p) for q, p in (known_files or {}).items()}  # for the probes
         for v in range(rounds):
             mine = set(visit_reps(self.bench["repetitions"], rounds, v))
@@ -290,16 +296,16 @@ class Runner:
                 if probe_writer is not None and path is not None and path.is_file():
                     self._probe(probe_writer, head, path, probes_done or set(), v)
 
-    def _resolve(self, writer, head: str, quant: str) -> sources.ModelFile | None:
+    def _resolve(self, writer, head: str, quant: str) -> ModelFile | None:
         try:
             self.echo(f"{head} getting the model file ({self.cfg.model.source})")
-            return sources.resolve(self.cfg, quant, progress=self.progress)
+            return resolve_source(self.cfg, quant, progress=self.progress)
         except Exception as e:  # noqa: BLE001 - SourceError, QuantizeError, OSError: all end this quant only
-            msg = str(e) if isinstance(e, sources.SourceError) else f"{type(e).__name__}: {e}"
+            msg = str(e) if isinstance(e, SourceError) else f"{type(e).__name__}: {e}"
             self._fail(writer, head, quant, msg, None)
             return None
 
-    def _measure(self, writer, head: str, quant: str, mf: sources.ModelFile, skip: list, n_todo: int,
+    def _measure(self, writer, head: str, quant: str, mf: ModelFile, skip: list, n_todo: int,
                  skip_mem: list | None = None, n_mem: int = 0) -> None:
         t0 = time.monotonic()
         size = mf.path.stat().st_size
@@ -307,17 +313,11 @@ class Runner:
         contexts = f" and {n_mem} contexts (memory test)" if n_mem else ""
         self.echo(f"{head} {mf.path.name} {size / 1e6:,.0f} MB{built}; measuring {n_todo} repetitions{contexts}")
         logs = self.run_dir / "logs"
-        job = {
-            "path": str(mf.path),
-            "bench": {**self.bench, "skip_cells": skip, "skip_mem": skip_mem or []},
-            "log_path": str(logs / f"{quant}.llama.log"),
-            "expect_arch": "llama",  # the worker checks the file's header for it before llama.cpp opens it
-            "record_base": {
-                "run_id": self.run_id, "quant": quant, "weights": mf.weights, "weights_ref": mf.weights_ref,
+        base = {"run_id": self.run_id, "quant": quant, "weights": mf.weights, "weights_ref": mf.weights_ref,
                 "file_path": str(mf.path), "file_bytes": size, "file_sha256": mf.sha256,
-                "llama_cpp_version": quantize.llama_cpp_version(),
-            },
-        }
+                "llama_cpp_version": quantize.llama_cpp_version()}
+        job = worker.make_job(mf.path, self.bench, base, logs / f"{quant}.llama.log", skip_cells=skip,
+                              skip_mem=skip_mem)
         res = self._child(job, writer, quant, n_todo + n_mem, logs / f"{quant}.stderr")
         if res.error:
             self._fail(writer, head, quant, res.error, mf, after=res.n_records)
@@ -363,14 +363,13 @@ class Runner:
             try:
                 path, built = probes.ensure_probe(self.cfg.resolved_cache_dir, parch, t, progress=self.progress)
                 base.update(file_path=str(path), file_bytes=path.stat().st_size,
-                            file_sha256=sources.sha256_file(path))
+                            file_sha256=sha256_file(path))
             except Exception as e:  # noqa: BLE001 - ProbeError, QuantizeError, OSError: this probe only
                 self._probe_fail(writer, head, (parch.name, t), base, f"{type(e).__name__}: {e}")
                 continue
             self.echo(f"{head} {label}: {base['file_bytes'] / 1e6:,.0f} MB{' (built now)' if built else ''}; "
                       f"measuring {n_todo} repetitions of tg{bench['n_gen']}")
-            job = {"path": str(path), "bench": {**bench, "skip_cells": skip},
-                   "log_path": str(logs / f"probe-{t}.llama.log"), "expect_arch": "llama", "record_base": base}
+            job = worker.make_job(path, bench, base, logs / f"probe-{t}.llama.log", skip_cells=skip)
             res = self._child(job, writer, label, n_todo, logs / f"probe-{t}.stderr")
             if res.error:
                 self._probe_fail(writer, head, (parch.name, t), base, res.error)
@@ -464,7 +463,7 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
         echo: Callable[[str], None] | None = None) -> tuple[Path, dict[str, str]]:
     """Run the sweep. Returns (results folder, {quant: error} for quants that failed)."""
     if cfg.model.source == "hub":
-        from harness import hub
+        from harness.sources import hub
 
         problems = hub.preflight(cfg.model, list(cfg.quants))
         if problems:

@@ -17,8 +17,9 @@ import os
 import re
 from pathlib import Path
 
-from harness import quants, synthetic
+from harness.catalog import quants
 from harness.llamalog import LogCapture
+from harness.sources import synthetic
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,14 @@ def _imatrix_entries(src: Path, every_matrix: bool = False):
     differently when one is given (IQ4_XS, Q4_0 and the IQ3 recipes). Uniform weights keep the values'
     quantization as without one while the recipe's type choices match the Hub's files.
     """
-    import gguf
     import llama_cpp
     import numpy as np
 
-    reader = gguf.GGUFReader(src)
+    from harness.gguf import validate
+
     keep = []  # the arrays must outlive the quantize call
     entries = []
-    for t in reader.tensors:
+    for t in validate.check(src, expect_arch=None).tensors:
         if (every_matrix or t.name.startswith("blk.")) and len(t.shape) == 2:
             ne0 = int(t.shape[0])
             arr = np.ones(ne0, dtype=np.float32)

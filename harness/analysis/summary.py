@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import pandas as pd
 
-from harness import quants
+from harness import stats
+from harness.catalog import quants
 from harness.schema import Record
 
 MIB = 1024 * 1024
@@ -59,17 +59,10 @@ def _mib1(v) -> str:
     return "-" if v is None or pd.isna(v) else f"{v / MIB:,.1f}"
 
 
-def spread(med, lo, hi) -> float:
-    """Half the min-max range, relative to the median (NaN where there is no measurement)."""
-    if med is None or pd.isna(med) or not med or lo is None or pd.isna(lo):
-        return math.nan
-    return (hi - lo) / 2 / med
-
-
 def _rate(med, lo, hi) -> str:
     if med is None or pd.isna(med):
         return "-"
-    return f"{med:,.1f} ±{spread(med, lo, hi) * 100:.1f}%"
+    return f"{med:,.1f} ±{stats.spread(med, lo, hi) * 100:.1f}%"
 
 
 def text_table(s: pd.DataFrame) -> str:
@@ -122,9 +115,9 @@ def context_table(df: pd.DataFrame) -> str:
 
 def probe_line(df: pd.DataFrame) -> str:
     """The kernel probes in one line: per tensor type, cheapest first, the probe's tg tok/s and ps per weight."""
-    from harness import probes
+    from harness.analysis import kernels
 
-    costs = probes.costs(df)
+    costs = kernels.costs(df)
     failed = sorted(set(df[df.status == "error"].quant)) if len(df) else []
     parts = [f"{t} {c['tok_s']:,.1f} tok/s ({c['s_per_weight'] * 1e12:,.1f} ps/weight)"
              for t, c in sorted(costs.items(), key=lambda kv: kv[1]["s_per_weight"])]

@@ -14,11 +14,12 @@ from typing import Any
 
 import psutil
 
-from harness import devices, memory
+from harness.catalog import devices
+from harness.measure import bandwidth, memory
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def git_info() -> dict[str, Any]:
@@ -67,7 +68,7 @@ def memory_bandwidth() -> dict[str, Any] | None:
     """The CPU's sustained memory bandwidth, measured (about 2 s): the page's speed formula needs one for a
     CPU, and the calibration reports efficiency against it."""
     try:
-        d = devices.measure_cpu_bandwidth_detail()
+        d = bandwidth.measure_cpu_bandwidth_detail()
     except Exception as e:  # noqa: BLE001 - provenance must not stop a run
         log.warning("could not measure the memory bandwidth: %s", e)
         return None

@@ -8,7 +8,7 @@ HF_HUB_OFFLINE). This module adds what a measurement needs on top of it:
 - a check of the bytes against the Hub's LFS metadata: in the cache, ``snapshots/<commit>/<file>`` links to
   ``blobs/<etag>``, and an LFS file's etag IS its sha256, so a truncated or corrupted file is refused before it
   is measured;
-- one clear line (a :class:`~harness.sources.SourceError`) for every way getting the file can fail, with the
+- one clear line (a :class:`~harness.sources.base.SourceError`) for every way getting the file can fail, with the
   way out;
 - :func:`preflight`, which the runner calls before it creates a results folder: offline, every quant whose
   file is not already cached is named at once, instead of twelve failures one by one.
@@ -28,8 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-from harness import sources
 from harness.config import ModelSpec
+from harness.sources import base as sources
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """Child-process entry: measure one model file, speak JSON lines to the parent.
 
-``python -m harness.worker`` reads one job (JSON) on stdin and writes messages on its original stdout, one
+``python -m harness.measure.worker`` reads one job (JSON) on stdin and writes messages on its original stdout, one
 JSON object per line: ``{"kind": "record", "record": {...}}`` per measured repetition,
 ``{"kind": "progress", "msg": "..."}`` and, on a failure it can report, ``{"kind": "error", "error": "..."}``.
-Before llama.cpp is even imported, the file's header is checked in Python (:mod:`harness.validate`): a damaged
+Before llama.cpp is even imported, the file's header is checked in Python (:mod:`harness.gguf.validate`): a damaged
 or hostile file becomes an "invalid GGUF" error, never llama.cpp's problem. llama.cpp's log goes to the job's
 log file. Anything else that writes to stdout (C code's printf) is moved to stderr first, so it cannot corrupt
-the protocol. A crash or hang is the parent's to report (:mod:`harness.runner`): whatever was already sent is
+the protocol. A crash or hang is the parent's to report (:mod:`harness.measure.runner`): whatever was already sent is
 kept. On Linux the process is killed when its parent dies, so a killed sweep leaves nothing measuring.
 """
 
@@ -51,8 +51,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def make_job(path: str | os.PathLike, bench: dict[str, Any], record_base: dict[str, Any], log_path: str | os.PathLike,
+             *, skip_cells: list | None = None, skip_mem: list | None = None, expect_arch: str | None = "llama"
+             ) -> dict[str, Any]:
+    """The one job this worker takes (JSON on stdin): the file, the resolved bench settings with the cells
+    already measured (`skip_cells` [test, depth, rep], `skip_mem` memory-test keys), the fields every record of
+    it starts from, where llama.cpp's log goes, and the architecture its header must name (checked before
+    llama.cpp opens it; None accepts any)."""
+    return {
+        "path": str(path),
+        "bench": {**bench, "skip_cells": list(skip_cells or []), "skip_mem": list(skip_mem or [])},
+        "log_path": str(log_path),
+        "expect_arch": expect_arch,
+        "record_base": dict(record_base),
+    }
+
+
 def run_job(job: dict[str, Any], send) -> int:
-    from harness import validate
+    from harness.gguf import validate
 
     # Check the header in Python before llama.cpp is even imported: a hostile or damaged file must not reach
     # its parser (absurd allocations, assertion aborts, reads past the mapping).
@@ -63,8 +79,9 @@ def run_job(job: dict[str, Any], send) -> int:
         return 3
     tensor_types = header.tensor_types()
 
-    from harness import bench, schema
+    from harness import schema
     from harness.llamalog import LogCapture
+    from harness.measure import bench
 
     limit_mb = job["bench"].get("memory_limit_mb")
     log_file = open(job["log_path"], "a", encoding="utf-8") if job.get("log_path") else None  # noqa: SIM115

@@ -7,7 +7,7 @@ measures each kernel on its own: a model with the measured model's layer shapes 
 same kernels, blocking and CPU repacking) but few layers and a 512-token vocabulary, every matrix in one ggml
 type (llama.cpp's quantizer with ``pure``), measured with the same tg test as the quants. Its time per token
 over its weights is that type's cost per weight (its small per-token overhead included);
-:mod:`harness.calibrate` turns it into a feature of the tg model::
+:mod:`harness.analysis.calibration` turns it into a feature of the tg model::
 
     kernel time of a file = sum over its tensor types of (weights in that type x the type's probe cost)
 
@@ -21,8 +21,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from harness import quantize, summary, synthetic, validate
-from harness.synthetic import Arch
+from harness.gguf import validate
+from harness.sources import quantize, synthetic
+from harness.sources.synthetic import Arch
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def types_to_probe(type_weights: dict[str, int]) -> list[str]:
 
 
 def shape_of(hparams: dict[str, Any], expect_arch: str = "llama") -> Arch:
-    """The architecture of a llama GGUF from its header's hyper-parameters (harness.validate's Summary)."""
+    """The architecture of a llama GGUF from its header's hyper-parameters (harness.gguf.validate's Summary)."""
     def get(key: str) -> Any:
         v = hparams.get(f"{expect_arch}.{key}")
         if v is None:
@@ -116,24 +117,3 @@ def ensure_probe(cache_dir: Path, parch: Arch, type_name: str, progress: bool = 
 
 def weights_ref(parch: Arch, type_name: str) -> str:
     return f"kernel probe: {parch.n_layer} layers of {parch.n_embd}x{parch.n_ff}, all {type_name}, seed={SEED}"
-
-
-def costs(df) -> dict[str, dict[str, float]]:
-    """Per ggml type, from probe records (a DataFrame of tg records, `quant` = type): the median tok/s, the
-    seconds per token per weight (`s_per_weight`), the repetitions and their relative spread."""
-    out: dict[str, dict[str, float]] = {}
-    if df is None or not len(df):
-        return out
-    ok = df[(df.status == "ok") & (df.test == "tg")]
-    for t, d in ok.groupby("quant", sort=False):
-        tok = d.tokens_per_s.astype(float)
-        n_w = d.model_n_params.dropna()
-        if not len(n_w) or not len(tok):
-            continue
-        med = float(tok.median())
-        out[str(t)] = {
-            "tok_s": med, "n": int(len(tok)), "n_weights": int(n_w.iloc[0]),
-            "s_per_weight": 1.0 / med / float(n_w.iloc[0]),
-            "spread": summary.spread(med, float(tok.min()), float(tok.max())),
-        }
-    return out

@@ -69,6 +69,17 @@ class InvalidGGUF(ValueError):
     """The file is not a GGUF llama.cpp can safely open; the message is one line saying why."""
 
 
+MAX_STRING = 1024  # string values up to this length are kept (general.name, ...); longer ones are skipped
+
+
+class TensorInfo(NamedTuple):
+    name: str
+    shape: tuple[int, ...]  # ne0 first, as GGUF stores it
+    type_name: str  # ggml type name, e.g. "Q4_K"
+    n_elements: int
+    n_bytes: int
+
+
 class Summary(NamedTuple):
     version: int  # GGUF version (2 or 3)
     n_tensors: int  # tensor infos in the header
@@ -79,6 +90,8 @@ class Summary(NamedTuple):
     type_weights: dict[str, int]  # weights (elements) per ggml type name, e.g. {"Q4_K": ..., "F32": ...}
     hparams: dict[str, int | float]  # the numeric scalars, e.g. {"llama.block_count": 16, ...}
     type_bytes: dict[str, int] = {}  # bytes of tensor data per ggml type name
+    tensors: tuple[TensorInfo, ...] = ()  # every tensor's info, in header order
+    strings: dict[str, str] = {}  # string values of at most MAX_STRING bytes, e.g. {"general.name": ...}
 
     def tensor_types(self) -> dict[str, dict[str, int]]:
         """{ggml type: {"n_weights": ..., "n_bytes": ...}}: what the analysis needs of a file, recorded with
@@ -214,6 +227,7 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
     architecture: str | None = None
     alignment = DEFAULT_ALIGNMENT
     hparams: dict[str, int | float] = {}
+    strings: dict[str, str] = {}
     for i in range(n_kv):
         raw, pos = r.string(pos, f"key #{i}", limit=MAX_KEY)
         if raw is None:
@@ -238,6 +252,10 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
             pos += 4
             if alignment == 0 or alignment & (alignment - 1):
                 raise InvalidGGUF(f"general.alignment {alignment} is not a power of two")
+        elif vtype == _T_STRING:
+            value, pos = r.string(pos, f"string value of {key!r}", limit=MAX_STRING)
+            if value is not None:
+                strings[key] = _text(value)
         elif vtype in _SCALAR_FORMAT:
             buf, at = r.view(pos, _SCALAR_SIZE[vtype], f"value of {key!r}")
             hparams[key] = struct.unpack_from(_SCALAR_FORMAT[vtype], buf, at)[0]
@@ -254,6 +272,7 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
     spans: list[tuple[int, int, str]] = []  # (offset, nbytes, name)
     type_weights: dict[str, int] = {}
     type_nbytes: dict[str, int] = {}
+    infos: list[TensorInfo] = []
     for i in range(n_tensors):
         left -= _MIN_TENSOR_INFO_BYTES
         raw, pos = r.string(pos, f"name of tensor #{i}", limit=MAX_NAME - 1)
@@ -292,6 +311,7 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
         if offset % alignment:
             raise InvalidGGUF(f"tensor {name!r} offset {offset} is not a multiple of the alignment {alignment}")
         spans.append((offset, nbytes, name))
+        infos.append(TensorInfo(name, tuple(dims), _TYPE_NAMES[ttype], n_elements, nbytes))
         type_weights[_TYPE_NAMES[ttype]] = type_weights.get(_TYPE_NAMES[ttype], 0) + n_elements
         type_nbytes[_TYPE_NAMES[ttype]] = type_nbytes.get(_TYPE_NAMES[ttype], 0) + nbytes
         if pos + left > size:
@@ -309,4 +329,5 @@ def _check(r: _Reader, expect_arch: str | None) -> Summary:
             raise InvalidGGUF(f"tensors {name_prev!r} and {name!r} overlap")
         end_prev, name_prev = offset + nbytes, name
         tensor_bytes += nbytes
-    return Summary(version, n_tensors, n_kv, architecture, tensor_bytes, size, type_weights, hparams, type_nbytes)
+    return Summary(version, n_tensors, n_kv, architecture, tensor_bytes, size, type_weights, hparams, type_nbytes,
+                   tuple(infos), strings)

@@ -1,0 +1,277 @@
+"""The solver: linear models of time per token (or memory) over named features, fitted with non-negativity
+where physics asks for it, leave-one-quant-out (LOQO) error, model choice among candidates, and a bootstrap of
+the chosen model's factors."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+REF_FAMILY = "k"  # the family without a compute column of its own (the overhead carries its cost)
+TYPE_RIDGE = 1.0  # penalty on per-type deviations, in units of (deviation / median time)^2
+SELECT_TOLERANCE = 1.10  # a simpler model wins unless the better one's LOQO RMS error is 10% lower
+SELECT_SLACK = 0.002  # ... and at least 0.2 points lower
+N_BOOTSTRAP = 200
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # how reports and calibration.json call it
+    features: tuple[str, ...]  # feature kinds, see _features()
+    description: str  # one line
+
+
+TG_CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("bandwidth", ("bytes",), "t = bytes / (bandwidth x efficiency)"),
+    Candidate("bandwidth+overhead", ("bytes", "const"), "t = bytes / (bandwidth x efficiency) + overhead"),
+    Candidate("bandwidth+overhead+family", ("bytes", "const", "family"),
+              "t = bytes / (bandwidth x efficiency) + overhead + compute cost per weight of the quant family"),
+    Candidate("family-bandwidth+overhead", ("family_bytes", "const"),
+              "t = bytes / (bandwidth x efficiency of the quant family) + overhead"),
+    Candidate("bandwidth+overhead+family+type", ("bytes", "const", "family", "type"),
+              "... + a (shrunken) compute cost per weight of the quant's main ggml type"),
+    # With the files' tensor types: the compute term counts each tensor's weights at its own type's cost.
+    Candidate("bandwidth+overhead+mix-family", ("bytes", "const", "mix_family"),
+              "t = bytes / (bandwidth x efficiency) + overhead + sum over families of weights in that family's "
+              "types x its cost per weight"),
+    Candidate("bandwidth+overhead+mix-family+mix-type", ("bytes", "const", "mix_family", "mix_type"),
+              "... + a (shrunken) cost per weight of each ggml type, times the weights stored in it"),
+    # With kernel probes: each tensor's weights at its type's cost per weight, measured apart from the quants.
+    Candidate("probe-kernels", ("kernel",),
+              "t = f x sum over tensor types of weights x the type's probe time per weight"),
+    Candidate("probe-kernels+overhead", ("kernel", "const"),
+              "t = f x (probe kernel time) + overhead"),
+    Candidate("probe-kernels+bandwidth+overhead", ("kernel", "bytes", "const"),
+              "t = f x (probe kernel time) + bytes / (bandwidth x efficiency) + overhead"),
+)
+_MIX_KINDS = {"mix_family", "mix_type"}
+
+
+def available(c: Candidate, points: pd.DataFrame) -> bool:
+    """Mix models need the tensor types of every quant's file; probe models also every type's probe."""
+    if "kernel" in c.features and "kernel_s" not in points.columns:
+        return False
+    return not (_MIX_KINDS & set(c.features)) or any(col.startswith("mix") for col in points.columns)
+
+MEMORY_CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("buffers+overhead", ("const",), "peak = weights + KV + compute + output + overhead"),
+    Candidate("weights-factor+overhead", ("weights", "const"),
+              "peak = f x weights + KV + compute + output + overhead"),
+    Candidate("factors+overhead", ("weights", "buffers", "const"),
+              "peak = f x weights + g x (KV + compute + output) + overhead"),
+)
+
+
+def feature_names(points: pd.DataFrame, kinds: Iterable[str]) -> list[str]:
+    names = []
+    for kind in kinds:
+        if kind == "bytes":
+            names.append("s_per_byte")
+        elif kind == "const":
+            names.append("overhead")
+        elif kind == "family_bytes":
+            names += [f"s_per_byte:family:{f}" for f in sorted(points.family.unique())]
+        elif kind == "family":
+            names += [f"per_weight:family:{f}" for f in sorted(points.family.unique()) if f != REF_FAMILY]
+        elif kind == "type":
+            names += [f"per_weight:type:{t}" for t in sorted(points.type.unique())]
+        elif kind == "mix_family":
+            names += [f"per_weight:mix_family:{c.split(':', 1)[1]}" for c in sorted(points.columns)
+                      if c.startswith("mix_family:") and c.split(":", 1)[1] != REF_FAMILY]
+        elif kind == "mix_type":
+            names += [f"per_weight:mix_type:{c.split(':', 1)[1]}" for c in sorted(points.columns)
+                      if c.startswith("mix:")]
+        elif kind == "kernel":
+            names.append("kernel_factor")
+        elif kind == "weights":
+            names.append("weights_factor")
+        elif kind == "buffers":
+            names.append("buffers_factor")
+        else:
+            raise ValueError(kind)
+    return names
+
+
+def _column(points: pd.DataFrame, name: str) -> np.ndarray:
+    """The feature a parameter multiplies (the model is linear in its parameters)."""
+    n = len(points)
+    if name == "s_per_byte":
+        return points.bytes_per_token.to_numpy(float)
+    if name == "overhead":
+        return np.ones(n)
+    if name.startswith("s_per_byte:family:"):
+        return points.bytes_per_token.to_numpy(float) * (points.family == name.rsplit(":", 1)[1]).to_numpy(float)
+    if name.startswith("per_weight:family:"):
+        return points.n_params.to_numpy(float) * (points.family == name.rsplit(":", 1)[1]).to_numpy(float)
+    if name.startswith("per_weight:mix_family:") or name.startswith("per_weight:mix_type:"):
+        col = ("mix_family:" if ":mix_family:" in name else "mix:") + name.rsplit(":", 1)[1]
+        return points[col].to_numpy(float) if col in points else np.zeros(n)
+    if name.startswith("per_weight:type:"):
+        return points.n_params.to_numpy(float) * (points.type == name.rsplit(":", 1)[1]).to_numpy(float)
+    if name == "kernel_factor":
+        return points.kernel_s.to_numpy(float) if "kernel_s" in points else np.zeros(n)
+    if name == "weights_factor":
+        return points.weights_bytes.to_numpy(float)
+    if name == "buffers_factor":
+        return (points.kv_bytes + points.compute_bytes + points.output_bytes).to_numpy(float)
+    raise ValueError(name)
+
+
+_NONNEG = {"s_per_byte", "overhead", "weights_factor", "buffers_factor", "kernel_factor"}  # and s_per_byte:family:*
+
+
+def _nonneg(name: str, target: str, names: Iterable[str] = ()) -> bool:
+    if target == "peak_bytes" and name == "overhead":
+        return False  # net of buffer pages never touched (RSS counts touched pages only): may be negative
+    if name == "overhead" and "kernel_factor" in names:
+        return False  # net of the probes' own per-token overhead, which the kernel term counts per weight
+    return name in _NONNEG or name.startswith("s_per_byte:")
+
+
+def _fixed(points: pd.DataFrame, target: str, names: list[str]) -> np.ndarray:
+    """The part of the target no parameter scales (memory: the buffers a candidate takes at face value)."""
+    if target != "peak_bytes":
+        return np.zeros(len(points))
+    out = np.zeros(len(points))
+    if "weights_factor" not in names:
+        out += points.weights_bytes.to_numpy(float)
+    if "buffers_factor" not in names:
+        out += (points.kv_bytes + points.compute_bytes + points.output_bytes).to_numpy(float)
+    return out
+
+
+def solve(points: pd.DataFrame, names: list[str], target: str = "t_s", ridge: float = TYPE_RIDGE) -> dict[str, float]:
+    """Least squares in relative error (each point weighted by 1/target), non-negative physical terms,
+    per-type terms shrunk towards 0 (their family's cost). A feature absent from `points` gets 0."""
+    y = points[target].to_numpy(float)
+    fixed = _fixed(points, target, names)
+    cols = {n: _column(points, n) for n in names}
+    free = [n for n in names if np.any(cols[n] != 0)]
+    params = dict.fromkeys(names, 0.0)
+    y_scale = float(np.median(y))
+    while free:
+        a = np.column_stack([cols[n] / y for n in free])
+        scale = np.abs(a).max(axis=0)
+        scale[scale == 0] = 1.0
+        a = a / scale
+        b = 1.0 - fixed / y
+        pen = [i for i, n in enumerate(free) if n.startswith(("per_weight:type:", "per_weight:mix_type:"))]
+        if pen:
+            rows = np.zeros((len(pen), len(free)))
+            for r, i in enumerate(pen):
+                # penalty ridge x (coef x n_params / median time)^2, written on the scaled coefficient
+                n_params = float(np.max(cols[free[i]]))
+                rows[r, i] = math.sqrt(ridge) * n_params / y_scale / scale[i]
+            a = np.vstack([a, rows])
+            b = np.concatenate([b, np.zeros(len(pen))])
+        coef = np.linalg.lstsq(a, b, rcond=None)[0] / scale
+        negative = [(coef[i], n) for i, n in enumerate(free) if _nonneg(n, target, names) and coef[i] < 0]
+        if not negative:
+            params.update({n: float(c) for n, c in zip(free, coef)})
+            break
+        free.remove(min(negative)[1])  # pin the most negative physical term at 0 and refit
+    return params
+
+
+def predict(points: pd.DataFrame, params: dict[str, float], target: str = "t_s") -> np.ndarray:
+    """The model's value of `target` at each point, from a parameter dict (fitted or read from JSON)."""
+    out = _fixed(points, target, list(params))
+    for name, value in params.items():
+        if value:
+            out = out + value * _column(points, name)
+    return out
+
+
+def error_stats(ape: np.ndarray) -> dict[str, float]:
+    ape = np.asarray(ape, float)
+    ape = ape[~np.isnan(ape)]
+    if not len(ape):
+        return {"median_ape": math.nan, "worst_ape": math.nan, "rms_ape": math.nan}
+    return {"median_ape": float(np.median(ape)), "worst_ape": float(np.max(ape)),
+            "rms_ape": float(np.sqrt(np.mean(ape**2)))}
+
+
+def loqo(points: pd.DataFrame, names: list[str], target: str = "t_s") -> np.ndarray:
+    """Leave-one-quant-out predictions: each quant (all its depths) predicted by a fit to the others."""
+    pred = np.full(len(points), np.nan)
+    for q in points.quant.unique():
+        held = (points.quant == q).to_numpy()
+        train = points[~held]
+        if train.empty:
+            continue
+        params = solve(train, names, target)
+        pred[held] = predict(points[held], params, target)
+    return pred
+
+
+def _rate_ape(points: pd.DataFrame, pred_t: np.ndarray) -> np.ndarray:
+    """|predicted tok/s / measured tok/s - 1| from times."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.abs(points.t_s.to_numpy(float) / pred_t - 1)
+
+
+def _value_ape(points: pd.DataFrame, pred: np.ndarray, target: str) -> np.ndarray:
+    return np.abs(pred / points[target].to_numpy(float) - 1)
+
+
+def select(points: pd.DataFrame, candidates: tuple[Candidate, ...], target: str = "t_s") -> tuple[str, dict]:
+    """Score every candidate by LOQO RMS error and pick the simplest one within SELECT_TOLERANCE of the best.
+    Returns (chosen name, {name: {errors..., "n_params", "loqo_pred"}})."""
+    candidates = tuple(c for c in candidates if available(c, points))
+    table: dict[str, dict] = {}
+    for c in candidates:
+        names = feature_names(points, c.features)
+        pred = loqo(points, names, target)
+        fitted = predict(points, solve(points, names, target), target)
+        if target == "t_s":
+            ape, fit_ape = _rate_ape(points, pred), _rate_ape(points, fitted)
+        else:
+            ape, fit_ape = _value_ape(points, pred, target), _value_ape(points, fitted, target)
+        # one error per quant (its depths averaged), so a quant measured at many depths does not weigh more
+        per_quant = pd.Series(ape).groupby(points.quant.to_numpy()).mean().to_numpy()
+        table[c.name] = {**{f"loqo_{k}": v for k, v in error_stats(per_quant).items()},
+                         **{f"fit_{k}": v for k, v in error_stats(fit_ape).items()},
+                         "n_params": len(names), "description": c.description, "loqo_pred": pred}
+    return pick(candidates, table), table
+
+
+def pick(candidates: tuple[Candidate, ...], table: dict[str, dict]) -> str:
+    """The simplest of `candidates` (all scored in `table`) whose LOQO RMS error is within SELECT_TOLERANCE
+    of the best one's."""
+    scores = {c.name: table[c.name]["loqo_rms_ape"] for c in candidates
+              if not math.isnan(table[c.name]["loqo_rms_ape"])}
+    if not scores:  # a single quant: no held-out error; take the simplest candidate
+        return candidates[0].name
+    best = min(scores.values())
+    for c in sorted(candidates, key=lambda c: table[c.name]["n_params"]):  # simplest first (stable)
+        s = scores.get(c.name)
+        if s is not None and s <= best * SELECT_TOLERANCE + SELECT_SLACK:
+            return c.name
+    return min(scores, key=scores.get)
+
+
+def bootstrap(points: pd.DataFrame, names: list[str], target: str = "t_s", n: int = N_BOOTSTRAP,
+              seed: int = 0) -> dict[str, float]:
+    """Standard deviation of each parameter over fits to quants resampled with replacement (a feature absent
+    from a resample does not count towards its parameter's spread)."""
+    rng = np.random.default_rng(seed)
+    quant_list = list(points.quant.unique())
+    if len(quant_list) < 3:
+        return dict.fromkeys(names, math.nan)
+    draws = {k: [] for k in names}
+    groups = {q: points[points.quant == q] for q in quant_list}
+    for _ in range(n):
+        pick = rng.choice(len(quant_list), size=len(quant_list), replace=True)
+        sample = pd.concat([groups[quant_list[i]] for i in pick], ignore_index=True)
+        p = solve(sample, names, target)
+        for k in names:
+            if np.any(_column(sample, k) != 0):
+                draws[k].append(p[k])
+    return {k: float(np.std(v, ddof=1)) if len(v) > 2 else math.nan for k, v in draws.items()}

@@ -1,0 +1,198 @@
+"""The report of one run: the page's predictions beside the measurements, per quant, with verdicts.
+
+``python -m harness report RESULTS_DIR [--out DIR]`` reads ``records.jsonl`` and ``env.json`` and writes
+``reports/<run-id>/``: ``report.md``, a self-contained ``report.html`` (figures embedded as PNG),
+``summary.csv`` (the per-quant table) and ``calibration.json`` (:mod:`harness.analysis.calibration`).
+
+Every table and figure is a pure function of the records DataFrame, the environment dict and the
+calibration dict, so the report is tested on records made in the test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from harness import schema
+from harness.analysis import calibration, kernels, points, summary
+from harness.catalog import page
+from harness.report.figures import figures
+from harness.report.render import render_html, render_markdown
+from harness.report.tables import (
+    MEMORY_HEAD,
+    PROBE_HEAD,
+    SIZE_HEAD,
+    SPEED_HEAD,
+    calibration_lines,
+    context_table,
+    device_statement,
+    memory_rows,
+    probe_rows,
+    quant_table,
+    size_rows,
+    speed_rows,
+    weights_statement,
+)
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_REPORTS = REPO / "reports"
+
+
+# --- loading --------------------------------------------------------------------------------------------------
+
+class ReportError(ValueError):
+    pass
+
+
+def load_run(results_dir: str | Path) -> tuple[pd.DataFrame, dict]:
+    """The records (as a DataFrame) and env.json of a results folder."""
+    results_dir = Path(results_dir)
+    rec = results_dir / "records.jsonl"
+    if not rec.is_file():
+        raise ReportError(f"{results_dir}: no records.jsonl (not a results folder of this harness)")
+    df = summary.records_frame(schema.read_records(rec))
+    env_path = results_dir / "env.json"
+    env = json.loads(env_path.read_text()) if env_path.is_file() else {}
+    return df, env
+
+
+def load_probes(results_dir: str | Path) -> pd.DataFrame | None:
+    """The kernel-probe records of a results folder (probes.jsonl), None where the run measured none."""
+    path = Path(results_dir) / "probes.jsonl"
+    if not path.is_file():
+        return None
+    return summary.records_frame(schema.read_records(path))
+
+
+def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: dict, run_id: str,
+              probe_df: pd.DataFrame | None = None) -> list[tuple]:
+    """The report as (kind, payload) blocks, rendered to markdown or HTML: ("h", text), ("p", markdown-ish
+    text), ("list", [lines]), ("table", head, rows), ("fig", name), ("raw-md", text)."""
+    ok = df[df.status == "ok"] if len(df) else df
+    versions = ", ".join(sorted(ok.llama_cpp_version.dropna().unique())) if len(ok) else ""
+    harness = env.get("harness") or {}
+    s: list[tuple] = [("h1", f"Llama 3.2 1B quants: the page's claims vs measurements - run {run_id}")]
+    s.append(("p", weights_statement(df)))
+    s.append(("p", device_statement(device)))
+    s.append(("p", f"llama-cpp-python {versions or '-'}; harness commit {harness.get('commit') or '-'}"
+                   f"{' (dirty)' if harness.get('dirty') else ''}; environment recorded {env.get('utc') or '-'}."))
+    for w in env.get("warnings") or []:
+        s.append(("p", f"WARNING: {w}"))
+    if not t.empty:
+        n_in = int(t.tg_inside.fillna(False).astype(bool).sum())
+        n_tg = int(t.tg_inside.notna().sum())
+        m_in = int(t.mem_inside.fillna(False).astype(bool).sum())
+        m_n = int(t.mem_inside.notna().sum())
+        s.append(("p", f"The page claims its speeds are 'typically within ±20%'. Here {n_in} of {n_tg} quants' "
+                       f"measured generation speed is inside that band of the page's figure for this device, and "
+                       f"{m_in} of {m_n} quants' measured peak memory is inside ±20% of the page's VRAM."))
+        s.append(("h2", "Speed"))
+        s.append(("p", "tg: generation, tok/s median ± half the min-max range over repetitions; pp: prompt "
+                       "processing. 'calibrated (held out)': the fitted model's prediction for a quant when that "
+                       "quant is left out of the fit."))
+        s.append(("table", SPEED_HEAD, speed_rows(t)))
+        s.append(("fig", "speed.png"))
+        s.append(("h2", "Memory"))
+        src = ("NVML (the process's usage, else the device's growth since load)" if device.get("peak_source") ==
+               "gpu" else "the process's peak resident set (VmHWM), which includes the Python runtime")
+        s.append(("p", f"Peak measured from {src}. Weights, KV and compute are llama.cpp's own buffer sizes; "
+                       "'other' is the peak minus those three."))
+        s.append(("table", MEMORY_HEAD, memory_rows(t)))
+        s.append(("fig", "memory.png"))
+        s.append(("h2", "Sizes"))
+        s.append(("p", "True bits per weight = 8 x llama.cpp's model size / its parameter count; file size from "
+                       "disk (1 MiB = 1,048,576 bytes; the page's GB are 1e9 bytes)."))
+        s.append(("table", SIZE_HEAD, size_rows(t)))
+        errors = t[t.error.notna()] if "error" in t else t.iloc[0:0]
+        if len(errors):
+            s.append(("h2", "Failures"))
+            s.append(("list", [f"{r.quant}: {r.error}" for r in errors.itertuples()]))
+    prows = probe_rows(cal, probe_df)
+    if prows:
+        s.append(("h2", "Kernel probes"))
+        first = (probe_df.weights_ref.dropna().iloc[0] if probe_df is not None and len(probe_df) else "")
+        s.append(("p", "Each tensor type's own cost, measured apart from the quants: a model with this model's "
+                       f"layer shapes but few layers, every matrix in that one type ({first}), run with the "
+                       "same generation test between the quants. Cost per weight = time per token / the probe's "
+                       "weights (the probe's per-token overhead included). The calibration's probe models sum "
+                       "it over each file's tensors, so a held-out quant's kernels are known without its own "
+                       "measurement."))
+        s.append(("table", PROBE_HEAD, prows))
+    s.append(("h2", "Calibration"))
+    s.append(("raw-md", "\n".join(calibration_lines(cal))))
+    if cal.get("tg"):
+        s.append(("fig", "roofline.png"))
+    s.append(("fig", "context.png"))
+    s.append(("h2", "The page's arithmetic"))
+    s.append(("p", "Every number the page prints is reproduced by: file size = 1,235,814,400 params x bits / 8 "
+                   "(GB, 2 decimals); VRAM = file size x 1.10 (1 decimal); tok/s = bandwidth / (1.2B x bits / 8 "
+                   "+ 0.1 GB) x efficiency (0.65 NVIDIA, 0.55 AMD), with MI300X 5300, RTX 4090 1008, H100 SXM "
+                   "3352 and MI250X 3277 GB/s. Where its text and its numbers part ways:"))
+    s.append(("list", list(page.DISCREPANCIES)))
+    return s
+
+
+def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = None,
+          tensor_types: dict[str, dict] | None = None, probe_df: pd.DataFrame | None = None
+          ) -> tuple[pd.DataFrame, dict, dict[str, bytes], str, str]:
+    """Everything the report holds, computed from the records: (per-quant table, calibration, figures,
+    markdown, html). `tensor_types` ({quant: {ggml type: weights}}) lets the calibration cost each tensor's
+    kernel; `probe_df` (kernel-probe records) measures those costs."""
+    cal = calibration.calibrate(df, env, run_id=run_id, results_dir=results_dir, tensor_types=tensor_types,
+                              probe_costs=kernels.costs(probe_df))
+    device = cal["device"]
+    t = quant_table(df, device, cal)
+    ctx = context_table(df, device)
+    figs = figures(t, ctx, cal, device)
+    sections = _sections(df, env, t, cal, device, run_id, probe_df)
+    title = f"Llama 3.2 1B quants - run {run_id}"
+    return t, cal, figs, render_markdown(sections, figs), render_html(sections, figs, title)
+
+
+def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write report.md, report.html, summary.csv, calibration.json (and the figures as PNG files) for a
+    results folder, into `out` (default: <repo>/reports/<results folder name>). Returns the folder."""
+    results_dir = Path(results_dir)
+    df, env = load_run(results_dir)
+    run_id = results_dir.name
+    out = Path(out) if out is not None else DEFAULT_REPORTS / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    t, cal, figs, md, page_html = build(df, env, run_id, str(results_dir), points.tensor_types_from_records(df),
+                                        load_probes(results_dir))
+    for name, png in figs.items():
+        (out / name).write_bytes(png)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(page_html)
+    t.to_csv(out / "summary.csv", index=False)
+    calibration.write(cal, out / "calibration.json")
+    log.info("report written to %s", out)
+    return out
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("report", help="write the report of a results folder", description=(
+        "Compare a run's measurements with the page's predictions and write reports/<run-id>/ (report.md, "
+        "report.html, summary.csv, calibration.json)."))
+    p.add_argument("results_dir", type=Path, metavar="RESULTS_DIR", help="a folder written by `harness run`")
+    p.add_argument("--out", type=Path, help="report folder (default: reports/<results folder name>)")
+
+
+def main(args) -> int:
+    if not args.results_dir.is_dir():
+        print(f"error: {args.results_dir}: no such results folder", file=sys.stderr)
+        return 2
+    try:
+        out = write_report(args.results_dir, args.out)
+    except (ReportError, schema.SchemaError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0

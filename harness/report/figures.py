@@ -1,0 +1,191 @@
+"""The report's figures (matplotlib, rendered to PNG bytes): speed and memory against the page, the roofline
+of the calibration, memory against context."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pandas as pd
+
+from harness.analysis import fit, points
+from harness.catalog import page
+from harness.report.tables import GB, MIB
+
+log = logging.getLogger(__name__)
+
+# --- figures ----------------------------------------------------------------------------------------------------
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fig_speed(t: pd.DataFrame, device: dict) -> bytes:
+    """Measured tg tok/s per quant (bars, min-max whiskers) against the page's prediction with its +-20%
+    band, and the calibrated held-out prediction."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    x = np.arange(len(t))
+    tg = t.tg_tok_s.to_numpy(float)
+    half = tg * t.tg_spread.fillna(0).to_numpy(float)
+    ax.bar(x, tg, color="#4c72b0", label="measured tg (median, min-max)", yerr=[half, half], capsize=3)
+    pg = t.page_tok_s.to_numpy(float)
+    if np.isfinite(pg).any():
+        ax.errorbar(x, pg, yerr=[pg * page.BAND, pg * page.BAND], fmt="D", color="#c44e52", capsize=6,
+                    label="page's prediction ±20%")
+    cal = t.calibrated_tok_s.to_numpy(float)
+    if np.isfinite(cal).any():
+        ax.plot(x, cal, "o", color="#55a868", label="calibrated (held out)")
+    vals = np.concatenate([tg[np.isfinite(tg)], pg[np.isfinite(pg)], cal[np.isfinite(cal)]])
+    if len(vals) and vals.min() > 0 and vals.max() / vals.min() > 8:
+        ax.set_yscale("log")
+    ax.set_xticks(x, t.quant, rotation=45, ha="right")
+    ax.set_ylabel("tokens/s (generation)")
+    ax.set_title(f"Generation speed on {device.get('name')}: measured vs the page")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def fig_memory(t: pd.DataFrame, device: dict) -> bytes:
+    """Measured peak memory stacked as weights / KV / compute / other, beside the page's VRAM."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    x = np.arange(len(t))
+    w = 0.4
+    bottom = np.zeros(len(t))
+    colors = {"weights_bytes": "#4c72b0", "kv_bytes": "#dd8452", "compute_bytes": "#55a868",
+              "other_bytes": "#8c8c8c"}
+    for col, label in (("weights_bytes", "weights"), ("kv_bytes", "KV cache"), ("compute_bytes", "compute"),
+                       ("other_bytes", "other (runtime)")):
+        v = np.nan_to_num(t[col].to_numpy(float) / MIB)
+        v = np.maximum(v, 0)
+        ax.bar(x - w / 2, v, w, bottom=bottom, color=colors[col], label=label)
+        bottom += v
+    ax.bar(x + w / 2, np.nan_to_num(t.page_vram_bytes.to_numpy(float) / MIB), w, color="#c44e52", alpha=0.7,
+           label="page's VRAM")
+    ax.set_xticks(x, t.quant, rotation=45, ha="right")
+    src = "NVML (device)" if device.get("peak_source") == "gpu" else "peak RSS"
+    ax.set_ylabel(f"MiB ({src})")
+    ax.set_title("Memory: measured (left) vs the page's VRAM (right)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def fig_roofline(cal: dict, device: dict) -> bytes:
+    """tg tok/s against bytes read per token: measured points by quant family, the bandwidth roofline
+    (every byte read once at the device's bandwidth), the page's line, and the fitted model per family (a
+    probe model depends on each file's tensor types, not on bytes alone: its fitted and held-out values are
+    drawn per quant instead of a curve)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    tg = cal.get("tg") or {}
+    pts = pd.DataFrame(tg.get("points", []))
+    if pts.empty:
+        ax.text(0.5, 0.5, "no tg measurements", ha="center", transform=ax.transAxes)
+        return _png(fig)
+    pts["family"] = [points.quant_family(q) for q in pts.quant]
+    pts["type"] = [points.quant_type(q) for q in pts.quant]
+    gb = pts.bytes_per_token.to_numpy(float) / GB
+    xs = np.linspace(gb.min() * 0.8, gb.max() * 1.15, 100)
+    bw = device.get("bandwidth_gb_s")
+    if bw:
+        ax.plot(xs, bw / xs, "k--", lw=1, label=f"roofline: {bw:,.1f} GB/s / bytes")
+        ax.plot(xs, bw * page.efficiency(device.get("vendor")) / xs, ":", color="#c44e52", lw=1,
+                label=f"page: x {page.efficiency(device.get('vendor'))} efficiency")
+    markers = {"iq": "s", "k": "o", "legacy": "^", "float": "v", "other": "x"}
+    n_params = (cal.get("model") or {}).get("n_params") or points.ARCH.n_params()
+    per_quant = bool((tg.get("params") or {}).get("kernel_factor"))  # a probe model: no curve in bytes alone
+    for fam, d in pts.groupby("family"):
+        ax.scatter(d.bytes_per_token / GB, d.measured_tok_s, marker=markers.get(fam, "x"), s=40,
+                   label=f"measured, {fam} quants", zorder=3)
+        if per_quant:
+            continue
+        curve = pd.DataFrame({"quant": "curve", "bytes_per_token": xs * GB, "n_params": n_params,
+                              "family": fam, "type": "-"})
+        params = {k: v for k, v in (tg.get("params") or {}).items() if not k.startswith("per_weight:type:")}
+        ax.plot(xs, 1 / fit.predict(curve, params, "t_s"), lw=1, alpha=0.8, label=f"fit, {fam}")
+    if per_quant:
+        ax.scatter(gb, pts.fitted_tok_s, marker="_", s=200, color="k", lw=1.5, zorder=4,
+                   label="fit (probe kernels, each quant's own tensor types)")
+        ax.scatter(gb, pts.loqo_tok_s, marker="o", s=60, facecolors="none", edgecolors="#555", zorder=4,
+                   label="held out (LOQO)")
+    for r in pts[pts.n_depth == pts.n_depth.min()].itertuples():
+        ax.annotate(r.quant, (r.bytes_per_token / GB, r.measured_tok_s), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    top = pts.measured_tok_s.max()
+    ax.set_ylim(0, top * 2 if not bw else min(top * 2.5, max(bw / xs.min(), top) * 1.05))
+    ax.set_xlabel("GB read per generated token (weights + KV cache)")
+    ax.set_ylabel("tokens/s (generation)")
+    ax.set_title(f"tok/s vs bytes per token on {device.get('name')} (fit: {tg.get('chosen')})")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def fig_context(ctx: pd.DataFrame) -> bytes:
+    """Peak memory and tg tok/s against the context length, one line per quant."""
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    order = {q: i for i, q in enumerate(page.BY_QUANT)}
+    names = sorted(ctx.quant.unique(), key=lambda q: (order.get(q, len(order)), q))
+    colors = plt.get_cmap("tab20")
+    for i, q in enumerate(names):
+        d = ctx[ctx.quant == q].sort_values("n_depth")
+        style = {"marker": "o", "ms": 3, "label": q, "color": colors(i % 20)}
+        if "peak_bytes" in d and d.peak_bytes.notna().any():
+            a1.plot(d.n_depth, d.peak_bytes / MIB, **style)
+        if "tok_s" in d and d.tok_s.notna().any():
+            a2.plot(d.n_depth, d.tok_s, **style)
+    a1.set_xlabel("tokens in the KV cache (depth)")
+    a1.set_ylabel("peak memory, MiB")
+    a1.set_title("Memory vs context")
+    a2.set_xlabel("tokens in the KV cache (depth)")
+    a2.set_ylabel("tg tokens/s")
+    a2.set_title("Generation speed vs context")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    a2.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+def figures(t: pd.DataFrame, ctx: pd.DataFrame, cal: dict, device: dict) -> dict[str, bytes]:
+    """{file name: PNG bytes}; the context plots only where more than one depth was measured."""
+    out: dict[str, bytes] = {}
+    if t.empty:
+        return out
+    out["speed.png"] = fig_speed(t, device)
+    out["memory.png"] = fig_memory(t, device)
+    if cal.get("tg"):
+        out["roofline.png"] = fig_roofline(cal, device)
+    if len(ctx) and "n_depth" in ctx and ctx.n_depth.nunique() > 1:
+        out["context.png"] = fig_context(ctx)
+    return out
+
+
+CAPTIONS = {
+    "speed.png": "Measured generation speed per quant against the page's prediction (±20% band) and the "
+                 "calibrated model's held-out prediction.",
+    "memory.png": "Measured peak memory split into llama.cpp's weights, KV and compute buffers and the rest, "
+                  "beside the page's VRAM figure.",
+    "roofline.png": "Speed against bytes read per token, with the bandwidth roofline and the fitted model.",
+    "context.png": "Memory and speed against the context length.",
+}

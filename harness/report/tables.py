@@ -1,0 +1,272 @@
+"""The report's tables and verdicts: the page's predictions beside the measurements, per quant, and the
+calibration's lines. Pure functions of the records DataFrame, the device and the calibration dict."""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+from typing import Any
+
+import pandas as pd
+
+from harness import stats
+from harness.analysis import points, summary
+from harness.catalog import page
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+GB = 1e9
+
+WEIGHTS_MEANING = {
+    "synthetic": "Llama 3.2 1B's exact architecture and tensor shapes with seeded random weights, "
+                 "quantized by llama.cpp. Speed and memory stand for the real model (same shapes, same quant "
+                 "types); quality does not.",
+    "hub": "the real weights, downloaded from the Hugging Face Hub.",
+    "local": "local GGUF files given in the config.",
+}
+
+
+# --- tables ---------------------------------------------------------------------------------------------------
+
+def verdict(measured: float | None, predicted: float | None, band: float = page.BAND) -> str:
+    """'inside (+7%)' or 'outside (-63%: 43 points beyond +-20%)' for measured against a prediction."""
+    if measured is None or predicted is None or pd.isna(measured) or pd.isna(predicted) or not predicted:
+        return "-"
+    dev = measured / predicted - 1
+    if abs(dev) <= band:
+        return f"inside ({dev:+.0%})"
+    return f"outside ({dev:+.0%}: {(abs(dev) - band) * 100:.0f} points beyond ±{band:.0%})"
+
+
+def inside(measured: float | None, predicted: float | None, band: float = page.BAND) -> bool | None:
+    if measured is None or predicted is None or pd.isna(measured) or pd.isna(predicted) or not predicted:
+        return None
+    return abs(measured / predicted - 1) <= band
+
+
+def _nan(v) -> float:
+    return math.nan if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def quant_table(df: pd.DataFrame, device: dict, cal: dict | None = None) -> pd.DataFrame:
+    """One row per quant, at the shallowest depth measured: measured tok/s and memory, the page's figures for
+    this device, ratios and verdicts, the calibrated (held-out) tok/s, true bits per weight and file size."""
+    s = summary.per_quant(df)
+    if s.empty:
+        return pd.DataFrame()
+    mem = points.memory_points(df, device.get("peak_source", "rss"))
+    tg_fit = pd.DataFrame((cal or {}).get("tg", {}).get("points", []) if cal and cal.get("tg") else [])
+    bw, vendor = device.get("bandwidth_gb_s"), device.get("vendor")
+    rows = []
+    for quant, qs in s.groupby("quant", sort=False):
+        depths = qs.n_depth.dropna()
+        r = qs[qs.n_depth == depths.min()].iloc[0] if len(depths) else qs.iloc[0]
+        depth = None if pd.isna(r.n_depth) else int(r.n_depth)
+        on_page = quant in page.BY_QUANT
+        row: dict[str, Any] = {
+            "quant": quant, "n_depth": depth, "weights": r.weights,
+            "tg_tok_s": _nan(r.tg_tokens_per_s), "tg_spread": stats.spread(r.tg_tokens_per_s, r.tg_min, r.tg_max),
+            "pp_tok_s": _nan(r.pp_tokens_per_s), "pp_spread": stats.spread(r.pp_tokens_per_s, r.pp_min, r.pp_max),
+            "page_tok_s": page.page_tok_s(bw, vendor, quant) if on_page and bw else math.nan,
+        }
+        row["tg_vs_page"] = row["tg_tok_s"] / row["page_tok_s"] if row["page_tok_s"] else math.nan
+        row["tg_inside"] = inside(row["tg_tok_s"], row["page_tok_s"])
+        row["tg_verdict"] = verdict(row["tg_tok_s"], row["page_tok_s"])
+        fit = tg_fit[(tg_fit.quant == quant) & (tg_fit.n_depth == depth)] if len(tg_fit) else tg_fit
+        row["calibrated_tok_s"] = _nan(fit.loqo_tok_s.iloc[0]) if len(fit) else math.nan
+        row["tg_vs_calibrated"] = row["tg_tok_s"] / row["calibrated_tok_s"] if row["calibrated_tok_s"] else math.nan
+        m = mem[(mem.quant == quant) & (mem.n_depth == depth)] if len(mem) and depth is not None else mem.iloc[0:0]
+        if len(m):
+            m = m.iloc[0]
+            row.update({"weights_bytes": m.weights_bytes, "kv_bytes": m.kv_bytes, "compute_bytes": m.compute_bytes,
+                        "peak_bytes": m.peak_bytes})
+        else:
+            row.update(dict.fromkeys(("weights_bytes", "kv_bytes", "compute_bytes", "peak_bytes"), math.nan))
+        row["other_bytes"] = row["peak_bytes"] - row["weights_bytes"] - row["kv_bytes"] - row["compute_bytes"]
+        row["page_vram_bytes"] = page.page_vram_bytes(quant) if on_page else math.nan
+        row["mem_vs_page"] = row["peak_bytes"] / row["page_vram_bytes"] if on_page else math.nan
+        row["mem_inside"] = inside(row["peak_bytes"], row["page_vram_bytes"])
+        row["mem_verdict"] = verdict(row["peak_bytes"], row["page_vram_bytes"])
+        row["file_bytes"] = _nan(r.file_bytes)
+        row["page_file_bytes"] = page.page_file_bytes(quant) if on_page else math.nan
+        row["file_vs_page"] = row["file_bytes"] / row["page_file_bytes"] if on_page else math.nan
+        size, n = _nan(r.model_size_bytes), _nan(r.model_n_params)
+        row["model_size_bytes"] = size
+        row["true_bits"] = 8 * size / n if n else math.nan
+        row["page_bits"] = page.BY_QUANT[quant].bits if on_page else math.nan
+        row["error"] = r.error
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def context_table(df: pd.DataFrame, device: dict) -> pd.DataFrame:
+    """One row per (quant, depth): tg tok/s, context size, KV bytes and measured peak (for the context plots)."""
+    tg = points.tg_points(df)
+    mem = points.memory_points(df, device.get("peak_source", "rss"))
+    if tg.empty and mem.empty:
+        return pd.DataFrame()
+    if tg.empty:
+        return mem
+    if mem.empty:
+        return tg
+    return tg.merge(mem[["quant", "n_depth", "n_ctx", "kv_bytes", "peak_bytes"]], on=["quant", "n_depth"],
+                    how="outer")
+
+
+def weights_statement(df: pd.DataFrame) -> str:
+    kinds = sorted(df.weights.dropna().unique()) if len(df) and "weights" in df else []
+    if not kinds:
+        return "Weights: unknown (the records do not say)."
+    refs = sorted(df.weights_ref.dropna().unique()) if "weights_ref" in df else []
+    parts = [f"**{k}**: {WEIGHTS_MEANING.get(k, k)}" for k in kinds]
+    ref = f" Reference: {'; '.join(refs[:3])}{' ...' if len(refs) > 3 else ''}." if refs else ""
+    return "Weights: " + " ".join(parts) + ref
+
+
+def device_statement(device: dict) -> str:
+    bw = device.get("bandwidth_gb_s")
+    bw_s = f"{bw:,.1f} GB/s ({device.get('bandwidth_source')})" if bw else device.get("bandwidth_source", "unknown")
+    kind = "GPU" if device.get("kind") == "gpu" else "CPU"
+    eff = page.efficiency(device.get("vendor"))
+    eff_note = "" if (device.get("vendor") or "") in page.EFFICIENCY else \
+        " (the page prints no figure for such a device: its text's 0.55 is applied)"
+    return (f"Device: {kind} **{device.get('name')}**, memory bandwidth {bw_s}; "
+            f"the page's efficiency for it: {eff}{eff_note}.")
+
+
+# --- formatting -------------------------------------------------------------------------------------------------
+
+def _f(v, fmt: str = "{:,.1f}") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return fmt.format(v)
+
+
+def _mib(v) -> str:
+    return _f(None if v is None or pd.isna(v) else v / MIB, "{:,.0f}")
+
+
+def _pct(v) -> str:
+    return "" if v is None or pd.isna(v) else f"±{v * 100:.1f}%"
+
+
+def _rate(v, spread) -> str:
+    return f"{_f(v)} {_pct(spread)}".strip()
+
+
+def _x(v) -> str:
+    return _f(v, "{:.2f}x")
+
+
+SPEED_HEAD = ["quant", "depth", "tg tok/s", "pp tok/s", "page tok/s", "tg / page", "verdict (page ±20%)",
+              "calibrated tok/s (held out)", "tg / calibrated"]
+MEMORY_HEAD = ["quant", "weights MiB", "KV MiB", "compute MiB", "other MiB", "peak MiB", "page VRAM MiB",
+               "peak / page", "verdict (page ±20%)"]
+SIZE_HEAD = ["quant", "true bits/weight", "page bits", "file MiB", "page file MiB", "file / page"]
+
+
+def speed_rows(t: pd.DataFrame) -> list[list[str]]:
+    return [[r.quant, "-" if r.n_depth is None or pd.isna(r.n_depth) else str(int(r.n_depth)),
+             _rate(r.tg_tok_s, r.tg_spread), _rate(r.pp_tok_s, r.pp_spread), _f(r.page_tok_s),
+             _x(r.tg_vs_page), r.tg_verdict, _f(r.calibrated_tok_s), _x(r.tg_vs_calibrated)]
+            for r in t.itertuples()]
+
+
+def memory_rows(t: pd.DataFrame) -> list[list[str]]:
+    return [[r.quant, _mib(r.weights_bytes), _mib(r.kv_bytes), _mib(r.compute_bytes), _mib(r.other_bytes),
+             _mib(r.peak_bytes), _mib(r.page_vram_bytes), _x(r.mem_vs_page), r.mem_verdict] for r in t.itertuples()]
+
+
+def size_rows(t: pd.DataFrame) -> list[list[str]]:
+    return [[r.quant, _f(r.true_bits, "{:.2f}"), _f(r.page_bits, "{:.2f}"), _mib(r.file_bytes),
+             _mib(r.page_file_bytes), _x(r.file_vs_page)] for r in t.itertuples()]
+
+
+def _fmt_err(e: dict | None) -> str:
+    if not e or e.get("median_ape") is None:
+        return "-"
+    return f"median {e['median_ape']:.1%}, worst {e['worst_ape']:.1%}"
+
+
+def calibration_lines(cal: dict) -> list[str]:
+    """The calibration in a few lines of prose (markdown)."""
+    out = []
+    tg = cal.get("tg")
+    dev = cal.get("device") or {}
+    if tg:
+        out.append(f"- tg model chosen by leave-one-quant-out error: **{tg['chosen']}** ({tg['formula']}).")
+        eff = tg.get("efficiency")
+        if eff:
+            std = tg.get("efficiency_std")
+            out.append(f"- efficiency against {dev.get('bandwidth_gb_s'):,.1f} GB/s: {eff:.3f}"
+                       + (f" ± {std:.3f}" if std else "") + " (bootstrap over quants)")
+        elif tg.get("efficiency_by_family") and dev.get("bandwidth_gb_s"):
+            out.append(f"- efficiency against {dev['bandwidth_gb_s']:,.1f} GB/s by quant family: "
+                       + ", ".join(f"{f} {e:.3f}" for f, e in tg["efficiency_by_family"].items()))
+        elif dev.get("bandwidth_gb_s"):
+            out.append("- no bandwidth term survives the fit: generation here is bound by compute, not memory.")
+        if cal.get("probe_models_unavailable"):
+            out.append(f"- probe models not fitted: {cal['probe_models_unavailable']}")
+        if tg.get("kernel_factor"):
+            out.append(f"- kernel term: {tg['kernel_factor']:.3f} x the kernel probes' time per token (1 would be "
+                       "the probes' cost per weight carried over unchanged; see Kernel probes)")
+        out.append(f"- fixed overhead per token: {tg['overhead_s_per_token'] * 1e3:.2f} ms")
+        for fam, s in (tg.get("family_s_per_token") or {}).items():
+            out.append(f"- compute cost of {fam} quants beyond K-quants: {s * 1e3:+.2f} ms per token")
+        mix = {k: v for k, v in (tg.get("compute_ns_per_weight") or {}).items() if k.startswith("mix")}
+        if mix:
+            out.append("- compute cost per weight by the tensors' own types (ns per weight, relative to K-types): "
+                       + ", ".join(f"{k.split(':', 1)[1]} {v:+.3f}" for k, v in mix.items()))
+        out.append(f"- the page's formula on this device: {_fmt_err(tg.get('page'))}; "
+                   f"calibrated, held out (LOQO): {_fmt_err(tg.get('loqo'))}")
+        cand = tg.get("candidates") or {}
+        if cand:
+            out.append("")
+            out.append(md_table(["tg model", "parameters", "LOQO median", "LOQO worst", "LOQO RMS", "in-sample median"],
+                                [[n, str(c["n_params"]), _f(c["loqo_median_ape"], "{:.1%}"),
+                                  _f(c["loqo_worst_ape"], "{:.1%}"), _f(c["loqo_rms_ape"], "{:.1%}"),
+                                  _f(c["fit_median_ape"], "{:.1%}")] for n, c in cand.items()]))
+            out.append("")
+    mem = cal.get("memory")
+    if mem:
+        out.append(f"- memory model: **{mem['chosen']}** ({mem['formula']}); runtime overhead "
+                   f"{mem['overhead_bytes'] / MIB:,.0f} MiB; held out (LOQO): {_fmt_err(mem.get('loqo'))}; "
+                   f"the page's VRAM against the measured peak: {_fmt_err(mem.get('page'))}")
+    else:
+        out.append("- memory model: not fitted (no peak memory or buffer sizes in the records)")
+    return out
+
+
+def probe_rows(cal: dict, probe_df: pd.DataFrame | None) -> list[list[str]]:
+    """One row per probed tensor type: its probe's speed, cost per weight, and the weights of it per quant."""
+    costs = cal.get("probes") or {}
+    ref = (costs.get("Q4_K") or min(costs.values(), key=lambda c: c["s_per_weight"])) if costs else None
+    quants = cal.get("quants") or {}
+    rows = []
+    for t, c in sorted(costs.items(), key=lambda kv: kv[1]["s_per_weight"]):
+        used = [q for q, info in quants.items() if (info.get("tensor_types") or {}).get(t)]
+        rows.append([t, _rate(c["tok_s"], c.get("spread")), str(c["n"]), f"{c['s_per_weight'] * 1e12:,.1f}",
+                     f"{c['s_per_weight'] / ref['s_per_weight']:.2f}", ", ".join(used) or "-"])
+    errors = probe_df[probe_df.status == "error"] if probe_df is not None and len(probe_df) else None
+    if errors is not None:
+        for r in errors.itertuples():
+            rows.append([str(r.quant), "failed", "0", "-", "-", str(r.error)[:120]])
+    return rows
+
+
+PROBE_HEAD = ["tensor type", "probe tg tok/s", "reps", "ps per weight", "vs Q4_K", "in quants"]
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> str:
+    esc = [[str(c).replace("|", "\\|") for c in r] for r in rows]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in esc]
+    return "\n".join(out)
+
+
+def html_table(head: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"

@@ -1,0 +1,50 @@
+"""What every model source hands back: a GGUF file on disk with its provenance, or one clear reason why not.
+
+Each source (:mod:`~harness.sources.quantize` for synthetic files, :mod:`~harness.sources.hub`, and local
+paths in :mod:`~harness.sources.resolve`) returns a :class:`ModelFile` or raises :class:`SourceError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+
+class SourceError(RuntimeError):
+    """A model file could not be had; the message is one line with the way out."""
+
+
+class ModelFile(NamedTuple):
+    quant: str  # recipe name
+    path: Path  # the GGUF on disk
+    weights: str  # synthetic | hub | local
+    weights_ref: str  # what exactly: arch+seed, repo@commit:file, or the local path
+    sha256: str  # of the file's bytes
+    built_now: bool = False  # synthetic: built (not taken from the cache) by this call
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, cached beside it in '<file>.sha256' keyed by size and mtime (hashing a GB takes
+    seconds, and every run hashes every file)."""
+    path = Path(path)
+    st = path.stat()
+    side = path.with_name(path.name + ".sha256")
+    key = f"{st.st_size} {st.st_mtime_ns}"
+    try:
+        cached_key, digest = side.read_text().split("\n")[:2]
+        if cached_key == key and len(digest) == 64:
+            return digest
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    digest = h.hexdigest()
+    try:
+        side.write_text(f"{key}\n{digest}\n")
+    except OSError:
+        pass  # read-only location: fine, just slower next time
+    return digest
