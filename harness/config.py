@@ -66,6 +66,8 @@ class BenchSpec:
     seed: int = 42  # seed of the random token ids
     timeout_s: float = 1800.0  # wall-clock limit for one model file in its child process
     memory_limit_mb: int | None = None  # address-space limit on the child process; None = none
+    mmap: bool = True  # llama.cpp loads the weights by mmap (its default, and llama-bench's); false: read into
+    # anonymous memory, so the process's resident set is what the model really holds
     # The memory test: for each context size, KV type pair and flash-attention setting, a context is created
     # with no decoding and llama.cpp's KV and compute buffers and the process's (and device's) memory are
     # recorded (contexts.jsonl). The lists expand like llama-bench's (every combination); pp and tg use the
@@ -276,6 +278,7 @@ def _bench(data: Any) -> BenchSpec:
     if timeout <= 0:
         raise ConfigError(f"bench.timeout_s must be > 0, got {timeout}")
     kw["timeout_s"] = timeout
+    kw["mmap"] = _typed("bench.mmap", data.get("mmap", d.mmap), bool)
     mem = _typed("bench.memory_limit_mb", data.get("memory_limit_mb", d.memory_limit_mb), int, allow_none=True)
     kw["memory_limit_mb"] = None if mem is None else _positive("bench.memory_limit_mb", mem)
     return BenchSpec(**kw)

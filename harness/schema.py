@@ -83,6 +83,8 @@ class Record:
     cache_type_v: str | None = None  # ... V type
     rss_bytes: int | None = None  # "mem": the process's resident set with the context created
     gpu_used_bytes: int | None = None  # "mem": NVML device memory used with the context created (all processes)
+    rss_anon_bytes: int | None = None  # resident anonymous memory at the end of the repetition (smaps_rollup)
+    rss_file_bytes: int | None = None  # ... resident file-backed pages (the mmap'd model; clean, reclaimable)
     tensor_types: dict[str, dict[str, int]] | None = None  # the file's tensors per ggml type, from its header:
     # {"Q4_K": {"n_weights": ..., "n_bytes": ...}, ...} (what the analysis needs; no report reopens the file)
 

@@ -168,3 +168,17 @@ def test_kv_bytes_per_token_of_the_1b():
     from harness.analysis import points
 
     assert points.kv_bytes_per_token() == 32 * 1024  # 2 x 16 layers x 8 KV heads x 64 x 2 bytes (f16)
+
+
+def test_a_run_whose_every_file_failed_ends_with_its_table_not_a_traceback(tmp_path):
+    for q in ("Q4_K_M", "Q8_0"):
+        (tmp_path / f"{q}.gguf").write_bytes(b"GGUF" + b"\0" * 60)  # a header cut short: refused by validation
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "broken", "model": {"source": "local", "path": str(tmp_path / "{quant}.gguf")},
+                                   "quants": ["Q4_K_M", "Q8_0"], "probes": False,
+                                   "bench": {"n_prompt": 16, "n_gen": 4, "repetitions": 1}}))
+    r = run_cli("run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert r.stdout.count("invalid GGUF, not loaded") >= 2 and "Q8_0" in r.stdout
+    assert (tmp_path / "run" / "records.jsonl").is_file()

@@ -58,10 +58,13 @@ def test_quant_table_on_fixed_records():
     assert r.pp_tok_s == pytest.approx(40 * r.tg_tok_s)
     assert r.tg_spread == 0
     assert r.weights_bytes == size
-    assert r.other_bytes == pytest.approx(r.peak_bytes - r.weights_bytes - r.kv_bytes - r.compute_bytes)
-    assert r.other_bytes == pytest.approx(150 * MIB + 501 * 1024)  # the made-up runtime + the output buffer
+    # CPU: what is needed is llama.cpp's allocations (no repacked buffer in these records: weights as they are)
+    assert r.weights_needed_bytes == size
+    assert r.peak_bytes > r.needed_bytes  # RSS also holds the runtime (150 MiB in these made-up records)
+    assert r.needed_bytes == pytest.approx(size + r.kv_bytes + r.compute_bytes + 501 * 1024)
+    assert r.mem_vs_page == pytest.approx(r.needed_bytes / page.page_vram_bytes("Q4_K_M"))
     assert r.page_vram_bytes == 0.8e9 and r.page_file_bytes == 0.74e9
-    assert r.mem_vs_page == pytest.approx(r.peak_bytes / 0.8e9)
+    assert r.mem_vs_page == pytest.approx(r.needed_bytes / 0.8e9)
     assert r.true_bits == pytest.approx(BPW["Q4_K_M"], abs=1e-6) and r.page_bits == 4.8
     assert r.file_vs_page == pytest.approx((size + 7_000_000) / 0.74e9)
 
@@ -90,7 +93,7 @@ def test_write_report_end_to_end(tmp_path):
     s = pd.read_csv(out / "summary.csv")
     assert list(s.quant) == list(page.BY_QUANT)  # one row per quant, the page's order
     for col in ("tg_tok_s", "pp_tok_s", "page_tok_s", "tg_verdict", "weights_bytes", "kv_bytes", "compute_bytes",
-                "other_bytes", "peak_bytes", "page_vram_bytes", "mem_verdict", "true_bits", "page_bits",
+                "needed_bytes", "peak_bytes", "page_vram_bytes", "mem_verdict", "true_bits", "page_bits",
                 "file_bytes", "page_file_bytes", "calibrated_tok_s"):
         assert col in s.columns
     cal = json.loads((out / "calibration.json").read_text())
@@ -226,3 +229,14 @@ def test_report_never_opens_model_files(tmp_path):
         assert a.replace("r1", "rX") == b.replace("r2", "rX"), name
     cal = json.loads((first / "calibration.json").read_text())
     assert any("mix" in c for c in cal["tg"]["candidates"]), "the mix models ran: the tensor types were used"
+
+@pytest.mark.parametrize("bufs, want", [
+    ({"CPU_Mapped": 733, "CPU_REPACK": 492}, 733),  # mmap: the repacked weights' file pages counted once
+    ({"CPU": 241, "CPU_REPACK": 492}, 733),  # no mmap: llama.cpp keeps no source copy
+    ({"CPU_Mapped": 700}, 700),  # nothing repacked
+])
+def test_weights_needed_counts_repacked_weights_once(bufs, want):
+    from harness.analysis import points
+
+    assert points.weights_needed(bufs, None, device_side=False) == want
+    assert points.weights_needed({"CUDA0": 600, "CPU_Mapped": 250}, None, device_side=True) == 600

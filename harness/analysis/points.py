@@ -175,6 +175,19 @@ def device_bytes(bufs: Any, total: Any, device_side: bool) -> float:
     return float(total) if total is not None and not pd.isna(total) else math.nan
 
 
+def weights_needed(bufs: Any, total: Any, device_side: bool) -> float:
+    """The weights' memory with llama.cpp's CPU repacking counted once. With mmap, the file's pages of a
+    repacked tensor are read once into the repacked (anonymous) buffer and then stay resident only as clean,
+    reclaimable page cache: CPU_Mapped + CPU_REPACK counts those weights twice. Without mmap llama.cpp never
+    keeps the source copy, and the buffers already add up to the model's size."""
+    b = device_bytes(bufs, total, device_side)
+    if not device_side and isinstance(bufs, dict):
+        repack = sum(v for k, v in bufs.items() if "REPACK" in k.upper())
+        mapped = sum(v for k, v in bufs.items() if "MAPPED" in k.upper())
+        b -= min(repack, mapped)
+    return b
+
+
 def memory_points(df: pd.DataFrame, peak_source: str = "rss") -> pd.DataFrame:
     """One row per (quant, depth): llama.cpp's buffers (weights, KV, compute, output) and the measured peak.
 
@@ -191,6 +204,9 @@ def memory_points(df: pd.DataFrame, peak_source: str = "rss") -> pd.DataFrame:
             return max(vals) if vals else math.nan
 
         w = most("weights_bytes", "model_buffers")
+        wn = [weights_needed(b, t, gpu) for b, t in zip(d.model_buffers, d.weights_bytes)]
+        wn = [v for v in wn if not math.isnan(v)]
+        w_needed = max(wn) if wn else math.nan
         kv, comp, out = most("kv_bytes", "kv_buffers"), most("compute_bytes", "compute_buffers"), \
             most("output_bytes", "output_buffers")
         if gpu:
@@ -204,9 +220,82 @@ def memory_points(df: pd.DataFrame, peak_source: str = "rss") -> pd.DataFrame:
             rss = d.rss_peak_bytes.dropna()
             peak = float(rss.max()) if len(rss) else math.nan
         n_ctx = d.n_ctx.dropna()
+        anon = d.rss_anon_bytes.dropna() if "rss_anon_bytes" in d else pd.Series(dtype=float)
+        filed = d.rss_file_bytes.dropna() if "rss_file_bytes" in d else pd.Series(dtype=float)
+        # What the run needs: on the GPU the device's own peak; on the CPU llama.cpp's allocations with the
+        # repacked weights counted once (the RSS peak also holds reclaimable file pages, and misses buffer pages
+        # never touched: it is shown beside, split into anonymous and file-backed).
+        needed = peak if gpu else w_needed + kv + comp + out
         rows.append({
             "quant": quant, "n_depth": int(depth), "n_ctx": int(n_ctx.max()) if len(n_ctx) else None,
-            "weights_bytes": w, "kv_bytes": kv, "compute_bytes": comp, "output_bytes": out, "peak_bytes": peak,
+            "weights_bytes": w, "weights_needed_bytes": w_needed, "kv_bytes": kv, "compute_bytes": comp,
+            "output_bytes": out, "peak_bytes": peak, "needed_bytes": needed,
+            "rss_anon_bytes": float(anon.max()) if len(anon) else math.nan,
+            "rss_file_bytes": float(filed.max()) if len(filed) else math.nan,
             "family": quant_family(quant), "type": quant_type(quant),
         })
     return pd.DataFrame(rows)
+
+
+CONTEXT_COLUMNS = (2048, 8192, 32768, 131072)  # the page's "+ Context" column, at these sizes
+
+
+def context_points(mem: pd.DataFrame | None) -> pd.DataFrame:
+    """The memory test (contexts.jsonl records, test "mem") as one row per context made: quant, n_ctx, K/V types,
+    flash attention (as requested and as llama.cpp resolved it), llama.cpp's KV / compute / output buffers, and
+    the memory in use (RSS, its anonymous part; NVML's device total). Error cells are left out."""
+    cols = ["quant", "n_ctx", "type_k", "type_v", "flash_attn", "fa", "kv_bytes", "compute_bytes", "output_bytes",
+            "device_kv_bytes", "device_compute_bytes", "rss_bytes", "rss_anon_bytes", "gpu_used_bytes",
+            "gpu_used_before_load_bytes"]
+    if mem is None or not len(mem):
+        return pd.DataFrame(columns=cols)
+    ok = mem[(mem.status == "ok") & (mem.test == "mem")]
+    rows = []
+    for r in ok.itertuples():
+        extra = r.extra if isinstance(r.extra, dict) else {}
+        rows.append({
+            "quant": r.quant, "n_ctx": int(r.n_ctx), "type_k": r.cache_type_k, "type_v": r.cache_type_v,
+            "flash_attn": r.flash_attn, "fa": extra.get("flash_attn_resolved"),
+            "kv_bytes": device_bytes(r.kv_buffers, r.kv_bytes, False),
+            "compute_bytes": device_bytes(r.compute_buffers, r.compute_bytes, False),
+            "output_bytes": device_bytes(r.output_buffers, r.output_bytes, False),
+            "device_kv_bytes": device_bytes(r.kv_buffers, r.kv_bytes, True),
+            "device_compute_bytes": device_bytes(r.compute_buffers, r.compute_bytes, True),
+            "rss_bytes": r.rss_bytes, "rss_anon_bytes": getattr(r, "rss_anon_bytes", None),
+            "gpu_used_bytes": r.gpu_used_bytes, "gpu_used_before_load_bytes": r.gpu_used_before_load_bytes,
+        })
+    return pd.DataFrame(rows, columns=cols)
+
+
+def context_buffers(ctxp: pd.DataFrame, quant: str, n_ctx: int, kv: tuple[str, str] = ("f16", "f16"),
+                    device_side: bool = False) -> tuple[float, str | None]:
+    """(KV + compute + output bytes of a context of `n_ctx` with K/V types `kv`, the quant it was measured on):
+    the quant's own memory test where it ran, else another quant's (these buffers do not depend on the weights'
+    type); flash attention as llama.cpp resolved it when asked on, else auto. NaN where nothing matches."""
+    if ctxp is None or not len(ctxp):
+        return math.nan, None
+    d = ctxp[(ctxp.n_ctx == n_ctx) & (ctxp.type_k == kv[0]) & (ctxp.type_v == kv[1])]
+    if not len(d):
+        return math.nan, None
+    d = d.assign(pref=[(q != quant, fa != "on") for q, fa in zip(d.quant, d.flash_attn)]).sort_values("pref")
+    r = d.iloc[0]
+    if device_side:
+        b = r.device_kv_bytes + r.device_compute_bytes
+    else:
+        b = r.kv_bytes + r.compute_bytes + r.output_bytes
+    return float(b), str(r.quant)
+
+
+def arch_of(df: pd.DataFrame):
+    """The synthetic architecture the records measured (by their weights_ref, else by Llama 3.2 1B's parameter
+    count), or None for a model whose shape the records do not tell."""
+    ok = ok_records(df)
+    if not len(ok):
+        return None
+    ref = str(ok.weights_ref.dropna().iloc[0]) if ok.weights_ref.notna().any() else ""
+    for name, arch in ARCHS.items():
+        if ref.startswith(name + " "):
+            return arch
+    n = ok.model_n_params.dropna()
+    return ARCH if len(n) and int(n.iloc[0]) == ARCH.n_params() else None
+

@@ -16,7 +16,10 @@ MIB = 1024 * 1024
 def records_frame(records: Iterable[Record]) -> pd.DataFrame:
     import dataclasses
 
-    return pd.DataFrame([dataclasses.asdict(r) for r in records])
+    from harness.schema import FIELDS
+
+    rows = [dataclasses.asdict(r) for r in records]
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=FIELDS)
 
 
 def per_quant(df: pd.DataFrame) -> pd.DataFrame:
@@ -82,7 +85,7 @@ def text_table(s: pd.DataFrame) -> str:
             _mib(r.file_bytes), _mib(r.weights_bytes), _mib(r.kv_bytes), _mib(r.compute_bytes),
             _mib(r.rss_peak_bytes), _mib(r.gpu_used_peak_bytes), str(r.device or "-"),
         ])
-    widths = [max(len(head[i]), *(len(x[i]) for x in lines if len(x) > i)) for i in range(len(head))]
+    widths = [max([len(head[i])] + [len(x[i]) for x in lines if len(x) > i]) for i in range(len(head))]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
     out.append("  ".join("-" * w for w in widths))
     for x in lines:
@@ -106,7 +109,7 @@ def context_table(df: pd.DataFrame) -> str:
                       f"{r.cache_type_k}/{r.cache_type_v}", f"{r.flash_attn}" + (f" ({fa})" if fa else ""),
                       _mib1(r.kv_bytes), _mib1(r.compute_bytes), _mib(r.rss_bytes), _mib(r.gpu_used_bytes),
                       "" if r.status == "ok" else str(r.error)[:80]])
-    widths = [max(len(head[i]), *(len(x[i]) for x in lines)) for i in range(len(head))]
+    widths = [max([len(head[i])] + [len(x[i]) for x in lines]) for i in range(len(head))]
     out = ["memory test (contexts created with no decoding):",
            "  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(v.ljust(w) for v, w in zip(x, widths)).rstrip() for x in lines]

@@ -131,6 +131,7 @@ class Session:
         mp = llama_cpp.llama_model_default_params()
         ngl = bench["n_gpu_layers"]
         mp.n_gpu_layers = ALL_LAYERS if ngl < 0 else ngl
+        mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if bench.get("mmap", True) else llama_cpp.LLAMA_LOAD_MODE_NONE
         capture.take()
         t0 = time.perf_counter_ns()
         self.model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
@@ -254,6 +255,7 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
             "gpu_used_after_load_bytes": gpu_after.device_used_bytes if gpu_after else None,
             "n_threads": bench["threads"], "n_batch": bench["n_batch"], "n_ubatch": bench["n_ubatch"],
             "n_gpu_layers": bench["n_gpu_layers"], "flash_attn": bench["flash_attn"],
+            "extra": {"mmap": bool(bench.get("mmap", True))},
         }
         kv0 = cache_types(bench)[0]
         skip = {tuple(c) for c in bench.get("skip_cells", ())}  # (test, depth, rep) done before a resume
@@ -295,11 +297,11 @@ def _run_mem(s: Session, cell: MemCell, model_fields: dict[str, Any], nvml, gpu_
             "kv_buffers": bufs.kv, "compute_buffers": bufs.compute, "output_buffers": bufs.output,
             "kv_bytes": sum(bufs.kv.values()), "compute_bytes": sum(bufs.compute.values()),
             "output_bytes": sum(bufs.output.values()),
-            "rss_bytes": memory.rss_bytes(), "rss_peak_bytes": memory.peak_rss_bytes(),
+            "rss_bytes": memory.rss_bytes(), "rss_peak_bytes": memory.peak_rss_bytes(), **memory.rss_parts(),
             "gpu_used_bytes": g.device_used_bytes if g else None,
             "gpu_used_peak_bytes": peak.device_used_bytes if peak else None,
             "gpu_process_bytes": g.process_bytes if g else None,
-            "extra": {"flash_attn_resolved": fa} if fa else {},
+            "extra": {**model_fields.get("extra", {}), **({"flash_attn_resolved": fa} if fa else {})},
         })
     finally:
         s.lib.llama_free(ctx)
@@ -355,10 +357,10 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
                 "kv_buffers": bufs.kv, "compute_buffers": bufs.compute, "output_buffers": bufs.output,
                 "kv_bytes": sum(bufs.kv.values()), "compute_bytes": sum(bufs.compute.values()),
                 "output_bytes": sum(bufs.output.values()),
-                "rss_peak_bytes": memory.peak_rss_bytes(),
+                "rss_peak_bytes": memory.peak_rss_bytes(), **memory.rss_parts(),
                 "gpu_used_peak_bytes": g.device_used_bytes if g else None,
                 "gpu_process_bytes": g.process_bytes if g else None,
-                "extra": {"flash_attn_resolved": fa} if fa else {},
+                "extra": {**model_fields.get("extra", {}), **({"flash_attn_resolved": fa} if fa else {})},
             })
     finally:
         batch.free()

@@ -22,6 +22,20 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def rss_parts() -> dict[str, int | None]:
+    """This process's resident set split into anonymous memory (what it cannot give back without swap: heap,
+    llama.cpp's repacked weights, KV cache, compute buffers) and file-backed pages (the mmap'd model: clean, the
+    kernel may drop and re-read them), from /proc/self/smaps_rollup. Nulls where that file does not exist."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if ":" in line)
+                  if v.split() and v.split()[0].isdigit()}
+    except OSError:
+        return {"rss_anon_bytes": None, "rss_file_bytes": None}
+    anon = kb.get("Anonymous", 0) * 1024
+    return {"rss_anon_bytes": anon, "rss_file_bytes": max(kb.get("Rss", 0) * 1024 - anon, 0)}
+
+
 def peak_rss_bytes() -> int:
     """The kernel's high-water mark of this process's resident set (VmHWM): exact, no sampling gaps."""
     try:

@@ -23,13 +23,17 @@ from harness.catalog import page
 from harness.report.figures import figures
 from harness.report.render import render_html, render_markdown
 from harness.report.tables import (
+    CONTEXT_HEAD,
+    KV_HEAD,
     MEMORY_HEAD,
     PROBE_HEAD,
     SIZE_HEAD,
     SPEED_HEAD,
     calibration_lines,
+    context_rows,
     context_table,
     device_statement,
+    kv_rows,
     memory_rows,
     probe_rows,
     quant_table,
@@ -62,6 +66,14 @@ def load_run(results_dir: str | Path) -> tuple[pd.DataFrame, dict]:
     return df, env
 
 
+def load_contexts(results_dir: str | Path) -> pd.DataFrame | None:
+    """The memory test's records of a results folder (contexts.jsonl), None where the run made none."""
+    path = Path(results_dir) / "contexts.jsonl"
+    if not path.is_file():
+        return None
+    return summary.records_frame(schema.read_records(path))
+
+
 def load_probes(results_dir: str | Path) -> pd.DataFrame | None:
     """The kernel-probe records of a results folder (probes.jsonl), None where the run measured none."""
     path = Path(results_dir) / "probes.jsonl"
@@ -71,7 +83,7 @@ def load_probes(results_dir: str | Path) -> pd.DataFrame | None:
 
 
 def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: dict, run_id: str,
-              probe_df: pd.DataFrame | None = None) -> list[tuple]:
+              probe_df: pd.DataFrame | None = None, ctxp: pd.DataFrame | None = None) -> list[tuple]:
     """The report as (kind, payload) blocks, rendered to markdown or HTML: ("h", text), ("p", markdown-ish
     text), ("list", [lines]), ("table", head, rows), ("fig", name), ("raw-md", text)."""
     ok = df[df.status == "ok"] if len(df) else df
@@ -91,7 +103,7 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
         m_n = int(t.mem_inside.notna().sum())
         s.append(("p", f"The page claims its speeds are 'typically within ±20%'. Here {n_in} of {n_tg} quants' "
                        f"measured generation speed is inside that band of the page's figure for this device, and "
-                       f"{m_in} of {m_n} quants' measured peak memory is inside ±20% of the page's VRAM."))
+                       f"{m_in} of {m_n} quants' memory needed is inside ±20% of the page's VRAM."))
         s.append(("h2", "Speed"))
         s.append(("p", "tg: generation, tok/s median ± half the min-max range over repetitions; pp: prompt "
                        "processing. 'calibrated (held out)': the fitted model's prediction for a quant when that "
@@ -101,10 +113,28 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
         s.append(("h2", "Memory"))
         src = ("NVML (the process's usage, else the device's growth since load)" if device.get("peak_source") ==
                "gpu" else "the process's peak resident set (VmHWM), which includes the Python runtime")
-        s.append(("p", f"Peak measured from {src}. Weights, KV and compute are llama.cpp's own buffer sizes; "
-                       "'other' is the peak minus those three."))
+        s.append(("p", "'needed': on a GPU, the device memory NVML saw; on a CPU, llama.cpp's own allocations "
+                       "(weights, KV, compute, output buffers) with the weights it repacks for its CPU kernels "
+                       "counted once: with mmap the file's pages of a repacked tensor stay resident only as clean, "
+                       "reclaimable page cache beside the repacked copy. The verdict is on 'needed'. Beside it, as "
+                       f"measured: the peak from {src}; the resident set at the end of a repetition split into "
+                       "anonymous memory and file-backed pages (smaps_rollup); and the buffers as llama.cpp logs "
+                       "them (CPU_Mapped + CPU_REPACK count repacked weights twice)."))
         s.append(("table", MEMORY_HEAD, memory_rows(t)))
         s.append(("fig", "memory.png"))
+        s.append(("h2", "+ Context"))
+        if ctxp is not None and len(ctxp):
+            s.append(("p", "The page's VRAM column has no context term (its '+ Context' column is blank). Measured "
+                           "here by the memory test (bench.contexts): a context of each size created with no "
+                           "decoding, llama.cpp's KV and compute buffers recorded. Memory needed at each context = "
+                           "the quant's weights + that context's buffers (on a GPU: NVML's device memory with the "
+                           "context made, where that quant's memory test ran). KV f16 unless named."))
+            s.append(("table", CONTEXT_HEAD, context_rows(t)))
+            s.append(("fig", "context_memory.png"))
+            s.append(("table", KV_HEAD, kv_rows(ctxp, points.arch_of(df))))
+        else:
+            s.append(("p", "No memory test in this run (bench.contexts is empty): the page's '+ Context' column "
+                           "stays unmeasured here."))
         s.append(("h2", "Sizes"))
         s.append(("p", "True bits per weight = 8 x llama.cpp's model size / its parameter count; file size from "
                        "disk (1 MiB = 1,048,576 bytes; the page's GB are 1e9 bytes)."))
@@ -139,18 +169,19 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
 
 
 def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = None,
-          tensor_types: dict[str, dict] | None = None, probe_df: pd.DataFrame | None = None
-          ) -> tuple[pd.DataFrame, dict, dict[str, bytes], str, str]:
+          tensor_types: dict[str, dict] | None = None, probe_df: pd.DataFrame | None = None,
+          mem_df: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict, dict[str, bytes], str, str]:
     """Everything the report holds, computed from the records: (per-quant table, calibration, figures,
     markdown, html). `tensor_types` ({quant: {ggml type: weights}}) lets the calibration cost each tensor's
     kernel; `probe_df` (kernel-probe records) measures those costs."""
     cal = calibration.calibrate(df, env, run_id=run_id, results_dir=results_dir, tensor_types=tensor_types,
                               probe_costs=kernels.costs(probe_df))
     device = cal["device"]
-    t = quant_table(df, device, cal)
+    ctxp = points.context_points(mem_df)
+    t = quant_table(df, device, cal, ctxp)
     ctx = context_table(df, device)
-    figs = figures(t, ctx, cal, device)
-    sections = _sections(df, env, t, cal, device, run_id, probe_df)
+    figs = figures(t, ctx, cal, device, ctxp)
+    sections = _sections(df, env, t, cal, device, run_id, probe_df, ctxp)
     title = f"Llama 3.2 1B quants - run {run_id}"
     return t, cal, figs, render_markdown(sections, figs), render_html(sections, figs, title)
 
@@ -164,7 +195,7 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     out = Path(out) if out is not None else DEFAULT_REPORTS / run_id
     out.mkdir(parents=True, exist_ok=True)
     t, cal, figs, md, page_html = build(df, env, run_id, str(results_dir), points.tensor_types_from_records(df),
-                                        load_probes(results_dir))
+                                        load_probes(results_dir), load_contexts(results_dir))
     for name, png in figs.items():
         (out / name).write_bytes(png)
     (out / "report.md").write_text(md)

@@ -63,26 +63,26 @@ def fig_speed(t: pd.DataFrame, device: dict) -> bytes:
 
 
 def fig_memory(t: pd.DataFrame, device: dict) -> bytes:
-    """Measured peak memory stacked as weights / KV / compute / other, beside the page's VRAM."""
+    """What each quant needs, stacked as weights (repacked weights counted once) / KV / compute, with the
+    measured peak marked, beside the page's VRAM."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10, 4.5))
     x = np.arange(len(t))
     w = 0.4
     bottom = np.zeros(len(t))
-    colors = {"weights_bytes": "#4c72b0", "kv_bytes": "#dd8452", "compute_bytes": "#55a868",
-              "other_bytes": "#8c8c8c"}
-    for col, label in (("weights_bytes", "weights"), ("kv_bytes", "KV cache"), ("compute_bytes", "compute"),
-                       ("other_bytes", "other (runtime)")):
-        v = np.nan_to_num(t[col].to_numpy(float) / MIB)
-        v = np.maximum(v, 0)
+    colors = {"weights_needed_bytes": "#4c72b0", "kv_bytes": "#dd8452", "compute_bytes": "#55a868"}
+    for col, label in (("weights_needed_bytes", "weights"), ("kv_bytes", "KV cache"), ("compute_bytes", "compute")):
+        v = np.maximum(np.nan_to_num(t[col].to_numpy(float) / MIB), 0)
         ax.bar(x - w / 2, v, w, bottom=bottom, color=colors[col], label=label)
         bottom += v
+    gpu = device.get("peak_source") == "gpu"
+    peak_label = "NVML peak (device)" if gpu else "peak RSS (incl. reclaimable file pages)"
+    ax.plot(x - w / 2, np.nan_to_num(t.peak_bytes.to_numpy(float) / MIB), "k_", markersize=14, label=peak_label)
     ax.bar(x + w / 2, np.nan_to_num(t.page_vram_bytes.to_numpy(float) / MIB), w, color="#c44e52", alpha=0.7,
            label="page's VRAM")
     ax.set_xticks(x, t.quant, rotation=45, ha="right")
-    src = "NVML (device)" if device.get("peak_source") == "gpu" else "peak RSS"
-    ax.set_ylabel(f"MiB ({src})")
-    ax.set_title("Memory: measured (left) vs the page's VRAM (right)")
+    ax.set_ylabel("MiB")
+    ax.set_title("Memory: needed (left) vs the page's VRAM (right)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
@@ -167,7 +167,36 @@ def fig_context(ctx: pd.DataFrame) -> bytes:
 
 # --- the report -------------------------------------------------------------------------------------------------
 
-def figures(t: pd.DataFrame, ctx: pd.DataFrame, cal: dict, device: dict) -> dict[str, bytes]:
+def fig_context_memory(t: pd.DataFrame, ctxp: pd.DataFrame, device: dict) -> bytes:
+    """Memory needed against the context size, one line per KV type for the smallest and largest quant
+    measured, and the page's VRAM (no context term) as flat lines."""
+    from harness.report.tables import KV_PAIRS, context_memory
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    sizes = sorted(ctxp.n_ctx.unique())
+    tt = t[t.weights_needed_bytes.notna()].sort_values("weights_needed_bytes")
+    picks = [tt.iloc[0], tt.iloc[-1]] if len(tt) > 1 else [tt.iloc[0]] if len(tt) else []
+    styles = {("f16", "f16"): "-", ("q8_0", "q8_0"): "--", ("q4_0", "q4_0"): ":"}
+    colors = ["#4c72b0", "#dd8452"]
+    for i, r in enumerate(picks):
+        for kv in KV_PAIRS:
+            ys = [context_memory(r.to_dict(), ctxp, device, int(n), kv) / MIB for n in sizes]
+            if np.isfinite(ys).any():
+                ax.plot(sizes, ys, styles[kv], marker="o", ms=3, color=colors[i], label=f"{r.quant}, KV {kv[0]}")
+        if np.isfinite(r.page_vram_bytes):
+            ax.axhline(r.page_vram_bytes / MIB, color=colors[i], alpha=0.4, lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("memory needed, MiB")
+    ax.set_title("Memory vs context (flat lines: the page's VRAM, which has no context term)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def figures(t: pd.DataFrame, ctx: pd.DataFrame, cal: dict, device: dict,
+            ctxp: pd.DataFrame | None = None) -> dict[str, bytes]:
     """{file name: PNG bytes}; the context plots only where more than one depth was measured."""
     out: dict[str, bytes] = {}
     if t.empty:
@@ -178,14 +207,18 @@ def figures(t: pd.DataFrame, ctx: pd.DataFrame, cal: dict, device: dict) -> dict
         out["roofline.png"] = fig_roofline(cal, device)
     if len(ctx) and "n_depth" in ctx and ctx.n_depth.nunique() > 1:
         out["context.png"] = fig_context(ctx)
+    if ctxp is not None and len(ctxp):
+        out["context_memory.png"] = fig_context_memory(t, ctxp, device)
     return out
 
 
 CAPTIONS = {
     "speed.png": "Measured generation speed per quant against the page's prediction (±20% band) and the "
                  "calibrated model's held-out prediction.",
-    "memory.png": "Measured peak memory split into llama.cpp's weights, KV and compute buffers and the rest, "
-                  "beside the page's VRAM figure.",
+    "memory.png": "Memory needed per quant (weights with repacked weights counted once, KV, compute), the "
+                  "measured peak marked, beside the page's VRAM figure.",
+    "context_memory.png": "Memory needed against the context size per KV cache type (the memory test), beside "
+                          "the page's VRAM, which has no context term.",
     "roofline.png": "Speed against bytes read per token, with the bandwidth roofline and the fitted model.",
     "context.png": "Memory and speed against the context length.",
 }

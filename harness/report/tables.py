@@ -50,7 +50,24 @@ def _nan(v) -> float:
     return math.nan if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def quant_table(df: pd.DataFrame, device: dict, cal: dict | None = None) -> pd.DataFrame:
+def context_memory(row: dict, ctxp: pd.DataFrame, device: dict, n_ctx: int, kv: tuple[str, str]) -> float:
+    """What a quant needs with a context of `n_ctx` tokens of K/V types `kv` (the page's "+ Context"): on a GPU
+    the device memory NVML saw with that context made (this quant's memory test), else the weights (repacked
+    ones once) plus llama.cpp's KV, compute and output buffers for that context."""
+    quant = row["quant"]
+    gpu = device.get("peak_source") == "gpu"
+    if gpu and len(ctxp):
+        d = ctxp[(ctxp.quant == quant) & (ctxp.n_ctx == n_ctx) & (ctxp.type_k == kv[0]) & (ctxp.type_v == kv[1])
+                 & ctxp.gpu_used_bytes.notna() & ctxp.gpu_used_before_load_bytes.notna()]
+        if len(d):
+            d = d.assign(pref=[fa != "on" for fa in d.flash_attn]).sort_values("pref")
+            return float(d.gpu_used_bytes.iloc[0] - d.gpu_used_before_load_bytes.iloc[0])
+    b, _ = points.context_buffers(ctxp, quant, n_ctx, kv, device_side=gpu)
+    return row.get("weights_needed_bytes", math.nan) + b
+
+
+def quant_table(df: pd.DataFrame, device: dict, cal: dict | None = None,
+                ctxp: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per quant, at the shallowest depth measured: measured tok/s and memory, the page's figures for
     this device, ratios and verdicts, the calibrated (held-out) tok/s, true bits per weight and file size."""
     s = summary.per_quant(df)
@@ -80,15 +97,19 @@ def quant_table(df: pd.DataFrame, device: dict, cal: dict | None = None) -> pd.D
         m = mem[(mem.quant == quant) & (mem.n_depth == depth)] if len(mem) and depth is not None else mem.iloc[0:0]
         if len(m):
             m = m.iloc[0]
-            row.update({"weights_bytes": m.weights_bytes, "kv_bytes": m.kv_bytes, "compute_bytes": m.compute_bytes,
-                        "peak_bytes": m.peak_bytes})
+            row.update({k: m[k] for k in MEMORY_COLUMNS})
         else:
-            row.update(dict.fromkeys(("weights_bytes", "kv_bytes", "compute_bytes", "peak_bytes"), math.nan))
-        row["other_bytes"] = row["peak_bytes"] - row["weights_bytes"] - row["kv_bytes"] - row["compute_bytes"]
+            row.update(dict.fromkeys(MEMORY_COLUMNS, math.nan))
         row["page_vram_bytes"] = page.page_vram_bytes(quant) if on_page else math.nan
-        row["mem_vs_page"] = row["peak_bytes"] / row["page_vram_bytes"] if on_page else math.nan
-        row["mem_inside"] = inside(row["peak_bytes"], row["page_vram_bytes"])
-        row["mem_verdict"] = verdict(row["peak_bytes"], row["page_vram_bytes"])
+        for n in points.CONTEXT_COLUMNS:
+            for kv in KV_PAIRS:
+                row[context_key(n, kv)] = context_memory(row, ctxp if ctxp is not None else
+                                                         points.context_points(None), device, n, kv)
+        # the verdict is on what the run needs (on a GPU: NVML's peak; on a CPU: llama.cpp's allocations with
+        # repacked weights counted once), never on RSS, which holds reclaimable file pages
+        row["mem_vs_page"] = row["needed_bytes"] / row["page_vram_bytes"] if on_page else math.nan
+        row["mem_inside"] = inside(row["needed_bytes"], row["page_vram_bytes"])
+        row["mem_verdict"] = verdict(row["needed_bytes"], row["page_vram_bytes"])
         row["file_bytes"] = _nan(r.file_bytes)
         row["page_file_bytes"] = page.page_file_bytes(quant) if on_page else math.nan
         row["file_vs_page"] = row["file_bytes"] / row["page_file_bytes"] if on_page else math.nan
@@ -162,8 +183,62 @@ def _x(v) -> str:
 
 SPEED_HEAD = ["quant", "depth", "tg tok/s", "pp tok/s", "page tok/s", "tg / page", "verdict (page ±20%)",
               "calibrated tok/s (held out)", "tg / calibrated"]
-MEMORY_HEAD = ["quant", "weights MiB", "KV MiB", "compute MiB", "other MiB", "peak MiB", "page VRAM MiB",
-               "peak / page", "verdict (page ±20%)"]
+KV_PAIRS = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
+
+
+def context_key(n_ctx: int, kv: tuple[str, str]) -> str:
+    return f"needed_ctx{n_ctx}_{kv[0]}" + ("" if kv[0] == kv[1] else f"_{kv[1]}") + "_bytes"
+
+
+def _ctx_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+CONTEXT_HEAD = (["quant", "page VRAM MiB"] + [f"+{_ctx_label(n)} MiB" for n in points.CONTEXT_COLUMNS]
+                + ["+128K q8_0 KV MiB", "+128K q4_0 KV MiB"])
+
+
+def context_rows(t: pd.DataFrame) -> list[list[str]]:
+    """The page's "+ Context" column, measured: per quant, the memory needed at each context (f16 KV), and at
+    128K with q8_0 and q4_0 KV; '-' where the run's memory test did not make that context."""
+    rows = []
+    for r in t.to_dict("records"):
+        rows.append([r["quant"], _mib(r["page_vram_bytes"])]
+                    + [_mib(r[context_key(n, ("f16", "f16"))]) for n in points.CONTEXT_COLUMNS]
+                    + [_mib(r[context_key(131072, kv)]) for kv in KV_PAIRS[1:]])
+    return rows
+
+
+KV_HEAD = ["context", "K/V", "flash attention", "KV MiB", "KV MiB by arithmetic", "compute MiB", "measured on"]
+
+
+def kv_rows(ctxp: pd.DataFrame, arch=None) -> list[list[str]]:
+    """llama.cpp's KV and compute buffers per context, type and flash-attention setting (one quant's memory
+    test: they do not depend on the weights), beside the KV arithmetic of the model's shape: 2 x layers x KV
+    heads x head size x bytes per element (f16 2, q8_0 34/32, q4_0 18/32) x cells (256-cell padding)."""
+    if ctxp is None or not len(ctxp):
+        return []
+    per_elem = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+                "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}
+    first = ctxp.quant.iloc[0]
+    d = ctxp[ctxp.quant == first].sort_values(["n_ctx", "type_k", "type_v", "flash_attn"])
+    rows = []
+    for r in d.itertuples():
+        cells = -(-int(r.n_ctx) // points.KV_PAD_CELLS) * points.KV_PAD_CELLS
+        want = math.nan
+        if arch is not None:
+            half = arch.n_layer * arch.n_head_kv * (arch.n_embd // arch.n_head) * cells
+            want = half * (per_elem.get(r.type_k, math.nan) + per_elem.get(r.type_v, math.nan))
+        fa = f"{r.flash_attn}" + (f" ({r.fa})" if r.fa and r.fa != r.flash_attn else "")
+        rows.append([f"{r.n_ctx:,}", f"{r.type_k}/{r.type_v}", fa, _f(r.kv_bytes / MIB), _f(want / MIB),
+                     _f(r.compute_bytes / MIB), str(first)])
+    return rows
+
+
+MEMORY_COLUMNS = ("weights_bytes", "weights_needed_bytes", "kv_bytes", "compute_bytes", "output_bytes", "peak_bytes",
+                  "needed_bytes", "rss_anon_bytes", "rss_file_bytes")
+MEMORY_HEAD = ["quant", "weights MiB", "KV MiB", "compute MiB", "needed MiB", "page VRAM MiB", "needed / page",
+               "verdict (page ±20%)", "peak MiB", "anon MiB", "file MiB", "buffers as logged MiB"]
 SIZE_HEAD = ["quant", "true bits/weight", "page bits", "file MiB", "page file MiB", "file / page"]
 
 
@@ -175,8 +250,10 @@ def speed_rows(t: pd.DataFrame) -> list[list[str]]:
 
 
 def memory_rows(t: pd.DataFrame) -> list[list[str]]:
-    return [[r.quant, _mib(r.weights_bytes), _mib(r.kv_bytes), _mib(r.compute_bytes), _mib(r.other_bytes),
-             _mib(r.peak_bytes), _mib(r.page_vram_bytes), _x(r.mem_vs_page), r.mem_verdict] for r in t.itertuples()]
+    return [[r.quant, _mib(r.weights_needed_bytes), _mib(r.kv_bytes), _mib(r.compute_bytes), _mib(r.needed_bytes),
+             _mib(r.page_vram_bytes), _x(r.mem_vs_page), r.mem_verdict, _mib(r.peak_bytes), _mib(r.rss_anon_bytes),
+             _mib(r.rss_file_bytes), _mib(r.weights_bytes + r.kv_bytes + r.compute_bytes + r.output_bytes)]
+            for r in t.itertuples()]
 
 
 def size_rows(t: pd.DataFrame) -> list[list[str]]:
