@@ -12,7 +12,7 @@ import re
 import matplotlib.image as mpimg
 import pandas as pd
 import pytest
-from test_calibrate import BPW, ENV_CPU, MIB, N, frame, make_records
+from test_calibrate import BPW, ENV_CPU, N, frame, make_records
 
 from harness import cli, report, schema
 from harness.catalog import page
