@@ -174,7 +174,8 @@ def test_a_run_whose_every_file_failed_ends_with_its_table_not_a_traceback(tmp_p
     for q in ("Q4_K_M", "Q8_0"):
         (tmp_path / f"{q}.gguf").write_bytes(b"GGUF" + b"\0" * 60)  # a header cut short: refused by validation
     cfg = tmp_path / "broken.yaml"
-    cfg.write_text(yaml.safe_dump({"name": "broken", "model": {"source": "local", "path": str(tmp_path / "{quant}.gguf")},
+    model = {"source": "local", "path": str(tmp_path / "{quant}.gguf")}
+    cfg.write_text(yaml.safe_dump({"name": "broken", "model": model,
                                    "quants": ["Q4_K_M", "Q8_0"], "probes": False,
                                    "bench": {"n_prompt": 16, "n_gen": 4, "repetitions": 1}}))
     r = run_cli("run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", timeout=300)
