@@ -83,7 +83,10 @@ class ProbeSpec:
     # Kernel probes (harness.sources.probes): for each tensor type in the quants, a few-layer model of the same layer
     # shapes, all in that type, measured with the tg test; calibration uses them as the per-type kernel costs.
     enabled: bool = True  # measure them (needs bench.n_gen > 0)
-    n_layer: int = 8  # layers of the probe model: at the 1B's shapes 486M weights (2/5 of it), per-token overhead small
+    n_layer: int = 6  # layers of the probe model (the 1B's layer shapes, a 512-token vocabulary)
+    base_n_layer: int = 2  # a second probe of this many layers: the cost per weight is taken from the difference,
+    # so the probe's own per-token overhead (the output, sampling-free decode, synchronisation) drops out; 0: one
+    # probe, its time over its weights (overhead included)
     n_gen: int = 128  # tokens per repetition (a probe token costs about n_layer / the model's layers of one)
     repetitions: int = 5  # timed repetitions per probe
 
@@ -324,6 +327,12 @@ def _probes(data: Any) -> ProbeSpec:
     kw: dict[str, Any] = {"enabled": _typed("probes.enabled", data.get("enabled", d.enabled), bool)}
     for name in ("n_layer", "n_gen", "repetitions"):
         kw[name] = _positive(f"probes.{name}", _typed(f"probes.{name}", data.get(name, getattr(d, name)), int))
+    kw["base_n_layer"] = _positive("probes.base_n_layer", _typed("probes.base_n_layer",
+                                                                 data.get("base_n_layer", d.base_n_layer), int),
+                                   zero_ok=True)
+    if kw["base_n_layer"] >= kw["n_layer"]:
+        raise ConfigError(f"probes.base_n_layer ({kw['base_n_layer']}) must be below probes.n_layer "
+                          f"({kw['n_layer']}): the cost per weight is the difference of the two probes")
     return ProbeSpec(**kw)
 
 

@@ -409,3 +409,28 @@ def test_kv_per_token_counts_the_padded_cells():
     kv = 256 * 32768
     b = calibration.buffer_model(frame([_buf_record("tg", 16, kv, 1 * MIB), _buf_record("pp", 64, kv, 5 * MIB)]))
     assert b["kv_bytes_per_token"] == 32768
+
+
+def test_nnls_against_hand_solved_problems():
+    from harness.analysis.fit import nnls
+
+    # unconstrained optimum (2, -1); with the second bounded at 0: x0 = argmin (x0 - 2)^2 + (x0 - 1)^2 = 1.5
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    b = np.array([2.0, 1.0, -1.0])
+    assert np.allclose(nnls(a, b, np.array([False, False])), [2.0, -1.0])
+    assert np.allclose(nnls(a, b, np.array([False, True])), [1.5, 0.0])
+    assert np.allclose(nnls(a, b, np.array([True, True])), [1.5, 0.0])
+    # a free variable that must go negative while a bounded one stays positive: exact fit x = (3, -2)
+    a2 = np.array([[1.0, 1.0], [1.0, -1.0], [2.0, 1.0]])
+    b2 = a2 @ np.array([3.0, -2.0])
+    assert np.allclose(nnls(a2, b2, np.array([True, False])), [3.0, -2.0])
+    # KKT at the optimum on a random problem: gradient zero on positive/free, >= 0 pushing into a bound
+    rng = np.random.default_rng(1)
+    a3, b3 = rng.standard_normal((30, 6)), rng.standard_normal(30)
+    bounded = np.array([True, True, True, False, False, True])
+    x = nnls(a3, b3, bounded)
+    g = a3.T @ (a3 @ x - b3)
+    assert (x[bounded] >= 0).all()
+    assert np.allclose(g[~bounded], 0, atol=1e-8)
+    assert np.allclose(g[bounded & (x > 1e-12)], 0, atol=1e-8)
+    assert (g[bounded & (x <= 1e-12)] >= -1e-8).all()

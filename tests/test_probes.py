@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import REPO
@@ -98,15 +99,19 @@ def test_run_probes_each_type_once_between_the_quants(probed_run, tiny_file):
     for q in cfg.quants:
         want |= set(probes.types_to_probe(validate.check(tiny_file(q)).type_weights))
     assert want == {"IQ3_S", "Q4_K", "Q6_K"}  # tiny IQ3_M: IQ3_S + Q4_K + Q6_K; Q4_K_M and Q6_K add none
-    assert sorted((r.quant, r.rep) for r in recs) == sorted((t, i) for t in want for i in range(2))
+    # each type twice: at probes.n_layer (4) and probes.base_n_layer (2) layers, the cost from the difference
+    assert cfg.probes.n_layer == 4 and cfg.probes.base_n_layer == 2
+    assert sorted((r.quant, r.rep) for r in recs) == sorted((label, i) for t in want for label in (t, f"{t}@2L")
+                                                            for i in range(2))
     for r in recs:
+        t, base = probes.split_label(r.quant)
         assert r.status == "ok" and r.test == "tg" and r.n_gen == cfg.probes.n_gen and r.n_prompt == 0
-        assert r.weights == "synthetic" and r.weights_ref.startswith("kernel probe: 4 layers of 256x512")
-        assert f"all {r.quant}" in r.weights_ref and r.tokens_per_s > 0
-        assert validate.check(r.file_path).type_weights.keys() == {r.quant, "F32"}
-    # measured in between: IQ3_M's three probes come before Q4_K_M's measurement
+        assert r.weights == "synthetic" and r.weights_ref.startswith(f"kernel probe: {base or 4} layers of 256x512")
+        assert f"all {t}" in r.weights_ref and r.tokens_per_s > 0
+        assert validate.check(r.file_path).type_weights.keys() == {t, "F32"}
+    # measured in between: IQ3_M's probes (three types, two sizes) come before Q4_K_M's measurement
     order = ["probe" if " probe " in x else x.split("]", 1)[1].split()[0] for x in lines if "measuring" in x]
-    assert order == ["IQ3_M", "probe", "probe", "probe", "Q4_K_M", "Q6_K"]
+    assert order == ["IQ3_M"] + ["probe"] * 6 + ["Q4_K_M", "Q6_K"]
     assert not (run_dir / "records.jsonl").read_text().count("kernel probe")  # quant records stay apart
 
 
@@ -188,7 +193,7 @@ def test_a_failed_probe_is_recorded_and_reported_and_the_run_goes_on(tiny_cache,
     prs = schema.read_records(run_dir / "probes.jsonl")
     failed = [r for r in prs if r.status == "error"]
     assert [r.quant for r in failed] == ["Q6_K"] and "invalid GGUF" in failed[0].error
-    assert {r.quant for r in prs if r.status == "ok"} == {"Q4_K"}
+    assert {r.quant for r in prs if r.status == "ok"} == {"Q4_K", "Q4_K@2L", "Q6_K@2L"}  # the base probes ran
     assert any("probe Q6_K ERROR" in x for x in lines)
     assert {r.quant for r in schema.read_records(run_dir / "records.jsonl")} == {"Q4_K_M", "Q6_K"}
     line = summary.probe_line(summary.records_frame(prs))
@@ -223,3 +228,21 @@ def test_resume_records_a_quant_whose_file_is_gone_in_a_later_round(tiny_file, t
     recs = schema.read_records(rec_path)
     assert sorted((r.quant, -1 if r.rep is None else r.rep, r.status) for r in recs) == [
         ("Q4_K_M", 0, "ok"), ("Q4_K_M", 1, "ok"), ("Q8_0", -1, "error"), ("Q8_0", 0, "ok")]
+
+
+def test_two_probes_cancel_the_probes_own_overhead():
+    """costs() on records made here: time per token = 3 ms overhead + 2e-12 s per weight; the difference of a
+    6-layer and a 2-layer probe gives the cost per weight exactly, the one-probe figure overstates it."""
+    from harness.analysis import kernels
+
+    def recs(label, n_w):
+        t = 3e-3 + 2e-12 * n_w
+        return [{"status": "ok", "test": "tg", "quant": label, "tokens_per_s": 1 / t, "model_n_params": n_w}] * 3
+
+    df = pd.DataFrame(recs("Q4_K", 600_000_000) + recs("Q4_K@2L", 200_000_000) + recs("Q8_0", 600_000_000))
+    c = kernels.costs(df)
+    assert c["Q4_K"]["s_per_weight"] == pytest.approx(2e-12)
+    assert c["Q4_K"]["overhead_s"] == pytest.approx(3e-3)
+    assert c["Q4_K"]["method"].startswith("two probes")
+    assert c["Q8_0"]["s_per_weight"] == pytest.approx((3e-3 + 1.2e-3) / 600_000_000)  # overhead included
+    assert "overhead_s" not in c["Q8_0"]

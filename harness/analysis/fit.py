@@ -130,9 +130,41 @@ _NONNEG = {"s_per_byte", "overhead", "weights_factor", "buffers_factor", "kernel
 def _nonneg(name: str, target: str, names: Iterable[str] = ()) -> bool:
     if target == "peak_bytes" and name == "overhead":
         return False  # net of buffer pages never touched (RSS counts touched pages only): may be negative
-    if name == "overhead" and "kernel_factor" in names:
-        return False  # net of the probes' own per-token overhead, which the kernel term counts per weight
     return name in _NONNEG or name.startswith("s_per_byte:")
+
+
+def nnls(a: np.ndarray, b: np.ndarray, bounded: np.ndarray, max_iter: int | None = None) -> np.ndarray:
+    """min ||a x - b|| with x[j] >= 0 where `bounded[j]`, the others free: Lawson and Hanson's active-set
+    algorithm (Solving Least Squares Problems, 1974, ch. 23), a free variable written as the difference of two
+    bounded ones. Exact at the optimum (the KKT conditions hold), unlike pinning negative terms one by one."""
+    free_cols = np.flatnonzero(~bounded)
+    aa = np.column_stack([a, -a[:, free_cols]]) if len(free_cols) else a
+    m, n = aa.shape
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    w = aa.T @ (b - aa @ x)
+    tol = 10 * np.finfo(float).eps * max(1.0, np.abs(aa).max()) * max(m, n)
+    for _ in range(max_iter or 3 * n):
+        if passive.all() or w[~passive].max(initial=-np.inf) <= tol:
+            break
+        j = np.flatnonzero(~passive)[np.argmax(w[~passive])]
+        passive[j] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(aa[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            neg = passive & (z <= 0)
+            alpha = np.min(x[neg] / (x[neg] - z[neg]))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+        w = aa.T @ (b - aa @ x)
+    out = x[:a.shape[1]].copy()
+    if len(free_cols):
+        out[free_cols] -= x[a.shape[1]:]
+    return out
 
 
 def _fixed(points: pd.DataFrame, target: str, names: list[str]) -> np.ndarray:
@@ -148,15 +180,16 @@ def _fixed(points: pd.DataFrame, target: str, names: list[str]) -> np.ndarray:
 
 
 def solve(points: pd.DataFrame, names: list[str], target: str = "t_s", ridge: float = TYPE_RIDGE) -> dict[str, float]:
-    """Least squares in relative error (each point weighted by 1/target), non-negative physical terms,
-    per-type terms shrunk towards 0 (their family's cost). A feature absent from `points` gets 0."""
+    """Least squares in relative error (each point weighted by 1/target), physical terms bounded at 0
+    (bounded least squares, :func:`nnls`), per-type terms shrunk towards 0 (their family's cost). A feature
+    absent from `points` gets 0."""
     y = points[target].to_numpy(float)
     fixed = _fixed(points, target, names)
     cols = {n: _column(points, n) for n in names}
     free = [n for n in names if np.any(cols[n] != 0)]
     params = dict.fromkeys(names, 0.0)
     y_scale = float(np.median(y))
-    while free:
+    if free:
         a = np.column_stack([cols[n] / y for n in free])
         scale = np.abs(a).max(axis=0)
         scale[scale == 0] = 1.0
@@ -171,12 +204,9 @@ def solve(points: pd.DataFrame, names: list[str], target: str = "t_s", ridge: fl
                 rows[r, i] = math.sqrt(ridge) * n_params / y_scale / scale[i]
             a = np.vstack([a, rows])
             b = np.concatenate([b, np.zeros(len(pen))])
-        coef = np.linalg.lstsq(a, b, rcond=None)[0] / scale
-        negative = [(coef[i], n) for i, n in enumerate(free) if _nonneg(n, target, names) and coef[i] < 0]
-        if not negative:
-            params.update({n: float(c) for n, c in zip(free, coef)})
-            break
-        free.remove(min(negative)[1])  # pin the most negative physical term at 0 and refit
+        bounded = np.array([_nonneg(n, target, names) for n in free])
+        coef = nnls(a, b, bounded) / scale
+        params.update({n: float(c) for n, c in zip(free, coef)})
     return params
 
 

@@ -7,21 +7,46 @@ from harness import stats
 
 
 def costs(df) -> dict[str, dict[str, float]]:
-    """Per ggml type, from probe records (a DataFrame of tg records, `quant` = type): the median tok/s, the
-    seconds per token per weight (`s_per_weight`), the repetitions and their relative spread."""
+    """Per ggml type, from probe records (a DataFrame of tg records; `quant` = the type, "<type>@<n>L" for a
+    base probe of n layers): the main probe's median tok/s, repetitions and relative spread, and the seconds per
+    token per weight (`s_per_weight`). With a base probe the cost is the difference of the two probes' median
+    times per token over the difference of their weights, and the probe's own per-token overhead
+    (`overhead_s`) is what remains of the base probe's time; `method` says which. A type whose difference is
+    not positive (noise larger than the extra layers' cost) falls back to the main probe's time over its
+    weights."""
+    from harness.sources.probes import split_label
+
     out: dict[str, dict[str, float]] = {}
     if df is None or not len(df):
         return out
     ok = df[(df.status == "ok") & (df.test == "tg")]
-    for t, d in ok.groupby("quant", sort=False):
+    groups: dict[str, dict] = {}
+    for label, d in ok.groupby("quant", sort=False):
+        t, base = split_label(str(label))
         tok = d.tokens_per_s.astype(float)
         n_w = d.model_n_params.dropna()
         if not len(n_w) or not len(tok):
             continue
         med = float(tok.median())
-        out[str(t)] = {
+        groups.setdefault(t, {})["base" if base else "main"] = {
             "tok_s": med, "n": int(len(tok)), "n_weights": int(n_w.iloc[0]),
-            "s_per_weight": 1.0 / med / float(n_w.iloc[0]),
-            "spread": stats.spread(med, float(tok.min()), float(tok.max())),
+            "spread": stats.spread(med, float(tok.min()), float(tok.max())), "t_s": 1.0 / med,
         }
+    for t, g in groups.items():
+        m = g.get("main")
+        if m is None:
+            continue
+        row = {k: m[k] for k in ("tok_s", "n", "n_weights", "spread")}
+        row["s_per_weight"] = m["t_s"] / m["n_weights"]
+        row["method"] = "one probe: time per token / weights (the probe's per-token overhead included)"
+        b = g.get("base")
+        if b is not None and m["n_weights"] > b["n_weights"]:
+            diff = (m["t_s"] - b["t_s"]) / (m["n_weights"] - b["n_weights"])
+            if diff > 0:
+                row["s_per_weight"] = diff
+                row["overhead_s"] = b["t_s"] - diff * b["n_weights"]
+                row["base_tok_s"] = b["tok_s"]
+                row["base_n_weights"] = b["n_weights"]
+                row["method"] = "two probes: difference of time per token / difference of weights"
+        out[t] = row
     return out

@@ -89,10 +89,13 @@ def _expected_synthetic_bytes(cfg: Config, todo: list[str]) -> int:
             bits = page.BY_QUANT[q].bits if q in page.BY_QUANT else 8.5
             need += int(n * (bits + 1.0) / 8)  # +1 bit: the page's bits run low (its column is not the truth)
     if probes_wanted(cfg) and todo:
-        parch = probes.probe_arch(arch, cfg.probes.n_layer)
-        if not quantize.synthetic_file(cache, parch.name, probes.SEED, "F16", False).exists():
-            # its F16 file and, as a bound, 9 types (the page's quants use 9) at Q8_0's 8.5 bits
-            need += int(parch.n_params() * (2 + 9 * 8.5 / 8))
+        for n_layer in (cfg.probes.n_layer, cfg.probes.base_n_layer):
+            if not n_layer:
+                continue
+            parch = probes.probe_arch(arch, n_layer)
+            if not quantize.synthetic_file(cache, parch.name, probes.SEED, "F16", False).exists():
+                # its F16 file and, as a bound, 9 types (the page's quants use 9) at Q8_0's 8.5 bits
+                need += int(parch.n_params() * (2 + 9 * 8.5 / 8))
     return need
 
 
@@ -338,41 +341,46 @@ class Runner:
             bar.close()
 
     def _probe(self, writer, head: str, model_path: Path, done: set, visit: int = 0) -> None:
-        """Kernel probes for the tensor types of the file at `model_path` that this round has not probed yet."""
+        """Kernel probes for the tensor types of the file at `model_path` that this round has not probed yet:
+        per type, a probe of probes.n_layer layers and, where probes.base_n_layer > 0, one of that many (its
+        records' quant is "<type>@<n>L"), so that the cost per weight comes from their difference."""
         try:
             summary = validate.check(model_path)
-            parch = probes.probe_arch(probes.shape_of(summary.hparams), self.cfg.probes.n_layer)
+            shape = probes.shape_of(summary.hparams)
         except (validate.InvalidGGUF, probes.ProbeError, OSError) as e:
             self.echo(f"{head} no kernel probes: {e}")
             return
+        layers = [self.cfg.probes.n_layer] + ([self.cfg.probes.base_n_layer] if self.cfg.probes.base_n_layer else [])
+        for t in probes.types_to_probe(summary.type_weights):
+            for i, n_layer in enumerate(layers):
+                label = t if i == 0 else probes.base_label(t, n_layer)
+                self._probe_one(writer, head, probes.probe_arch(shape, n_layer), t, label, done, visit)
+
+    def _probe_one(self, writer, head: str, parch, t: str, label: str, done: set, visit: int) -> None:
+        if (parch.name, t, visit) in self.probed or (parch.name, t) in self.probe_errors:
+            return
+        self.probed.add((parch.name, t, visit))
         bench = probe_bench(self.cfg, self.bench)
         logs = self.run_dir / "logs"
         mine = set(visit_reps(bench["repetitions"], self.cfg.bench.rounds, visit))
-        for t in probes.types_to_probe(summary.type_weights):
-            if (parch.name, t, visit) in self.probed or (parch.name, t) in self.probe_errors:
-                continue
-            self.probed.add((parch.name, t, visit))
-            label = f"probe {t}"
-            skip = [["tg", 0, r] for r in range(bench["repetitions"]) if r not in mine or (t, "tg", 0, r) in done]
-            n_todo = bench["repetitions"] - len(skip)
-            if n_todo <= 0:
-                continue
-            ref = probes.weights_ref(parch, t)
-            base = {"run_id": self.run_id, "quant": t, "weights": "synthetic", "weights_ref": ref,
-                    "llama_cpp_version": quantize.llama_cpp_version()}
-            try:
-                path, built = probes.ensure_probe(self.cfg.resolved_cache_dir, parch, t, progress=self.progress)
-                base.update(file_path=str(path), file_bytes=path.stat().st_size,
-                            file_sha256=sha256_file(path))
-            except Exception as e:  # noqa: BLE001 - ProbeError, QuantizeError, OSError: this probe only
-                self._probe_fail(writer, head, (parch.name, t), base, f"{type(e).__name__}: {e}")
-                continue
-            self.echo(f"{head} {label}: {base['file_bytes'] / 1e6:,.0f} MB{' (built now)' if built else ''}; "
-                      f"measuring {n_todo} repetitions of tg{bench['n_gen']}")
-            job = worker.make_job(path, bench, base, logs / f"probe-{t}.llama.log", skip_cells=skip)
-            res = self._child(job, writer, label, n_todo, logs / f"probe-{t}.stderr")
-            if res.error:
-                self._probe_fail(writer, head, (parch.name, t), base, res.error)
+        skip = [["tg", 0, r] for r in range(bench["repetitions"]) if r not in mine or (label, "tg", 0, r) in done]
+        n_todo = bench["repetitions"] - len(skip)
+        if n_todo <= 0:
+            return
+        base = {"run_id": self.run_id, "quant": label, "weights": "synthetic",
+                "weights_ref": probes.weights_ref(parch, t), "llama_cpp_version": quantize.llama_cpp_version()}
+        try:
+            path, built = probes.ensure_probe(self.cfg.resolved_cache_dir, parch, t, progress=self.progress)
+            base.update(file_path=str(path), file_bytes=path.stat().st_size, file_sha256=sha256_file(path))
+        except Exception as e:  # noqa: BLE001 - ProbeError, QuantizeError, OSError: this probe only
+            self._probe_fail(writer, head, (parch.name, t), base, f"{type(e).__name__}: {e}")
+            return
+        self.echo(f"{head} probe {label} ({parch.n_layer} layers): {base['file_bytes'] / 1e6:,.0f} MB"
+                  f"{' (built now)' if built else ''}; measuring {n_todo} repetitions of tg{bench['n_gen']}")
+        job = worker.make_job(path, bench, base, logs / f"probe-{label}.llama.log", skip_cells=skip)
+        res = self._child(job, writer, f"probe {label}", n_todo, logs / f"probe-{label}.stderr")
+        if res.error:
+            self._probe_fail(writer, head, (parch.name, t), base, res.error)
 
     def _probe_fail(self, writer, head: str, key: tuple[str, str], base: dict, error: str) -> None:
         """An error record for probe `key` (shape, type), which is then not tried again in this run."""

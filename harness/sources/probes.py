@@ -5,8 +5,9 @@ file's tensors use than on its size: IQ3_M, the smallest of the page's files, is
 machines. A model fitted to the other quants cannot know a kernel that only the held-out quant uses. A probe
 measures each kernel on its own: a model with the measured model's layer shapes (the same matrices, so the
 same kernels, blocking and CPU repacking) but few layers and a 512-token vocabulary, every matrix in one ggml
-type (llama.cpp's quantizer with ``pure``), measured with the same tg test as the quants. Its time per token
-over its weights is that type's cost per weight (its small per-token overhead included);
+type (llama.cpp's quantizer with ``pure``), measured with the same tg test as the quants. Each type is probed
+at two layer counts; the difference of their times per token over the difference of their weights is that
+type's cost per weight, free of the probe's own per-token overhead (output, decode call, synchronisation);
 :mod:`harness.analysis.calibration` turns it into a feature of the tg model::
 
     kernel time of a file = sum over its tensor types of (weights in that type x the type's probe cost)
@@ -113,6 +114,17 @@ def ensure_probe(cache_dir: Path, parch: Arch, type_name: str, progress: bool = 
         target.unlink()
         raise ProbeError(f"llama.cpp's pure {PURE_FTYPES[type_name]} gave {sorted(got)}, not only {type_name}")
     return target, True
+
+
+def base_label(type_name: str, n_layer: int) -> str:
+    """The `quant` of the base probe's records ("Q4_K@2L"): the main probe's is the type name alone."""
+    return f"{type_name}@{n_layer}L"
+
+
+def split_label(label: str) -> tuple[str, int | None]:
+    """("Q4_K", 2) for "Q4_K@2L", ("Q4_K", None) for "Q4_K"."""
+    t, _, n = label.partition("@")
+    return t, int(n[:-1]) if n.endswith("L") and n[:-1].isdigit() else None
 
 
 def weights_ref(parch: Arch, type_name: str) -> str:
