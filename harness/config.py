@@ -76,6 +76,8 @@ class BenchSpec:
     cache_type_k: tuple[str, ...] = ("f16",)  # KV cache K types (f16, q8_0, q4_0, ...)
     cache_type_v: tuple[str, ...] = ("f16",)  # ... V types (quantized V needs flash attention)
     context_flash_attn: tuple[str, ...] = ()  # the memory test's flash-attention axis; () = [bench.flash_attn]
+    context_quants: tuple[str, ...] = ()  # the quants that run the memory test; () = all (KV and compute buffers do
+    # not depend on the weights' type, so two quants tell them; each quant's own weights are measured anyway)
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Config:
         d["model"] = {k: v for k, v in d["model"].items() if k in SOURCE_KEYS[self.model.source]}
         d["quants"] = list(self.quants)
         d["bench"]["depths"] = list(self.bench.depths)
-        for k in ("contexts", "cache_type_k", "cache_type_v", "context_flash_attn"):
+        for k in ("contexts", "cache_type_k", "cache_type_v", "context_flash_attn", "context_quants"):
             d["bench"][k] = list(getattr(self.bench, k))
         return d
 
@@ -203,21 +205,21 @@ def _need_quant_pattern(where: str, pattern: str) -> None:
         raise ConfigError(f"{where} {pattern!r} has a placeholder other than {{quant}}: {e}") from None
 
 
-def _quants(data: Any) -> tuple[str, ...]:
+def _quants(data: Any, where: str = "quants") -> tuple[str, ...]:
     if isinstance(data, str):
         data = [q.strip() for q in data.split(",") if q.strip()]
     if not isinstance(data, list) or not data:
-        raise ConfigError("quants must be a non-empty list of quant names, e.g. [Q4_K_M, Q8_0]")
+        raise ConfigError(f"{where} must be a non-empty list of quant names, e.g. [Q4_K_M, Q8_0]")
     out: list[str] = []
     for i, q in enumerate(data):
         if not isinstance(q, str):
-            raise ConfigError(f"quants[{i}] must be a string, got {type(q).__name__} {q!r}")
+            raise ConfigError(f"{where}[{i}] must be a string, got {type(q).__name__} {q!r}")
         try:
             quants.get(q)
         except quants.UnknownQuant as e:
-            raise ConfigError(f"quants[{i}]: {e}") from None
+            raise ConfigError(f"{where}[{i}]: {e}") from None
         if q in out:
-            raise ConfigError(f"quants[{i}]: {q} is listed twice")
+            raise ConfigError(f"{where}[{i}]: {q} is listed twice")
         out.append(q)
     return tuple(out)
 
@@ -274,6 +276,8 @@ def _bench(data: Any) -> BenchSpec:
     if isinstance(cfa, list):
         cfa = [("on" if x else "off") if isinstance(x, bool) else x for x in cfa]
     kw["context_flash_attn"] = _choice_list("bench.context_flash_attn", cfa, list(FLASH_ATTN), empty_ok=True)
+    cq = data.get("context_quants", list(d.context_quants))
+    kw["context_quants"] = _quants(cq, "bench.context_quants") if cq else ()
     threads = _typed("bench.threads", data.get("threads", d.threads), int, allow_none=True)
     kw["threads"] = None if threads is None else _positive("bench.threads", threads)
     kw["seed"] = _typed("bench.seed", data.get("seed", d.seed), int)

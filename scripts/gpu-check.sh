@@ -20,8 +20,8 @@
 #              must say device=cuda
 #   5 collect  environment and logs, packed into OUT_DIR/gpu-check.tar.gz
 # OUT_DIR ends with at most 8 files (what the device tool returns): gpu-check.log (all output), stages.tsv,
-# records.jsonl, env.json, summary.csv, report.md, contexts.jsonl (the context sweep's memory test), and
-# gpu-check.tar.gz (results/, report/, contexts/, logs/, env/).
+# records.jsonl, env.json, summary.csv, report.md, contexts.jsonl (the memory test), and gpu-check.tar.gz
+# (results/, report/, contexts/ (tg at depth), logs/, env/).
 #
 # Environment:
 #   GPU_CHECK_DRY_RUN=1    stage 1, then stage 2 without compiling llama.cpp; exits 3 where there is no GPU
@@ -130,7 +130,7 @@ collect() {
   local parts=()
   [ -d "$R" ] && parts+=(-C "$OUT_DIR" results)
   [ -d "$OUT_DIR/report" ] && parts+=(-C "$OUT_DIR" report)
-  [ -f "$OUT_DIR/contexts/contexts.jsonl" ] && cp "$OUT_DIR/contexts/contexts.jsonl" "$OUT_DIR/" 2>/dev/null
+  [ -f "$R/contexts.jsonl" ] && cp "$R/contexts.jsonl" "$OUT_DIR/" 2>/dev/null
   [ -d "$OUT_DIR/contexts" ] && parts+=(-C "$OUT_DIR" contexts)
   parts+=(-C "$WORK" logs env)
   if tar -czf "$OUT_DIR/gpu-check.tar.gz" "${parts[@]}"; then
@@ -553,7 +553,7 @@ elif [ -d "$OUT_DIR/results" ] && "$VPY" -c "import harness.report" 2>/dev/null;
   "$VPY" -m harness report "$OUT_DIR/results" --out "$OUT_DIR/report" >"$WORK/logs/report.log" 2>&1 ||
     { tail -5 "$WORK/logs/report.log"; echo "report failed (records intact)"; }
 fi
-if [ -n "$CTX_CONFIG" ]; then  # the context axis: memory test and tg at depth (its own results folder)
+if [ -n "$CTX_CONFIG" ]; then  # speed along the context axis: tg at depth (its own results folder)
   cleft=$((DEADLINE_S - $(elapsed) - 30))
   if [ "$cleft" -lt 45 ]; then
     echo "context sweep ($CTX_CONFIG) skipped: $cleft s left of GPU_CHECK_DEADLINE_S"

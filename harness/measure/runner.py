@@ -282,7 +282,9 @@ class Runner:
                     continue  # failed in an earlier round: its error record says why
                 cells = [c for c in all_cells(cfg, self.bench) if c[0] == quant]
                 todo = [c for c in cells if c[3] in mine and c not in done]
-                mem_todo = [m.key for m in mem_cells(self.bench) if (quant, *m.key) not in self.mem_done]
+                cq = self.bench.get("context_quants") or cfg.quants
+                mem_todo = [m.key for m in mem_cells(self.bench)
+                            if quant in cq and (quant, *m.key) not in self.mem_done]
                 if todo or mem_todo:
                     mf = resolved.get(quant) or self._resolve(writer, head, quant)
                     if mf is None:
