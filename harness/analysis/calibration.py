@@ -268,9 +268,49 @@ def buffer_model(df: pd.DataFrame, peak_source: str = "rss") -> dict[str, Any]:
             "max_measured_ctx": int(a[:, 0].max()) if len(a) else None}
 
 
+def context_model(ctxp: pd.DataFrame | None, device_side: bool = False) -> dict[str, Any]:
+    """How llama.cpp's KV and compute buffers grow with the context, fitted on the memory test
+    (:func:`harness.analysis.points.context_points`), per K/V type pair and resolved flash-attention setting:
+
+        KV = bytes per cell x cells (the context rounded up to 256 cells)
+        compute = intercept + slope x n_ctx
+
+    each term with its leave-one-context-out error (fit on the other contexts, predict the one left out):
+    median and worst absolute percentage error. Keys "f16/f16 fa=enabled"; {} without a memory test."""
+    out: dict[str, Any] = {}
+    if ctxp is None or not len(ctxp):
+        return out
+    kv_col, comp_col = ("device_kv_bytes", "device_compute_bytes") if device_side else ("kv_bytes", "compute_bytes")
+    for (tk, tv, fa), d in ctxp.groupby(["type_k", "type_v", ctxp.fa.fillna("unknown")], sort=True):
+        d = d.groupby("n_ctx", as_index=False)[[kv_col, comp_col]].median().sort_values("n_ctx")
+        n = d.n_ctx.to_numpy(float)
+        cells = np.ceil(n / KV_PAD_CELLS) * KV_PAD_CELLS
+        kv, comp = d[kv_col].to_numpy(float), d[comp_col].to_numpy(float)
+        if len(n) < 2 or np.isnan(kv).any() or np.isnan(comp).any():
+            continue
+        per_cell = float(np.median(kv / cells))
+        slope, intercept = np.polyfit(n, comp, 1)
+        kv_ape, comp_ape = [], []
+        if len(n) >= 3:
+            for i in range(len(n)):
+                rest = np.arange(len(n)) != i
+                kv_ape.append(abs(np.median(kv[rest] / cells[rest]) * cells[i] / kv[i] - 1))
+                s_i, c_i = np.polyfit(n[rest], comp[rest], 1)
+                comp_ape.append(abs((c_i + s_i * n[i]) / comp[i] - 1) if comp[i] else math.nan)
+        out[f"{tk}/{tv} fa={fa}"] = {
+            "type_k": tk, "type_v": tv, "flash_attn": fa, "contexts": [int(x) for x in n],
+            "kv_bytes_per_cell": per_cell, "compute_bytes_intercept": float(intercept),
+            "compute_bytes_per_ctx_token": float(slope),
+            "held_out": {"kv": error_stats(np.array(kv_ape)) if kv_ape else None,
+                         "compute": error_stats(np.array(comp_ape)) if comp_ape else None,
+                         "method": "leave one context out"},
+        }
+    return out
+
+
 def calibrate(df: pd.DataFrame, env: dict | None = None, run_id: str | None = None,
               results_dir: str | None = None, tensor_types: dict[str, dict] | None = None,
-              probe_costs: dict[str, dict] | None = None) -> dict[str, Any]:
+              probe_costs: dict[str, dict] | None = None, ctxp: pd.DataFrame | None = None) -> dict[str, Any]:
     """The calibration of one run: device, fitted tg and memory models with their errors, buffer growth,
     and per-quant sizes (so an estimate can be made for any of the measured quants at any context).
     `tensor_types` ({quant: {ggml type: n_elements}}, read from the GGUF files) enables the mix models, and
@@ -321,6 +361,7 @@ def calibrate(df: pd.DataFrame, env: dict | None = None, run_id: str | None = No
         "probe_models_unavailable": unavailable,
         "memory": fit_memory(mem),
         "buffers": buffer_model(df, device["peak_source"]),
+        "contexts": context_model(ctxp, device["peak_source"] == "gpu"),
         "quants": quants_info,
     }
     return _nan_to_none(cal)

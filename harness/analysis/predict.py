@@ -10,7 +10,15 @@ import pandas as pd
 
 from harness.analysis.calibration import CalibrationError
 from harness.analysis.fit import predict
-from harness.analysis.points import ARCH, kernel_seconds, kv_bytes_per_token, mix_columns, quant_family, quant_type
+from harness.analysis.points import (
+    ARCH,
+    KV_PAD_CELLS,
+    kernel_seconds,
+    kv_bytes_per_token,
+    mix_columns,
+    quant_family,
+    quant_type,
+)
 from harness.catalog import page
 
 log = logging.getLogger(__name__)
@@ -91,8 +99,11 @@ def predict_tg_tok_s(cal: dict, quant: str, n_depth: int = 0, bandwidth_gb_s: fl
     return rate, rel if rel is not None else math.nan, notes
 
 
-def predict_memory_bytes(cal: dict, quant: str, n_ctx: int) -> tuple[float, float, list[str]]:
-    """Calibrated peak memory for a quant at a context size: (bytes, relative uncertainty, notes)."""
+def predict_memory_bytes(cal: dict, quant: str, n_ctx: int, kv_types: tuple[str, str] = ("f16", "f16")
+                         ) -> tuple[float, float, list[str]]:
+    """Calibrated peak memory for a quant at a context size: (bytes, relative uncertainty, notes). With the
+    calibration's memory test (its "contexts" model: KV per cell and the compute buffer's measured growth), the
+    KV and compute terms come from it; otherwise from the pp/tg tests' buffers."""
     mem = cal.get("memory")
     if not mem:
         raise CalibrationError("this calibration has no memory fit")
@@ -112,6 +123,21 @@ def predict_memory_bytes(cal: dict, quant: str, n_ctx: int) -> tuple[float, floa
                      "that depth (bench.depths) to calibrate it")
     kv = (buf.get("kv_bytes_per_token") or kv_bytes_per_token()) * n_ctx
     comp = (buf.get("compute_bytes_intercept") or 0.0) + (buf.get("compute_bytes_per_ctx_token") or 0.0) * n_ctx
+    ctx_models = [m for m in (cal.get("contexts") or {}).values()
+                  if (m["type_k"], m["type_v"]) == tuple(kv_types)]
+    if ctx_models:
+        m = sorted(ctx_models, key=lambda m: m["flash_attn"] != "enabled")[0]
+        cells = math.ceil(n_ctx / KV_PAD_CELLS) * KV_PAD_CELLS
+        kv = m["kv_bytes_per_cell"] * cells
+        comp = m["compute_bytes_intercept"] + m["compute_bytes_per_ctx_token"] * n_ctx
+        notes = [x for x in notes if "compute buffer was measured" not in x]
+        top = max(m["contexts"])
+        notes.append(f"KV and compute buffers from the memory test ({kv_types[0]}/{kv_types[1]} KV, flash attention "
+                     f"{m['flash_attn']}, contexts {min(m['contexts']):,}-{top:,}"
+                     + (f"; {n_ctx:,} is beyond them: extrapolated" if n_ctx > top else "") + ")")
+    elif tuple(kv_types) != ("f16", "f16"):
+        raise CalibrationError(f"this calibration has no memory test of {kv_types[0]}/{kv_types[1]} KV "
+                               "(bench.contexts with cache_type_k / cache_type_v)")
     pts = pd.DataFrame([{"quant": quant, "weights_bytes": weights, "kv_bytes": kv, "compute_bytes": comp,
                          "output_bytes": buf.get("output_bytes") or 0.0, "peak_bytes": 1.0}])
     value = float(predict(pts, mem["params"], "peak_bytes")[0])

@@ -174,10 +174,10 @@ def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = No
     """Everything the report holds, computed from the records: (per-quant table, calibration, figures,
     markdown, html). `tensor_types` ({quant: {ggml type: weights}}) lets the calibration cost each tensor's
     kernel; `probe_df` (kernel-probe records) measures those costs."""
-    cal = calibration.calibrate(df, env, run_id=run_id, results_dir=results_dir, tensor_types=tensor_types,
-                              probe_costs=kernels.costs(probe_df))
-    device = cal["device"]
     ctxp = points.context_points(mem_df)
+    cal = calibration.calibrate(df, env, run_id=run_id, results_dir=results_dir, tensor_types=tensor_types,
+                                probe_costs=kernels.costs(probe_df), ctxp=ctxp)
+    device = cal["device"]
     t = quant_table(df, device, cal, ctxp)
     ctx = context_table(df, device)
     figs = figures(t, ctx, cal, device, ctxp)

@@ -313,6 +313,20 @@ def calibration_lines(cal: dict) -> list[str]:
                    f"the page's VRAM against the measured peak: {_fmt_err(mem.get('page'))}")
     else:
         out.append("- memory model: not fitted (no peak memory or buffer sizes in the records)")
+    ctxm = cal.get("contexts") or {}
+    if ctxm:
+        out.append("- buffers against the context (memory test), each term held out one context at a time:")
+        out.append("")
+        rows = []
+        for key, m in ctxm.items():
+            h = m.get("held_out") or {}
+            rows.append([key, f"{m['kv_bytes_per_cell'] / 1024:,.2f}", _fmt_err(h.get("kv")),
+                         f"{m['compute_bytes_intercept'] / MIB:,.1f} + {m['compute_bytes_per_ctx_token'] / 1024:,.3f}"
+                         " KiB x n_ctx", _fmt_err(h.get("compute")),
+                         f"{min(m['contexts']):,}-{max(m['contexts']):,}"])
+        out.append(md_table(["K/V, flash attention", "KV KiB per cell", "KV held out", "compute MiB",
+                             "compute held out", "contexts"], rows))
+        out.append("")
     return out
 
 
