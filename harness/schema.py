@@ -30,7 +30,8 @@ class Record:
     error: str | None  # one-line reason for an error record
     # --- what was measured
     quant: str  # recipe name, e.g. "Q4_K_M"
-    weights: str  # where the weights came from: "synthetic" (seeded random, shape-faithful), "hub", "local"
+    weights: str  # where the weights came from: "synthetic" (seeded random, shape-faithful), "hub", "local", or
+    # "published" (a row transcribed from someone else's llama-bench output: weights_ref is its URL)
     weights_ref: str | None  # synthetic: "llama-3.2-1b seed=0 imatrix=uniform"; hub: "repo@commit:file"; local: path
     file_path: str | None  # GGUF file measured
     file_bytes: int | None  # its size on disk
@@ -115,7 +116,14 @@ def from_dict(d: dict[str, Any]) -> Record:
         raise SchemaError(f"missing fields {missing}")
     if d["status"] not in ("ok", "error"):
         raise SchemaError(f"status must be ok or error, got {d['status']!r}")
-    if d["status"] == "ok":
+    if d["status"] == "ok" and d.get("weights") == "published":
+        # transcribed from a source: a rate, a test and where it came from; no file, no wall time of ours
+        nulls = [k for k in ("test", "rep", "tokens_per_s", "weights_ref") if d.get(k) is None]
+        if nulls:
+            raise SchemaError(f"published record with null {nulls}")
+        if d["test"] not in TESTS or not d["tokens_per_s"] > 0:
+            raise SchemaError("published record needs a pp/tg test and a positive tokens_per_s")
+    elif d["status"] == "ok":
         nulls = [k for k in OK_REQUIRED if d.get(k) is None]
         if nulls:
             raise SchemaError(f"ok record with null {nulls}")

@@ -77,6 +77,32 @@ CATALOG: tuple[Device, ...] = (
            _NV + "geforce/graphics-cards/40-series/rtx-4080-family/ (16GB GDDR6X, 717 GB/s)", ("rtx 4080", "4080")),
     Device("NVIDIA GeForce RTX 5090", "nvidia", 32 * GIB, 1792,
            _NV + "geforce/graphics-cards/50-series/rtx-5090/ (32GB GDDR7 28 Gbps, 1,792 GB/s)", ("rtx 5090", "5090")),
+    # --- transcribed with their sources in data/published/gpu-bandwidth.yaml (third-party spec tables: weaker
+    # than a vendor's sheet, said so there); added for the published llama-bench rows of these GPUs
+    Device("NVIDIA GeForce RTX 3060 12GB", "nvidia", 12 * GIB, 360,
+           "https://github.com/CYBIRD-D/How-to-Choose-your-LLM-Model-for-translation/blob/52379077acab0e1d450adb"
+           "86345f9e705bb6cade/Nvidia_GPU_Specification.md (RTX 3060 12GB, 360)", ("rtx 3060", "rtx 3060 12gb")),
+    Device("NVIDIA GeForce RTX 3070", "nvidia", 8 * GIB, 448,
+           "https://github.com/CYBIRD-D/How-to-Choose-your-LLM-Model-for-translation/blob/52379077acab0e1d450adb"
+           "86345f9e705bb6cade/Nvidia_GPU_Specification.md (RTX 3070 8GB, 448)", ("rtx 3070",)),
+    Device("NVIDIA GeForce RTX 3080", "nvidia", 10 * GIB, 760,
+           "https://github.com/CYBIRD-D/How-to-Choose-your-LLM-Model-for-translation/blob/52379077acab0e1d450adb"
+           "86345f9e705bb6cade/Nvidia_GPU_Specification.md (RTX 3080 10GB, 760)", ("rtx 3080",)),
+    Device("NVIDIA GeForce RTX 3080 Ti", "nvidia", 12 * GIB, 912,
+           "https://github.com/CYBIRD-D/How-to-Choose-your-LLM-Model-for-translation/blob/52379077acab0e1d450adb"
+           "86345f9e705bb6cade/Nvidia_GPU_Specification.md (RTX 3080 Ti 12GB, 912)", ("rtx 3080 ti",)),
+    Device("NVIDIA GeForce RTX 4070 Ti", "nvidia", 12 * GIB, 504,
+           "https://github.com/CYBIRD-D/How-to-Choose-your-LLM-Model-for-translation/blob/52379077acab0e1d450adb"
+           "86345f9e705bb6cade/Nvidia_GPU_Specification.md (RTX 4070 Ti, 504)", ("rtx 4070 ti",)),
+    Device("NVIDIA A40", "nvidia", 48 * GIB, 695.8,
+           "https://gpu.spicedreamphone.com/en/gpu/a40-pcie-vs-geforce-rtx-3090 (A40 PCIe, 695.8 GB/s)",
+           ("a40", "a40 pcie")),
+    Device("NVIDIA RTX 6000 Ada Generation", "nvidia", 48 * GIB, 960,
+           "https://www.grafikkarten.com/de/news/nvidia-rtx-6000-grafikkarte-der-ada-generation (384 Bit / 960 "
+           "GByte/s)", ("rtx 6000 ada", "rtx 6000 ada generation")),
+    Device("NVIDIA RTX A6000", "nvidia", 48 * GIB, 768,
+           "https://notebookcheck.com/Ein-Leak-zeigt-ein-Bild-und-viele-Specs-der-Nvidia-Quadro-RTX-A-6000-mit-48-"
+           "GB-GDDR6.495085.0.html (768 GB/s; a pre-launch leak, weak)", ("rtx a6000", "a6000")),
     # --- AMD Instinct
     Device("AMD Instinct MI250X", "amd", 128 * GIB, 3277, _AMD + "mi200/mi250x.html (128GB HBM2e, 3.2768 TB/s)",
            ("mi250x",)),

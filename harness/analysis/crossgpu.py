@@ -1,0 +1,161 @@
+"""A cross-device model of generation speed, fitted on many devices' tg rows (published llama-bench rows and
+measured runs alike):
+
+    time per generated token = overhead[family] + bytes read per token / (efficiency[family] x spec bandwidth)
+
+with bytes read = the model's size as llama-bench prints it (every weight once per token; the KV cache at
+depth 0 is negligible), the spec bandwidth from the device catalog, and a family = vendor x backend (NVIDIA
+CUDA, NVIDIA Vulkan, AMD ROCm, AMD Vulkan, Apple Metal, ...): each family its own terms, never averaged
+together. Overhead and efficiency are bounded at 0 (bounded least squares in relative error). Its error is
+leave-one-device-out: the device's rows are predicted by a fit that never saw that device. Beside it, the page's
+formula (tok/s = bandwidth / size x 0.65 on NVIDIA, 0.55 on AMD) and a bandwidth-only fit (no overhead).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from harness.analysis.fit import error_stats, nnls
+from harness.catalog import devices
+
+PAGE_EFFICIENCY = {"nvidia": 0.65, "amd": 0.55}  # the page's (harness.catalog.page)
+SMALL_MAX_PARAMS = 3.5e9  # "1B-3B" rows
+MAX_GEN = 512  # longer generations read a growing KV cache: not this model's work per token
+
+
+def tg_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """tg rows at depth 0 with a size, a device in the catalog and a rate: device, family, bytes, t_s, params.
+    Left out: mixtures of experts (they read their active experts only) and rows faster than every weight read
+    once at the device's spec bandwidth (no dense model can be: a misprint, or not the model named)."""
+    ok = df[(df.status == "ok") & (df.test == "tg") & (df.n_depth.fillna(0) == 0) & (df.n_gen <= MAX_GEN)]
+    rows = []
+    for r in ok.itertuples():
+        if not isinstance(r.gpu_name, str) or pd.isna(r.model_size_bytes) or pd.isna(r.tokens_per_s):
+            continue
+        d = devices.find(r.gpu_name)
+        if d is None or not d.bandwidth_gb_s:
+            continue
+        if isinstance(r.model_desc, str) and "moe" in r.model_desc.lower():
+            continue  # a mixture of experts reads its active experts only: bytes per token != its size
+        if float(r.tokens_per_s) * float(r.model_size_bytes) > d.bandwidth_gb_s * 1e9:
+            continue  # faster than every weight read once at the spec bandwidth: not this model of the work
+        backend = r.device if isinstance(r.device, str) else "unknown-backend"
+        rows.append({"device": d.name, "vendor": d.vendor, "family": f"{d.vendor}-{backend}",
+                     "bandwidth_b_s": d.bandwidth_gb_s * 1e9, "bytes": float(r.model_size_bytes),
+                     "params": float(r.model_n_params) if pd.notna(r.model_n_params) else math.nan,
+                     "t_s": 1.0 / float(r.tokens_per_s), "tok_s": float(r.tokens_per_s), "quant": r.quant,
+                     "model": r.model_desc, "source": r.weights_ref, "weights": r.weights})
+    return pd.DataFrame(rows)
+
+
+def _design(pts: pd.DataFrame, families: list[str], overhead: bool) -> np.ndarray:
+    cols = []
+    for f in families:
+        m = (pts.family == f).to_numpy(float)
+        cols.append(m * (pts.bytes / pts.bandwidth_b_s).to_numpy())  # coefficient: 1 / efficiency
+        if overhead:
+            cols.append(m)  # coefficient: overhead seconds
+    return np.column_stack(cols)
+
+
+def fit(pts: pd.DataFrame, overhead: bool = True) -> dict[str, dict[str, float]]:
+    """{family: {"efficiency": e, "overhead_s": o}}, bounded least squares in relative error, with
+    0 < e <= 1 (no device reads faster than its spec bandwidth) and o >= 0: written as 1/e = 1 + u, u >= 0."""
+    families = sorted(pts.family.unique())
+    t = pts.t_s.to_numpy()
+    a = _design(pts, families, overhead) / t[:, None]
+    floor = (pts.bytes / pts.bandwidth_b_s).to_numpy() / t  # every byte read once at the spec bandwidth
+    x = nnls(a, np.ones(len(pts)) - floor, np.ones(a.shape[1], dtype=bool))
+    out, k = {}, 0
+    for f in families:
+        inv_e = 1.0 + x[k]
+        k += 1
+        o = 0.0
+        if overhead:
+            o = x[k]
+            k += 1
+        out[f] = {"efficiency": 1.0 / inv_e if inv_e > 0 else math.inf, "overhead_s": float(o)}
+    return out
+
+
+def predict_t(pts: pd.DataFrame, params: dict[str, dict[str, float]]) -> np.ndarray:
+    out = np.full(len(pts), np.nan)
+    for i, r in enumerate(pts.itertuples()):
+        p = params.get(r.family)
+        if p and p["efficiency"] not in (0, math.inf):
+            out[i] = p["overhead_s"] + r.bytes / r.bandwidth_b_s / p["efficiency"]
+    return out
+
+
+def leave_one_device_out(pts: pd.DataFrame, overhead: bool = True) -> np.ndarray:
+    """Predicted time per token of each row by a fit without its device's rows (NaN where its family has no
+    other device)."""
+    pred = np.full(len(pts), np.nan)
+    for dev in pts.device.unique():
+        held = (pts.device == dev).to_numpy()
+        train = pts[~held]
+        if not len(train):
+            continue
+        pred[held] = predict_t(pts[held], fit(train, overhead))
+    return pred
+
+
+def page_t(pts: pd.DataFrame) -> np.ndarray:
+    eff = pts.vendor.map(PAGE_EFFICIENCY).to_numpy(float)
+    return pts.bytes.to_numpy() / pts.bandwidth_b_s.to_numpy() / eff
+
+
+def _ape(pred_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Error in tok/s, relative: |t / pred - 1|."""
+    return np.abs(t / pred_t - 1.0)
+
+
+def calibrate(df: pd.DataFrame) -> dict[str, Any]:
+    """The cross-device calibration document: the fit on every row, and the leave-one-device-out error of the
+    model, of a bandwidth-only fit and of the page's formula, on all rows and on 1B-3B models."""
+    pts = tg_rows(df)
+    if pts.empty:
+        return {"n_rows": 0}
+    out: dict[str, Any] = {"n_rows": int(len(pts)), "n_devices": int(pts.device.nunique()),
+                           "devices": sorted(pts.device.unique()), "families": {}}
+    full = fit(pts, overhead=True)
+    for f, p in full.items():
+        d = pts[pts.family == f]
+        out["families"][f] = {**p, "n_rows": int(len(d)), "devices": sorted(d.device.unique())}
+    small = (pts.params <= SMALL_MAX_PARAMS).to_numpy()
+    t = pts.t_s.to_numpy()
+    errs = {}
+    for name, pred in (("overhead+bandwidth", leave_one_device_out(pts, True)),
+                       ("bandwidth only", leave_one_device_out(pts, False)), ("page formula", page_t(pts))):
+        ape = _ape(pred, t)
+        ok = ~np.isnan(ape)
+        errs[name] = {"all": error_stats(ape[ok]) if ok.any() else None, "n_all": int(ok.sum()),
+                      "small": error_stats(ape[ok & small]) if (ok & small).any() else None,
+                      "n_small": int((ok & small).sum())}
+    out["held_out"] = {"method": "leave one device out", **errs}
+    return out
+
+
+def lines(cal: dict[str, Any]) -> list[str]:
+    """The cross-device calibration as text: families and the held-out errors beside the page's formula."""
+    if not cal.get("n_rows"):
+        return ["cross-device calibration: no tg rows with a size and a catalogued device"]
+    out = [f"cross-device calibration: {cal['n_rows']} tg rows on {cal['n_devices']} devices; "
+           "time per token = overhead + size / (efficiency x spec bandwidth), per vendor x backend"]
+    for f, p in cal["families"].items():
+        out.append(f"  {f}: efficiency {p['efficiency']:.2f}, overhead {p['overhead_s'] * 1e3:.2f} ms/token "
+                   f"({p['n_rows']} rows, {len(p['devices'])} devices)")
+    h = cal["held_out"]
+    for name in ("overhead+bandwidth", "bandwidth only", "page formula"):
+        e = h[name]
+
+        def fmt(x, n):
+            return f"median {x['median_ape']:.1%}, worst {x['worst_ape']:.1%} (n={n})" if x else f"- (n={n})"
+        out.append(f"  {name}, {h['method']}: all rows {fmt(e['all'], e['n_all'])}; 1B-3B rows "
+                   f"{fmt(e['small'], e['n_small'])}")
+    return out
+

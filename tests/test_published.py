@@ -1,0 +1,157 @@
+"""The importer on real pasted llama-bench output (data/published/, each with its source), and the cross-device
+fit on fixed rows with exact answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, run_cli
+
+from harness.analysis import crossgpu, summary
+from harness.sources import published
+
+DATA = REPO / "data" / "published"
+
+
+@pytest.mark.parametrize("text, want", [
+    ("llama 1B Q4_K - Medium", ("llama", "1B", "Q4_K_M")),
+    ("LLaMA 7B mostly Q4_0", ("llama", "7B", "Q4_0")),
+    ("llama 8B Q8_0", ("llama", "8B", "Q8_0")),
+    ("llama 1B IQ3_S mix - 3.66 bpw", ("llama", "1B", "IQ3_M")),
+    ("qwen2 14B Q4_K - Medium", ("qwen2", "14B", "Q4_K_M")),
+    ("gpt-oss 20B MXFP4 MoE", ("gpt-oss", "20B", "MXFP4")),
+    ("llama 1B Q9_9", None),
+    ("a model", None),
+])
+def test_model_strings(text, want):
+    assert published.parse_model(text) == want
+
+
+def test_units_rates_and_tests_as_printed():
+    assert published.parse_size("636.18 MiB") == (round(636.18 * 2**20), "MiB")
+    assert published.parse_size("4.33 GiB") == (round(4.33 * 2**30), "GiB")
+    assert published.parse_size("1.10 GB") == (1_100_000_000, "GB")  # a GB is not a GiB
+    assert published.parse_rate("762.37 ± 4.41") == (762.37, 4.41)
+    assert published.parse_rate("  18709.17 ± 59.99 ") == (18709.17, 59.99)
+    assert published.parse_rate("95.05") == (95.05, None)
+    assert published.parse_rate("n/a") is None
+    assert published.parse_test("tg 128") == ("tg", 0, 128, 0)
+    assert published.parse_test("pp512 @ d4096") == ("pp", 512, 0, 4096)
+    assert published.parse_test("pp4096+tg128") is None
+
+
+def test_a_geerlingguy_table_with_huge_spread_and_a_mixed_test():
+    recs, skipped, src = published.import_file(DATA / "geerlingguy-43-rtx4090-tinyllama.txt", "t")
+    assert src.url == "https://github.com/geerlingguy/ai-benchmarks/issues/43"
+    assert [(r.test, r.n_prompt, r.n_gen, r.tokens_per_s) for r in recs] == [
+        ("pp", 512, 0, 10802.35), ("pp", 4096, 0, 18709.17), ("tg", 0, 128, 762.37)]
+    assert recs[0].extra["ts_sd"] == 9881.63 and recs[0].extra["size_as_printed"] == "636.18 MiB"
+    r = recs[2]
+    assert (r.weights, r.quant, r.gpu_name, r.device) == ("published", "Q4_K_M", "NVIDIA GeForce RTX 4090", "vulkan")
+    assert r.model_n_params == 1_100_000_000 and r.extra["build"] == "build: 086a63e3a (7340)"
+    assert r.extra["line"].startswith("| llama 1B Q4_K - Medium") and "762.37 ± 4.41" in r.extra["line"]
+    assert [s.why for s in skipped] == ["test 'pp4096+tg128': not a pp or tg test of one size"]
+
+
+def test_a_pr_comparison_table_gives_one_record_per_rate_column_and_keeps_the_moe_row():
+    recs, skipped, _ = published.import_file(DATA / "llamacpp-pr21024-rtx3090-vulkan.txt", "t")
+    assert not skipped and len(recs) == 16
+    tg = [r for r in recs if r.quant == "Q8_0" and r.test == "tg"]
+    assert {(r.extra["column"], r.tokens_per_s) for r in tg} == {("t/s (before)", 95.05), ("t/s (after)", 95.18)}
+    assert all(r.flash_attn == "on" and r.model_size_bytes == round(7.95 * 2**30) for r in tg)
+    assert any(r.model_desc == "gpt-oss 20B MXFP4 MoE" for r in recs)
+
+
+def test_old_metal_layout_master_vs_pr():
+    recs, skipped, _ = published.import_file(DATA / "llamacpp-pr2959-m2max30c-metal.txt", "t")
+    assert not skipped
+    r = next(r for r in recs if r.test == "tg" and r.n_gen == 128 and r.extra["column"] == "t/s (PR)")
+    assert (r.tokens_per_s, r.quant, r.gpu_name, r.device) == (61.71, "Q4_0", "Apple M2 Max", "metal")
+
+
+def test_a_truncated_table_and_an_unknown_device_are_skipped_with_reasons(tmp_path):
+    text = (DATA / "llamacpp-pr2059-rx6800xt-opencl-vulkan-rocm.txt").read_text()
+    cut = tmp_path / "cut.txt"
+    cut.write_text(text[: text.rindex("|", 0, len(text) - 2) - 5])  # the last row torn mid-cell
+    recs, skipped, _ = published.import_file(cut, "t", {"url": "https://example.org/x", "device": "AMD RX 6800 XT"})
+    assert not recs
+    assert all(s.why.startswith(("device: unknown device", "7 cells", "6 cells")) for s in skipped), skipped
+    recs, skipped, _ = published.import_file(cut, "t", {"url": "https://example.org/x", "device": "RTX 4090"})
+    assert recs and all(r.gpu_name == "NVIDIA GeForce RTX 4090" for r in recs)  # given on the command line
+    assert any("cells under a header" in s.why for s in skipped)  # the torn row
+
+
+def test_duplicate_rows_are_kept_once(tmp_path):
+    src = (DATA / "geerlingguy-43-rtx4090-tinyllama.txt").read_text().splitlines()
+    f = tmp_path / "dup.txt"
+    f.write_text("\n".join(src + [src[-2]]) + "\n")
+    recs, skipped, _ = published.import_file(f, "t", {"url": "https://example.org/d", "device": "RTX 4090"})
+    assert len(recs) == 3 and any(s.why.startswith("duplicate") for s in skipped)
+
+
+def test_json_output_of_llama_bench(tmp_path):
+    f = tmp_path / "bench.json"
+    f.write_text('[{"model_type": "llama 1B Q8_0", "model_size": 1313251328, "model_n_params": 1235814400, '
+                 '"backends": "CUDA", "gpu_info": "NVIDIA GeForce RTX 4090", "n_gpu_layers": 99, "n_prompt": 0, '
+                 '"n_gen": 128, "n_depth": 0, "avg_ts": 512.25, "stddev_ts": 1.5}]')
+    recs, skipped, _ = published.import_file(f, "t", {"url": "https://example.org/j"})
+    assert not skipped and len(recs) == 1
+    r = recs[0]
+    assert (r.test, r.n_gen, r.tokens_per_s, r.extra["ts_sd"], r.gpu_name, r.device) == (
+        "tg", 128, 512.25, 1.5, "NVIDIA GeForce RTX 4090", "cuda")
+
+
+def test_import_command(tmp_path):
+    r = run_cli("import", str(DATA), "--out", str(tmp_path / "pub"), "-q", timeout=300)
+    assert r.returncode == 0, r.stderr
+    recs = (tmp_path / "pub" / "records.jsonl").read_text().splitlines()
+    assert len(recs) > 200 and "cross-device calibration" in r.stdout
+    assert (tmp_path / "pub" / "crossgpu.json").is_file()
+    r = run_cli("import", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "x"), timeout=60)
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def _rows(spec):
+    """tg rows: (device, backend, bytes, tok/s) -> records frame of published rows."""
+    from harness import schema
+
+    out = []
+    for dev, backend, nbytes, tok_s in spec:
+        out.append(schema.make(run_id="t", utc="u", status="ok", quant="Q4_0", weights="published",
+                               weights_ref="https://example.org", test="tg", n_prompt=0, n_gen=128, n_depth=0, rep=0,
+                               tokens_per_s=tok_s, model_size_bytes=nbytes, model_n_params=1_000_000_000,
+                               gpu_name=dev, device=backend, model_desc="llama 1B Q4_0"))
+    return summary.records_frame(out)
+
+
+def test_cross_gpu_fit_recovers_exact_terms_and_never_sees_the_held_out_device():
+    # time per token = 2 ms + bytes / (0.8 x bandwidth) on three NVIDIA GPUs (catalog bandwidths)
+    bw = {"NVIDIA GeForce RTX 4090": 1008e9, "NVIDIA GeForce RTX 3090": 936e9, "NVIDIA L40S": 864e9}
+    spec = [(d, "cuda", b, 1 / (2e-3 + b / (0.8 * bw[d]))) for d in bw for b in (7e8, 1.4e9, 4.2e9)]
+    df = _rows(spec)
+    pts = crossgpu.tg_rows(df)
+    p = crossgpu.fit(pts)["nvidia-cuda"]
+    assert p["efficiency"] == pytest.approx(0.8) and p["overhead_s"] == pytest.approx(2e-3)
+    pred = crossgpu.leave_one_device_out(pts)
+    assert np.allclose(pred, pts.t_s)  # exact data: every device predicted exactly from the others
+    # a device that disagrees is predicted from the others only: its own rows never enter its fit
+    spec_bad = [(d, b, tok * (0.5 if d == "NVIDIA L40S" else 1)) for d, _, b, tok in spec]
+    pts2 = crossgpu.tg_rows(_rows([(d, "cuda", b, t) for d, b, t in spec_bad]))
+    pred2 = crossgpu.leave_one_device_out(pts2)
+    l40s = (pts2.device == "NVIDIA L40S").to_numpy()
+    assert np.allclose(pred2[l40s], pts.t_s[l40s])  # predicted as the clean model would, not as it measured
+    cal = crossgpu.calibrate(df)
+    assert cal["held_out"]["overhead+bandwidth"]["all"]["worst_ape"] == pytest.approx(0, abs=1e-9)
+    page = cal["held_out"]["page formula"]["all"]["median_ape"]
+    assert page > 0.1 and not math.isnan(page)  # the page's formula has no overhead term
+
+
+def test_rows_that_cannot_be_a_dense_read_are_left_out():
+    df = _rows([("NVIDIA GeForce RTX 4090", "cuda", 1e9, 5000.0),  # 5 TB/s from a 1 TB/s card
+                ("NVIDIA GeForce RTX 4090", "cuda", 1e9, 500.0)])
+    assert len(crossgpu.tg_rows(df)) == 1
+    df.loc[1, "model_desc"] = "gpt-oss 20B MXFP4 MoE"
+    assert crossgpu.tg_rows(pd.DataFrame(df)).empty
