@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import io
 import json
+import math
 import re
 
 import matplotlib.image as mpimg
@@ -240,3 +241,26 @@ def test_weights_needed_counts_repacked_weights_once(bufs, want):
 
     assert points.weights_needed(bufs, None, device_side=False) == want
     assert points.weights_needed({"CUDA0": 600, "CPU_Mapped": 250}, None, device_side=True) == 600
+
+
+def test_spread_as_the_field_reports_it():
+    from harness import stats
+
+    d = stats.describe([10.0, 12.0, 14.0])
+    assert (d["n"], d["mean"], d["median"], d["min"], d["max"]) == (3, 12.0, 12.0, 10.0, 14.0)
+    assert d["sd"] == pytest.approx(2.0)  # sample standard deviation (n - 1), as llama-bench
+    assert 10.0 <= d["ci_lo"] <= 12.0 <= d["ci_hi"] <= 14.0
+    assert stats.describe([10.0, 12.0, 14.0]) == d  # seeded: a regenerated report is the same
+    assert math.isnan(stats.describe([5.0])["sd"]) and stats.describe([])["n"] == 0
+    ties = stats.overlapping({"a": (1.0, 2.0), "b": (1.5, 3.0), "c": (4.0, 5.0)})
+    assert ties == {"a": ["b"], "b": ["a"], "c": []}
+
+
+def test_speed_table_does_not_rank_overlapping_quants():
+    df = frame(make_records(quant_list=["Q4_K_M", "Q4_K_S", "Q8_0"], noise=0.05, reps=5))
+    t = tables.quant_table(df, {"name": "x", "kind": "cpu", "vendor": "cpu", "bandwidth_gb_s": 20.0,
+                                "peak_source": "rss"})
+    rows = {r[0]: r for r in tables.speed_rows(t)}
+    assert " ± " in rows["Q8_0"][2] and "(5)" in rows["Q8_0"][2] and "[" in rows["Q8_0"][3]
+    # the two 4-bit K quants are 5% noise apart at most: their intervals overlap, and the table says so
+    assert "Q4_K_S" in rows["Q4_K_M"][4]

@@ -43,6 +43,9 @@ def per_quant(df: pd.DataFrame) -> pd.DataFrame:
                 row[f"{test}_min"] = t.min() if len(t) else None
                 row[f"{test}_max"] = t.max() if len(t) else None
                 row[f"{test}_n"] = len(t)
+                st = stats.describe(t.tolist())
+                for k in ("mean", "sd", "ci_lo", "ci_hi"):
+                    row[f"{test}_{k}"] = st[k] if len(t) else None
             first = d.iloc[0] if len(d) else None
             for col in ("file_bytes", "model_size_bytes", "weights_bytes", "device", "model_n_params",
                         "weights", "gpu_used_peak_bytes", "gpu_used_before_load_bytes", "gpu_name"):
@@ -62,14 +65,15 @@ def _mib1(v) -> str:
     return "-" if v is None or pd.isna(v) else f"{v / MIB:,.1f}"
 
 
-def _rate(med, lo, hi) -> str:
-    if med is None or pd.isna(med):
+def _rate(mean, sd, n) -> str:
+    """mean ± sample standard deviation (n), as llama-bench prints it."""
+    if mean is None or pd.isna(mean):
         return "-"
-    return f"{med:,.1f} ±{stats.spread(med, lo, hi) * 100:.1f}%"
+    return f"{mean:,.1f} ± {sd:,.1f} ({int(n)})" if sd is not None and not pd.isna(sd) else f"{mean:,.1f} ({int(n)})"
 
 
 def text_table(s: pd.DataFrame) -> str:
-    """Fixed-width table for the terminal: tok/s as median ± half the min-max range."""
+    """Fixed-width table for the terminal: tok/s as mean ± sample standard deviation (n)."""
     if s.empty:
         return "(no records)"
     head = ["quant", "depth", "tg tok/s", "pp tok/s", "file MiB", "weights MiB", "KV MiB", "compute MiB",
@@ -81,7 +85,7 @@ def text_table(s: pd.DataFrame) -> str:
             continue
         lines.append([
             r.quant, "-" if pd.isna(r.n_depth) else str(int(r.n_depth)),
-            _rate(r.tg_tokens_per_s, r.tg_min, r.tg_max), _rate(r.pp_tokens_per_s, r.pp_min, r.pp_max),
+            _rate(r.tg_mean, r.tg_sd, r.tg_n), _rate(r.pp_mean, r.pp_sd, r.pp_n),
             _mib(r.file_bytes), _mib(r.weights_bytes), _mib(r.kv_bytes), _mib(r.compute_bytes),
             _mib(r.rss_peak_bytes), _mib(r.gpu_used_peak_bytes), str(r.device or "-"),
         ])

@@ -105,9 +105,12 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
                        f"measured generation speed is inside that band of the page's figure for this device, and "
                        f"{m_in} of {m_n} quants' memory needed is inside ±20% of the page's VRAM."))
         s.append(("h2", "Speed"))
-        s.append(("p", "tg: generation, tok/s median ± half the min-max range over repetitions; pp: prompt "
-                       "processing. 'calibrated (held out)': the fitted model's prediction for a quant when that "
-                       "quant is left out of the fit."))
+        s.append(("p", "tg: generation, pp: prompt processing, in tok/s over the repetitions: mean ± sample "
+                       "standard deviation (n), as llama-bench reports it, and the median with its 95% bootstrap "
+                       "interval. Quants whose intervals overlap are listed as not distinguishable: their order "
+                       "in this table is not a ranking. The verdicts and the calibration use the median. "
+                       "'calibrated (held out)': the fitted model's prediction for a quant when that quant is left "
+                       "out of the fit."))
         s.append(("table", SPEED_HEAD, speed_rows(t)))
         s.append(("fig", "speed.png"))
         s.append(("h2", "Memory"))

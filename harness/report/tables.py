@@ -88,6 +88,10 @@ def quant_table(df: pd.DataFrame, device: dict, cal: dict | None = None,
             "pp_tok_s": _nan(r.pp_tokens_per_s), "pp_spread": stats.spread(r.pp_tokens_per_s, r.pp_min, r.pp_max),
             "page_tok_s": page.page_tok_s(bw, vendor, quant) if on_page and bw else math.nan,
         }
+        for test in ("tg", "pp"):
+            for k in ("n", "mean", "sd", "ci_lo", "ci_hi"):
+                v = getattr(r, f"{test}_{k}", None)
+                row[f"{test}_{k}"] = _nan(v) if k != "n" else (int(v) if v is not None and not pd.isna(v) else 0)
         row["tg_vs_page"] = row["tg_tok_s"] / row["page_tok_s"] if row["page_tok_s"] else math.nan
         row["tg_inside"] = inside(row["tg_tok_s"], row["page_tok_s"])
         row["tg_verdict"] = verdict(row["tg_tok_s"], row["page_tok_s"])
@@ -181,7 +185,8 @@ def _x(v) -> str:
     return _f(v, "{:.2f}x")
 
 
-SPEED_HEAD = ["quant", "depth", "tg tok/s", "pp tok/s", "page tok/s", "tg / page", "verdict (page ±20%)",
+SPEED_HEAD = ["quant", "depth", "tg tok/s mean ± sd (n)", "tg median [95% CI]", "tg not distinguishable from",
+              "pp tok/s mean ± sd (n)", "page tok/s", "tg / page", "verdict (page ±20%)",
               "calibrated tok/s (held out)", "tg / calibrated"]
 KV_PAIRS = (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
 
@@ -242,9 +247,25 @@ MEMORY_HEAD = ["quant", "weights MiB", "KV MiB", "compute MiB", "needed MiB", "p
 SIZE_HEAD = ["quant", "true bits/weight", "page bits", "file MiB", "page file MiB", "file / page"]
 
 
+def _msd(mean, sd, n) -> str:
+    if mean is None or pd.isna(mean):
+        return "-"
+    return f"{mean:,.1f} ± {sd:,.1f} ({n})" if sd is not None and not pd.isna(sd) else f"{mean:,.1f} ({n})"
+
+
+def _ci(med, lo, hi) -> str:
+    if med is None or pd.isna(med):
+        return "-"
+    return f"{med:,.1f} [{lo:,.1f}, {hi:,.1f}]" if not pd.isna(lo) else f"{med:,.1f}"
+
+
 def speed_rows(t: pd.DataFrame) -> list[list[str]]:
+    """mean ± sample standard deviation (n), as llama-bench prints it; the median with its 95% bootstrap interval;
+    the quants whose interval overlaps this one's (the table does not rank those)."""
+    ties = stats.overlapping({r.quant: (r.tg_ci_lo, r.tg_ci_hi) for r in t.itertuples()})
     return [[r.quant, "-" if r.n_depth is None or pd.isna(r.n_depth) else str(int(r.n_depth)),
-             _rate(r.tg_tok_s, r.tg_spread), _rate(r.pp_tok_s, r.pp_spread), _f(r.page_tok_s),
+             _msd(r.tg_mean, r.tg_sd, r.tg_n), _ci(r.tg_tok_s, r.tg_ci_lo, r.tg_ci_hi),
+             ", ".join(ties.get(r.quant, [])) or "-", _msd(r.pp_mean, r.pp_sd, r.pp_n), _f(r.page_tok_s),
              _x(r.tg_vs_page), r.tg_verdict, _f(r.calibrated_tok_s), _x(r.tg_vs_calibrated)]
             for r in t.itertuples()]
 
