@@ -55,6 +55,7 @@ class BenchSpec:
     n_gen: int = 128  # tokens in the generation (tg) test; 0 skips tg
     depths: tuple[int, ...] = (0,)  # KV-cache fill (tokens) before each test, pre-filled untimed
     repetitions: int = 5  # timed repetitions per test
+    shuffle: bool = True  # each round visits the quants (and spreads the probes) in a new seeded order
     rounds: int = 1  # passes of the sweep; each visit to a quant measures its share of the repetitions, so a slow
     # spell of a shared machine cannot hit every repetition of one quant (and probes share the passes)
     warmup: int = 1  # untimed warm-up runs per test
@@ -286,6 +287,7 @@ def _bench(data: Any) -> BenchSpec:
         raise ConfigError(f"bench.timeout_s must be > 0, got {timeout}")
     kw["timeout_s"] = timeout
     kw["mmap"] = _typed("bench.mmap", data.get("mmap", d.mmap), bool)
+    kw["shuffle"] = _typed("bench.shuffle", data.get("shuffle", d.shuffle), bool)
     mem = _typed("bench.memory_limit_mb", data.get("memory_limit_mb", d.memory_limit_mb), int, allow_none=True)
     kw["memory_limit_mb"] = None if mem is None else _positive("bench.memory_limit_mb", mem)
     return BenchSpec(**kw)

@@ -183,3 +183,29 @@ def test_a_run_whose_every_file_failed_ends_with_its_table_not_a_traceback(tmp_p
     assert "Traceback" not in r.stderr + r.stdout
     assert r.stdout.count("invalid GGUF, not loaded") >= 2 and "Q8_0" in r.stdout
     assert (tmp_path / "run" / "records.jsonl").is_file()
+
+
+def test_each_round_visits_in_a_new_seeded_order_and_a_resume_keeps_it(tiny_cache, tmp_path):
+    cfg = smoke_cfg(tiny_cache, repetitions=4, rounds=2, n_prompt=16, n_gen=4)
+    cfg = config.from_dict({**cfg.to_dict(), "quants": ["IQ3_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q8_0"],
+                            "probes": False})
+    orders = [runner.visit_order(cfg.quants, 42, r) for r in range(2)]
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(cfg.quants)
+    assert runner.visit_order(cfg.quants, 42, 0) == orders[0]  # seeded: the same on every call
+    assert runner.visit_order(cfg.quants, 42, 0, shuffle=False) == list(cfg.quants)
+    run_dir, errors = runner.run(cfg, out=tmp_path / "run", progress=False, echo=lambda s: None)
+    assert errors == {}
+    recs = schema.read_records(run_dir / "records.jsonl")
+    for rnd in (1, 2):
+        seen = [r.quant for r in recs if r.extra["visit"]["round"] == rnd]
+        assert list(dict.fromkeys(seen)) == orders[rnd - 1]  # measured in that round's order, recorded
+        assert all(r.extra["visit"]["order"] == orders[rnd - 1] for r in recs if r.extra["visit"]["round"] == rnd)
+    # cut the run in the middle of round 2 and resume: the rest is measured in the same order, nothing twice
+    lines = (run_dir / "records.jsonl").read_text().splitlines()
+    keep = len(lines) * 3 // 4
+    (run_dir / "records.jsonl").write_text("\n".join(lines[:keep]) + "\n")
+    runner.run(cfg, resume=run_dir, progress=False, echo=lambda s: None)
+    again = schema.read_records(run_dir / "records.jsonl")
+    assert sorted((r.quant, r.test, r.rep) for r in again) == sorted((r.quant, r.test, r.rep) for r in recs)
+    resumed = [r.quant for r in again[keep:]]
+    assert list(dict.fromkeys(resumed)) == [q for q in orders[1] if q in set(resumed)]

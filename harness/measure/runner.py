@@ -9,11 +9,14 @@ measurement, and ``--resume`` measures only the cells that are missing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import os
 import queue
+import random
 import shutil
 import signal
 import subprocess
@@ -139,6 +142,17 @@ def visit_reps(repetitions: int, rounds: int, visit: int) -> list[int]:
     return list(range(start, start + base + (visit < extra)))
 
 
+def visit_order(quants: tuple[str, ...] | list[str], seed: int, rnd: int, shuffle: bool = True) -> list[str]:
+    """The order in which round `rnd` (0-based) visits the quants: a new seeded shuffle each round (a slow spell
+    of a shared machine, or a drift through the run, then falls on different quants each round instead of
+    always on the same end of the list); the config's order where shuffling is off. Deterministic, so a resumed
+    run visits in the same order."""
+    order = list(quants)
+    if shuffle:
+        random.Random(f"quants-{seed}-{rnd}").shuffle(order)
+    return order
+
+
 def probes_wanted(cfg: Config) -> bool:
     return cfg.probes.enabled and cfg.bench.n_gen > 0
 
@@ -248,6 +262,7 @@ class Runner:
         self.probed: set[tuple[str, str, int]] = set()  # (probe shape, ggml type, round) measured or tried
         self.probe_errors: set[tuple[str, str]] = set()  # (probe shape, ggml type) that failed: not tried again
         self.mem_writer: schema.RecordWriter | None = None  # contexts.jsonl, for bench.contexts
+        self.visit: dict | None = None  # the visit being measured (round, position, order), into each record
         self.mem_done: set[tuple] = set()  # (quant, "mem", n_ctx, type_k, type_v, flash_attn) recorded
 
     def _error_record(self, quant: str, error: str, mf: ModelFile | None) -> schema.Record:
@@ -276,30 +291,47 @@ class Runner:
         paths: dict[str, Path] = {q: Path(p) for q, p in (known_files or {}).items()}  # for the probes
         for v in range(rounds):
             mine = set(visit_reps(self.bench["repetitions"], rounds, v))
-            for i, quant in enumerate(cfg.quants, 1):
+            order = visit_order(cfg.quants, self.bench["seed"], v, cfg.bench.shuffle)
+            rng = random.Random(f"probes-{self.bench['seed']}-{v}")
+            pending: list[tuple[str, Any]] = []  # (ggml type, layer shape) to probe in this round
+            queued: set[str] = set()
+            for i, quant in enumerate(order, 1):
                 head = f"[{i:>2}/{n_q}] {quant:<7}" + (f" round {v + 1}/{rounds}" if rounds > 1 else "")
-                if quant in self.errors:
-                    continue  # failed in an earlier round: its error record says why
-                cells = [c for c in all_cells(cfg, self.bench) if c[0] == quant]
-                todo = [c for c in cells if c[3] in mine and c not in done]
-                cq = self.bench.get("context_quants") or cfg.quants
-                mem_todo = [m.key for m in mem_cells(self.bench)
-                            if quant in cq and (quant, *m.key) not in self.mem_done]
-                if todo or mem_todo:
-                    mf = resolved.get(quant) or self._resolve(writer, head, quant)
-                    if mf is None:
-                        continue  # its error record is written; later rounds skip it
-                    resolved[quant] = mf
-                    paths[quant] = mf.path
-                    skip = [[t, d, r] for (_, t, d, r) in cells if (quant, t, d, r) not in todo]
-                    skip_mem = [list(m.key) for m in mem_cells(self.bench) if m.key not in mem_todo]
-                    self._measure(writer, head, quant, mf, skip, len(todo), skip_mem, len(mem_todo))
-                    self.mem_done.update((quant, *k) for k in mem_todo)  # tried: errors are not retried
-                elif v == 0:
-                    self.echo(f"{head} already measured (resume): skipped")
+                self.visit = {"round": v + 1, "position": i, "order": order}
+                if quant not in self.errors:
+                    self._visit_quant(writer, head, quant, mine, done, resolved, paths, v)
                 path = paths.get(quant)
                 if probe_writer is not None and path is not None and path.is_file():
-                    self._probe(probe_writer, head, path, probes_done or set(), v)
+                    new = [x for x in self._probe_types(head, path) if x[0] not in queued]
+                    queued.update(t for t, _ in new)
+                    pending += new
+                    rng.shuffle(pending)  # probes are not tied to the quant that revealed their type
+                # spread this round's probes over its remaining visits
+                for _ in range(math.ceil(len(pending) / (len(order) - i + 1))):
+                    t, shape = pending.pop()
+                    self.visit = {"round": v + 1, "position": i, "order": order, "probe_after": quant}
+                    self._probe(probe_writer, head, t, shape, probes_done or set(), v)
+            self.visit = None
+
+    def _visit_quant(self, writer, head: str, quant: str, mine: set, done: set, resolved: dict, paths: dict,
+                     v: int) -> None:
+        cfg = self.cfg
+        cells = [c for c in all_cells(cfg, self.bench) if c[0] == quant]
+        todo = [c for c in cells if c[3] in mine and c not in done]
+        cq = self.bench.get("context_quants") or cfg.quants
+        mem_todo = [m.key for m in mem_cells(self.bench) if quant in cq and (quant, *m.key) not in self.mem_done]
+        if todo or mem_todo:
+            mf = resolved.get(quant) or self._resolve(writer, head, quant)
+            if mf is None:
+                return  # its error record is written; later rounds skip it
+            resolved[quant] = mf
+            paths[quant] = mf.path
+            skip = [[t, d, r] for (_, t, d, r) in cells if (quant, t, d, r) not in todo]
+            skip_mem = [list(m.key) for m in mem_cells(self.bench) if m.key not in mem_todo]
+            self._measure(writer, head, quant, mf, skip, len(todo), skip_mem, len(mem_todo))
+            self.mem_done.update((quant, *k) for k in mem_todo)  # tried: errors are not retried
+        elif v == 0:
+            self.echo(f"{head} already measured (resume): skipped")
 
     def _resolve(self, writer, head: str, quant: str) -> ModelFile | None:
         try:
@@ -334,6 +366,8 @@ class Runner:
 
         def on_record(d: dict) -> None:
             rec = schema.from_dict(d)
+            if self.visit is not None:  # where in the sweep it was measured: the round and the visiting order
+                rec = dataclasses.replace(rec, extra={**rec.extra, "visit": self.visit})
             (self.mem_writer if rec.test == "mem" and self.mem_writer is not None else writer).write(rec)
             bar.update(1)
 
@@ -342,21 +376,25 @@ class Runner:
         finally:
             bar.close()
 
-    def _probe(self, writer, head: str, model_path: Path, done: set, visit: int = 0) -> None:
-        """Kernel probes for the tensor types of the file at `model_path` that this round has not probed yet:
-        per type, a probe of probes.n_layer layers and, where probes.base_n_layer > 0, one of that many (its
-        records' quant is "<type>@<n>L"), so that the cost per weight comes from their difference."""
+    def _probe_types(self, head: str, model_path: Path) -> list[tuple[str, Any]]:
+        """(ggml type, layer shape) of the file's tensor types worth a probe; none (said once) where the
+        header gives no shape to build a probe of."""
         try:
             summary = validate.check(model_path)
             shape = probes.shape_of(summary.hparams)
         except (validate.InvalidGGUF, probes.ProbeError, OSError) as e:
             self.echo(f"{head} no kernel probes: {e}")
-            return
+            return []
+        return [(t, shape) for t in probes.types_to_probe(summary.type_weights)]
+
+    def _probe(self, writer, head: str, t: str, shape, done: set, visit: int = 0) -> None:
+        """The kernel probes of type `t`: one of probes.n_layer layers and, where probes.base_n_layer > 0, one of
+        that many (its records' quant is "<type>@<n>L"), so that the cost per weight comes from their
+        difference."""
         layers = [self.cfg.probes.n_layer] + ([self.cfg.probes.base_n_layer] if self.cfg.probes.base_n_layer else [])
-        for t in probes.types_to_probe(summary.type_weights):
-            for i, n_layer in enumerate(layers):
-                label = t if i == 0 else probes.base_label(t, n_layer)
-                self._probe_one(writer, head, probes.probe_arch(shape, n_layer), t, label, done, visit)
+        for i, n_layer in enumerate(layers):
+            label = t if i == 0 else probes.base_label(t, n_layer)
+            self._probe_one(writer, head, probes.probe_arch(shape, n_layer), t, label, done, visit)
 
     def _probe_one(self, writer, head: str, parch, t: str, label: str, done: set, visit: int) -> None:
         if (parch.name, t, visit) in self.probed or (parch.name, t) in self.probe_errors:
