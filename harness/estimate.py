@@ -148,7 +148,7 @@ def render(device: dict, quant: str, context: int, pg: dict | None, cal: dict | 
     d = cal.get("device") or {}
     run = cal.get("run") or {}
     tg = cal.get("tg") or {}
-    worst = (tg.get("loqo") or {}).get("worst_ape")
+    worst = (tg.get("nested") or {}).get("worst_ape") or (tg.get("loqo") or {}).get("worst_ape")
     lines.append(f"            factors from {d.get('name')} ({why}); run {run.get('run_id')}, llama-cpp-python "
                  f"{cal.get('llama_cpp_version') or '-'}, model {tg.get('chosen')}; ± is the held-out (LOQO) RMS "
                  f"error, worst {'-' if worst is None else f'{worst:.1%}'}; {cal.get('source_path', '')}")

@@ -50,6 +50,8 @@ from harness.analysis.fit import (
     bootstrap,
     error_stats,
     feature_names,
+    nested_loqo,
+    per_quant_ape,
     pick,
     predict,
     select,
@@ -147,9 +149,40 @@ def _fit_chosen(points: pd.DataFrame, candidates: tuple[Candidate, ...], target:
     return cand, table, names, params, bootstrap(points, names, target), predict(points, params, target)
 
 
-def fit_tg(points: pd.DataFrame, device: dict) -> dict[str, Any]:
-    """Choose and fit the tg model; its parameters, their bootstrap spread, errors, and per-point values."""
+N_SELECTION_RESAMPLES = 30  # resamples of the repetitions for how stable the model choice is
+
+
+def selection_stability(df: pd.DataFrame | None, make_points, candidates, target: str,
+                        n: int = N_SELECTION_RESAMPLES, seed: int = 0) -> dict[str, float] | None:
+    """How often each model is chosen when each cell's repetitions are resampled (with replacement) and the
+    points, and the choice, made again: {model: fraction}. None without records to resample."""
+    if df is None or not len(df):
+        return None
+    ok = ok_records(df)
+    if not len(ok):
+        return None
+    rng = np.random.default_rng(seed)
+    counts: dict[str, int] = {}
+    groups = [d for _, d in ok.groupby(["quant", "test", "n_depth"], sort=False)]
+    for _ in range(n):
+        sample = pd.concat([d.iloc[rng.integers(0, len(d), len(d))] for d in groups], ignore_index=True)
+        pts = make_points(sample)
+        if pts.quant.nunique() < 2:
+            continue
+        name, _ = select(pts, candidates, target)
+        counts[name] = counts.get(name, 0) + 1
+    total = sum(counts.values())
+    return {k: v / total for k, v in sorted(counts.items(), key=lambda kv: -kv[1])} if total else None
+
+
+def fit_tg(points: pd.DataFrame, device: dict, df: pd.DataFrame | None = None, make_points=None) -> dict[str, Any]:
+    """Choose and fit the tg model; its parameters, their bootstrap spread, errors (the nested held-out error
+    of choice and fit together, and the chosen model's own LOQO error), how stable the choice is under
+    resampling of the repetitions (with `df` and `make_points`), and per-point values."""
     cand, table, names, params, std, fitted_t = _fit_chosen(points, TG_CANDIDATES, "t_s")
+    nested_pred, nested_choice = nested_loqo(points, TG_CANDIDATES, "t_s")
+    nested_ape = per_quant_ape(points, nested_pred, "t_s")
+    nested_ape = nested_ape[~np.isnan(nested_ape)]
     chosen = cand.name
     page_rate = page_tg_tok_s(points, device)
     bw = device.get("bandwidth_gb_s")
@@ -179,6 +212,10 @@ def fit_tg(points: pd.DataFrame, device: dict) -> dict[str, Any]:
         "candidates": {n: {k: v for k, v in t.items() if k != "loqo_pred"} for n, t in table.items()},
         "loqo": {k.removeprefix("loqo_"): v for k, v in table[chosen].items() if k.startswith("loqo_")
                  and k != "loqo_pred"},
+        "nested": {**(error_stats(nested_ape) if len(nested_ape) else {}), "chosen_without": nested_choice,
+                   "method": "for each quant, the model chosen by LOQO on the others, fitted on them"},
+        "selection_stability": selection_stability(df, make_points, TG_CANDIDATES, "t_s")
+        if make_points is not None else None,
         "fit": {k.removeprefix("fit_"): v for k, v in table[chosen].items() if k.startswith("fit_")},
         "page": error_stats(page_ape),
         "points": per_point.to_dict(orient="records"),
@@ -356,7 +393,8 @@ def calibrate(df: pd.DataFrame, env: dict | None = None, run_id: str | None = No
         "device": device,
         "model": {"arch": ARCH.name, "n_params": int(tg.n_params.iloc[0]) if len(tg) else ARCH.n_params(),
                   "kv_bytes_per_token": kv_bytes_per_token()},
-        "tg": fit_tg(tg, device) if len(tg) else None,
+        "tg": fit_tg(tg, device, df, lambda d: tg_points(d, tensor_types=tensor_types, probe_costs=probe_costs))
+        if len(tg) else None,
         "probes": probe_costs or {},
         "probe_models_unavailable": unavailable,
         "memory": fit_memory(mem),

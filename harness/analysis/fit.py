@@ -272,6 +272,33 @@ def select(points: pd.DataFrame, candidates: tuple[Candidate, ...], target: str 
     return pick(candidates, table), table
 
 
+def nested_loqo(points: pd.DataFrame, candidates: tuple[Candidate, ...], target: str = "t_s"
+                ) -> tuple[np.ndarray, dict[str, str]]:
+    """The honest held-out error of the whole procedure, model choice included: for each quant, choose a model
+    by LOQO on the other quants only, fit it on them, predict the quant. (predictions per point, {quant: the
+    model chosen without it})."""
+    pred = np.full(len(points), np.nan)
+    chosen: dict[str, str] = {}
+    quants = points.quant.to_numpy()
+    for q in dict.fromkeys(quants):
+        held = quants == q
+        train = points[~held].reset_index(drop=True)
+        if train.quant.nunique() < 2:
+            continue
+        name, _ = select(train, candidates, target)
+        cand = {c.name: c for c in candidates}[name]
+        names = feature_names(train, cand.features)
+        pred[held] = predict(points[held], solve(train, names, target), target)
+        chosen[str(q)] = name
+    return pred, chosen
+
+
+def per_quant_ape(points: pd.DataFrame, pred: np.ndarray, target: str = "t_s") -> np.ndarray:
+    """One absolute percentage error per quant (its depths averaged), on the rate for a time target."""
+    ape = _rate_ape(points, pred) if target == "t_s" else _value_ape(points, pred, target)
+    return pd.Series(ape).groupby(points.quant.to_numpy()).mean().to_numpy()
+
+
 def pick(candidates: tuple[Candidate, ...], table: dict[str, dict]) -> str:
     """The simplest of `candidates` (all scored in `table`) whose LOQO RMS error is within SELECT_TOLERANCE
     of the best one's."""

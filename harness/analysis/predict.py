@@ -63,7 +63,7 @@ def predict_tg_tok_s(cal: dict, quant: str, n_depth: int = 0, bandwidth_gb_s: fl
                                    "and it has none for them")
         notes.append(f"no kernel probes for {quant}'s tensor types in this calibration: estimated with the best "
                      f"model without probes ({fb['chosen']})")
-        tg = {**tg, **fb}
+        tg = {**tg, **fb, "nested": None}  # the fallback has its own (LOQO) error
     if any(k.startswith("per_weight:mix") and v for k, v in tg["params"].items()) and \
             not any(c.startswith("mix") for c in pts.columns):
         notes.append(f"the tensor types of {quant} are unknown to this calibration: its compute term is left out "
@@ -95,7 +95,7 @@ def predict_tg_tok_s(cal: dict, quant: str, n_depth: int = 0, bandwidth_gb_s: fl
                      f"{ratio:.3g}: an extrapolation across devices, beyond the stated uncertainty")
     elif bandwidth_gb_s and not cal_bw:
         notes.append("the calibration's device has no known bandwidth: not scaled")
-    rel = (tg.get("loqo") or {}).get("rms_ape")
+    rel = (tg.get("nested") or {}).get("rms_ape") or (tg.get("loqo") or {}).get("rms_ape")
     return rate, rel if rel is not None else math.nan, notes
 
 

@@ -318,7 +318,16 @@ def calibration_lines(cal: dict) -> list[str]:
             out.append("- compute cost per weight by the tensors' own types (ns per weight, relative to K-types): "
                        + ", ".join(f"{k.split(':', 1)[1]} {v:+.3f}" for k, v in mix.items()))
         out.append(f"- the page's formula on this device: {_fmt_err(tg.get('page'))}; "
-                   f"calibrated, held out (LOQO): {_fmt_err(tg.get('loqo'))}")
+                   f"calibrated, held out (LOQO, the chosen model): {_fmt_err(tg.get('loqo'))}")
+        nested = tg.get("nested") or {}
+        if nested.get("median_ape") is not None:
+            out.append(f"- held out with the model choice repeated inside each fold (nested; the ± of `estimate`): "
+                       f"{_fmt_err(nested)}, RMS {nested['rms_ape']:.1%}; chosen without each quant: "
+                       + ", ".join(f"{q} {m}" for q, m in (nested.get("chosen_without") or {}).items()))
+        stab = tg.get("selection_stability")
+        if stab:
+            out.append("- model chosen when each cell's repetitions are resampled: "
+                       + ", ".join(f"{m} {f:.0%}" for m, f in stab.items()))
         cand = tg.get("candidates") or {}
         if cand:
             out.append("")
