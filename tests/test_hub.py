@@ -102,7 +102,8 @@ def test_cached_file_resolves_offline_with_commit_and_sha256(offline, tiny_gguf)
 
 
 def test_cache_stays_healthy_for_huggingface_hub(offline, tiny_gguf):
-    """The sha256 sidecar sits beside the blob, not in the snapshot: `hf cache` tools see one clean file."""
+    """Nothing is written into the Hub cache (hashes are remembered in the harness's own cache): `hf cache` tools
+    see one clean file."""
     from huggingface_hub import scan_cache_dir
 
     put_in_cache(offline, tiny_gguf, PATTERN.format(quant="Q4_K_M"))

@@ -209,3 +209,22 @@ def test_each_round_visits_in_a_new_seeded_order_and_a_resume_keeps_it(tiny_cach
     assert sorted((r.quant, r.test, r.rep) for r in again) == sorted((r.quant, r.test, r.rep) for r in recs)
     resumed = [r.quant for r in again[keep:]]
     assert list(dict.fromkeys(resumed)) == [q for q in orders[1] if q in set(resumed)]
+
+
+def test_nothing_is_written_beside_the_users_files_and_results_go_under_the_current_directory(tmp_path,
+                                                                                               monkeypatch):
+    models = tmp_path / "models"
+    models.mkdir()
+    f = models / "m.gguf"
+    f.write_bytes(b"x" * 1000)
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    first = sha256_file(f)
+    assert sha256_file(f) == first and sorted(p.name for p in models.iterdir()) == ["m.gguf"]
+    assert any((tmp_path / "cache" / "sha256").iterdir())  # remembered in the cache instead
+    f.write_bytes(b"y" * 1000)  # changed: hashed again
+    assert sha256_file(f) != first
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HARNESS_RESULTS", raising=False)
+    assert runner.default_results() == tmp_path / "results"
+    monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "elsewhere"))
+    assert runner.default_results() == tmp_path / "elsewhere"

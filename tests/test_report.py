@@ -121,7 +121,7 @@ def test_write_report_end_to_end(tmp_path):
 
 
 def test_single_depth_has_no_context_figure_and_default_out(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "DEFAULT_REPORTS", tmp_path / "reports")
+    monkeypatch.setenv("HARNESS_REPORTS", str(tmp_path / "reports"))
     run = write_run(tmp_path / "run-1", make_records(quant_list=["Q4_0", "Q4_K_M", "Q8_0"]))
     out = report.write_report(run)
     assert out == tmp_path / "reports" / "run-1"

@@ -42,7 +42,11 @@ from harness.sources.resolve import resolve as resolve_source
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_RESULTS = REPO / "results"
+def default_results() -> Path:
+    """Where results folders go unless --out names one: $HARNESS_RESULTS, else ./results under the current
+    directory (never inside an installed package)."""
+    env = os.environ.get("HARNESS_RESULTS")
+    return Path(env).expanduser() if env else Path.cwd() / "results"
 
 
 class RunError(RuntimeError):
@@ -481,7 +485,7 @@ def prepare(cfg: Config, out: Path | None, resume: Path | None) -> tuple[Path, l
         except schema.SchemaError as e:
             raise RunError(f"--resume: {e}") from None
         return run_dir, previous
-    base = out.parent if out is not None else DEFAULT_RESULTS
+    base = out.parent if out is not None else default_results()
     check_writable(base)
     if out is not None:
         if out.exists() and any(out.iterdir()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -45,7 +46,11 @@ from harness.report.tables import (
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_REPORTS = REPO / "reports"
+def default_reports() -> Path:
+    """Where reports go unless --out names a folder: $HARNESS_REPORTS, else ./reports under the current
+    directory (never inside an installed package)."""
+    env = os.environ.get("HARNESS_REPORTS")
+    return Path(env).expanduser() if env else Path.cwd() / "reports"
 
 
 # --- loading --------------------------------------------------------------------------------------------------
@@ -195,7 +200,7 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     results_dir = Path(results_dir)
     df, env = load_run(results_dir)
     run_id = results_dir.name
-    out = Path(out) if out is not None else DEFAULT_REPORTS / run_id
+    out = Path(out) if out is not None else default_reports() / run_id
     out.mkdir(parents=True, exist_ok=True)
     t, cal, figs, md, page_html = build(df, env, run_id, str(results_dir), points.tensor_types_from_records(df),
                                         load_probes(results_dir), load_contexts(results_dir))

@@ -25,13 +25,21 @@ class ModelFile(NamedTuple):
     built_now: bool = False  # synthetic: built (not taken from the cache) by this call
 
 
+def hash_cache_dir() -> Path:
+    """Where file hashes are remembered: the harness's cache ($HARNESS_CACHE or ~/.cache/harness), never beside
+    the user's own model files."""
+    env = os.environ.get("HARNESS_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "harness") / "sha256"
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, cached beside it in '<file>.sha256' keyed by size and mtime (hashing a GB takes
-    seconds, and every run hashes every file)."""
+    """sha256 of a file, remembered in the harness's cache (:func:`hash_cache_dir`) keyed by its absolute path,
+    size and mtime (hashing a GB takes seconds, and every run hashes every file); nothing is written next to the
+    file itself."""
     path = Path(path)
     st = path.stat()
-    side = path.with_name(path.name + ".sha256")
-    key = f"{st.st_size} {st.st_mtime_ns}"
+    side = hash_cache_dir() / hashlib.sha1(str(path.resolve()).encode()).hexdigest()
+    key = f"{path.resolve()} {st.st_size} {st.st_mtime_ns}"
     try:
         cached_key, digest = side.read_text().split("\n")[:2]
         if cached_key == key and len(digest) == 64:
@@ -44,7 +52,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
             h.update(b)
     digest = h.hexdigest()
     try:
+        side.parent.mkdir(parents=True, exist_ok=True)
         side.write_text(f"{key}\n{digest}\n")
     except OSError:
-        pass  # read-only location: fine, just slower next time
+        pass  # an unwritable cache: fine, just slower next time
     return digest

@@ -232,7 +232,7 @@ def verify(spec: ModelSpec, quant: str, file: str, path: Path, commit: str, onli
     expected = blob.name if blob is not None else None
     if expected is None and online:  # a cache without symlinks: ask the Hub
         expected = _remote_etag(spec, file, commit)
-    hash_path = blob if blob is not None else path  # the sidecar '.sha256' then sits beside the blob
+    hash_path = blob if blob is not None else path  # hashed once per blob (remembered in the harness's cache)
     digest = sources.sha256_file(hash_path)
     where = f"{file} from {spec.repo}@{commit}"
     if expected is not None and _SHA256_RE.fullmatch(expected):
