@@ -33,6 +33,13 @@ SOURCE_KEYS = {
 }
 
 
+def output_dir(kind: str) -> Path:
+    """Where outputs of `kind` ("results", "reports") go unless --out names a folder: $HARNESS_RESULTS /
+    $HARNESS_REPORTS, else ./<kind> under the current directory (never inside an installed package)."""
+    env = os.environ.get(f"HARNESS_{kind.upper()}")
+    return Path(env).expanduser() if env else Path.cwd() / kind
+
+
 class ConfigError(ValueError):
     """A mistake in the user's config or command line; the message is one line naming the field."""
 

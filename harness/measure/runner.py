@@ -42,11 +42,10 @@ from harness.sources.resolve import resolve as resolve_source
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
+
+
 def default_results() -> Path:
-    """Where results folders go unless --out names one: $HARNESS_RESULTS, else ./results under the current
-    directory (never inside an installed package)."""
-    env = os.environ.get("HARNESS_RESULTS")
-    return Path(env).expanduser() if env else Path.cwd() / "results"
+    return config_mod.output_dir("results")
 
 
 class RunError(RuntimeError):

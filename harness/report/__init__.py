@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -46,11 +45,12 @@ from harness.report.tables import (
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
+
+
 def default_reports() -> Path:
-    """Where reports go unless --out names a folder: $HARNESS_REPORTS, else ./reports under the current
-    directory (never inside an installed package)."""
-    env = os.environ.get("HARNESS_REPORTS")
-    return Path(env).expanduser() if env else Path.cwd() / "reports"
+    from harness.config import output_dir
+
+    return output_dir("reports")
 
 
 # --- loading --------------------------------------------------------------------------------------------------
