@@ -31,6 +31,18 @@ BUILD=$REPO/build/cuda-wheel
 mkdir -p "$SRC" "$BUILD" "$OUT"
 t0=$(date +%s)
 
+# A build kept from an earlier run on this machine (outside the work tree, which a new session lays anew):
+# reused when it is for this pin and these architectures (FORCE=1 rebuilds).
+KEEP=${HARNESS_CACHE:-$HOME/.cache/harness}/cuda-builds
+TARBALL=llama_cpp_python-$VER-cuda${ARCHS//;/_}.tar.xz
+if [ "${FORCE:-0}" != 1 ] && [ -f "$KEEP/$TARBALL" ] && [ -f "$KEEP/BUILD-INFO.txt" ] &&
+   grep -q "^cuda_architectures: $ARCHS\$" "$KEEP/BUILD-INFO.txt"; then
+  cp "$KEEP/$TARBALL" "$KEEP/BUILD-INFO.txt" "$OUT/"
+  echo "reused the build kept in $KEEP:"
+  cat "$OUT/BUILD-INFO.txt"
+  exit 0
+fi
+
 major=${CV%%.*}
 if [ ! -x "$CUDA_VENV/bin/python" ]; then python3 -m venv "$CUDA_VENV"; fi
 # cuBLAS and the runtime: any 13.x links the same sonames; the compiler pieces at the chosen version
@@ -80,7 +92,6 @@ python3 -m zipfile -e "$whl" "$SLIM"
     ln -s "$soname" "$base"
   done
 )
-TARBALL=llama_cpp_python-$VER-cuda${ARCHS//;/_}.tar.xz
 rm -f "$OUT"/llama_cpp_python-*
 tar -C "$SLIM" -cf - llama_cpp "llama_cpp_python-$VER.dist-info" | xz -T"$JOBS" -9 >"$OUT/$TARBALL"
 {
@@ -93,4 +104,5 @@ tar -C "$SLIM" -cf - llama_cpp "llama_cpp_python-$VER.dist-info" | xz -T"$JOBS" 
   echo "sha256: $(sha256sum "$OUT/$TARBALL" | cut -c1-64)  $TARBALL"
 } >"$OUT/BUILD-INFO.txt"
 cat "$OUT/BUILD-INFO.txt"
-echo "package: $OUT/$TARBALL ($(du -h "$OUT/$TARBALL" | cut -f1))"
+mkdir -p "$KEEP" && cp "$OUT/$TARBALL" "$OUT/BUILD-INFO.txt" "$KEEP/"  # for a later session on this machine
+echo "package: $OUT/$TARBALL ($(du -h "$OUT/$TARBALL" | cut -f1)); kept in $KEEP"
