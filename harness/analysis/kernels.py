@@ -44,7 +44,12 @@ def costs(df) -> dict[str, dict[str, float]]:
             diff = (m["t_s"] - b["t_s"]) / (m["n_weights"] - b["n_weights"])
             if diff > 0:
                 row["s_per_weight"] = diff
-                row["overhead_s"] = b["t_s"] - diff * b["n_weights"]
+                overhead = b["t_s"] - diff * b["n_weights"]
+                # the probe's own per-token time: reported only where physical (a negative one says the time is
+                # not linear in the layers at these sizes, e.g. caches favouring the smaller probe)
+                row["overhead_s"] = overhead if overhead >= 0 else None
+                if overhead < 0:
+                    row["overhead_note"] = f"{overhead * 1e3:+.3f} ms: not physical, not used"
                 row["base_tok_s"] = b["tok_s"]
                 row["base_n_weights"] = b["n_weights"]
                 row["method"] = "two probes: difference of time per token / difference of weights"

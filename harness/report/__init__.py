@@ -200,7 +200,12 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     results_dir = Path(results_dir)
     df, env = load_run(results_dir)
     run_id = results_dir.name
-    out = Path(out) if out is not None else default_reports() / run_id
+    if out is None:  # beside the results folder: reports/<run-id> for results/<run-id>, else <folder>/report
+        from harness.config import output_dir
+
+        in_default = results_dir.resolve().parent == output_dir("results").resolve()
+        out = default_reports() / run_id if in_default else results_dir / "report"
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t, cal, figs, md, page_html = build(df, env, run_id, str(results_dir), points.tensor_types_from_records(df),
                                         load_probes(results_dir), load_contexts(results_dir))
