@@ -25,7 +25,7 @@ COMMANDS = {
     "inspect": "harness.gguf.inspect",
     "report": "harness.report",
     "estimate": "harness.estimate",
-    "import": "harness.sources.published",
+    "import": "harness.importer",
 }
 
 

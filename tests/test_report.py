@@ -121,8 +121,12 @@ def test_write_report_end_to_end(tmp_path):
 
 
 def test_single_depth_has_no_context_figure_and_default_out(tmp_path, monkeypatch):
+    # a results folder under the results root: its report goes to the reports root; elsewhere: inside it
+    monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("HARNESS_REPORTS", str(tmp_path / "reports"))
-    run = write_run(tmp_path / "run-1", make_records(quant_list=["Q4_0", "Q4_K_M", "Q8_0"]))
+    elsewhere = write_run(tmp_path / "mine" / "run-0", make_records(quant_list=["Q4_K_M", "Q8_0"]))
+    assert report.write_report(elsewhere) == elsewhere / "report"
+    run = write_run(tmp_path / "results" / "run-1", make_records(quant_list=["Q4_0", "Q4_K_M", "Q8_0"]))
     out = report.write_report(run)
     assert out == tmp_path / "reports" / "run-1"
     assert not (out / "context.png").exists()
