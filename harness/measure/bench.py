@@ -21,7 +21,7 @@ import numpy as np
 
 from harness.config import CACHE_TYPES
 from harness.llamalog import LogCapture, flash_attn_resolved, parse_buffers
-from harness.measure import memory
+from harness.measure import machine, memory
 
 log = logging.getLogger(__name__)
 
@@ -312,14 +312,14 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
     lib = s.lib
     ctx, ctx_log = s.context(test)
     batch = _Batch(lib, max(bench["n_batch"], 1))
+    out: list[dict[str, Any]] = []
     try:
         bufs = parse_buffers(ctx_log)
         fa = flash_attn_resolved(ctx_log)
         mem = lib.llama_get_memory(ctx)
         label = f"{test.kind}{test.n_tokens}" + (f"@d{test.n_depth}" if test.n_depth else "")
         depth_state = None
-        if bench["warmup"]:
-            progress(f"{label} warm-up")
+        progress(f"{label}: warm-up and {len(reps)} repetitions")  # nothing is sent inside the timed region
         for _ in range(bench["warmup"]):
             lib.llama_memory_clear(mem, False)
             if test.kind == "pp":
@@ -337,19 +337,21 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
                 elif lib.llama_state_seq_set_data(ctx, depth_state, len(depth_state), 0) == 0:
                     lib.llama_memory_clear(mem, False)
                     s.run_prompt(ctx, batch, test.n_depth, s.prompt_chunks(test.n_depth))
-            progress(f"{label} rep {r + 1}/{bench['repetitions']}")
             if test.kind == "pp":
                 chunks = s.prompt_chunks(test.n_prompt)
+                st0 = machine.snapshot()
                 t0 = time.perf_counter_ns()
                 s.run_prompt(ctx, batch, test.n_prompt, chunks)
                 wall = time.perf_counter_ns() - t0
             else:
                 toks = s.gen_tokens(test.n_gen)
+                st0 = machine.snapshot()
                 t0 = time.perf_counter_ns()
                 s.run_gen(ctx, batch, toks)
                 wall = time.perf_counter_ns() - t0
+            state = machine.during(st0, machine.snapshot(), wall / 1e9, bench["threads"], s.device)
             g = gpu_sampler.peak if gpu_sampler else None
-            emit({
+            out.append({
                 **model_fields,
                 "test": test.kind, "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth,
                 "rep": r, "wall_ns": wall, "tokens_per_s": test.n_tokens * 1e9 / wall,
@@ -360,8 +362,13 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
                 "rss_peak_bytes": memory.peak_rss_bytes(), **memory.rss_parts(),
                 "gpu_used_peak_bytes": g.device_used_bytes if g else None,
                 "gpu_process_bytes": g.process_bytes if g else None,
-                "extra": {**model_fields.get("extra", {}), **({"flash_attn_resolved": fa} if fa else {})},
+                "extra": {**model_fields.get("extra", {}), **({"flash_attn_resolved": fa} if fa else {}),
+                          "machine": state},
             })
     finally:
+        # sent after the test's repetitions, so that the parent's writing and progress bar never run inside a
+        # timed region (a crash loses at most this visit's repetitions of this test)
+        for rec in out:
+            emit(rec)
         batch.free()
         lib.llama_free(ctx)

@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 
 from harness.catalog import devices
-from harness.measure import bandwidth, memory
+from harness.measure import bandwidth, machine, memory
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ def collect() -> dict[str, Any]:
         },
         "ram_bytes": vm.total,
         "gpu": nvml.info() if nvml else None,
+        "machine_state": machine.host_state(),
         "memory_bandwidth": memory_bandwidth(),
         "catalog": catalog_entry(nvml.info() if nvml else None),
         "python": sys.version.split()[0],

@@ -461,6 +461,18 @@ class _Bar:
             self._bar.close()
 
 
+def _state_after(env_path: Path) -> None:
+    """Add the machine's state at the end of the sweep to env.json (load, frequency, steal since the start)."""
+    from harness.measure import machine
+
+    try:
+        env = json.loads(env_path.read_text())
+        env["machine_state_after"] = machine.host_state()
+        env_path.write_text(json.dumps(env, indent=2))
+    except (OSError, ValueError) as e:
+        log.warning("could not record the machine's state after the run: %s", e)
+
+
 def _utc() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -553,6 +565,7 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
         except schema.SchemaError as e:
             raise RunError(f"--resume: {e}") from None
     with contextlib.ExitStack() as stack:
+        stack.callback(_state_after, env_path)  # the machine's state when the sweep ends (or is interrupted)
         writer = stack.enter_context(schema.RecordWriter(run_dir / "records.jsonl"))
         if runner.bench.get("contexts"):
             runner.mem_writer = stack.enter_context(schema.RecordWriter(mem_path))

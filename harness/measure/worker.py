@@ -91,9 +91,18 @@ def run_job(job: dict[str, Any], send) -> int:
             log_file.write(line + "\n")
 
     def emit(measured: dict[str, Any]) -> None:
+        extra = {**(job["record_base"].get("extra") or {}), **(measured.get("extra") or {})}
         rec = schema.make(**{**job["record_base"], "tensor_types": tensor_types, "status": "ok", **measured,
+                             "extra": extra,
                              "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
         send({"kind": "record", "record": json.loads(rec.to_json())})
+
+    from harness.measure import machine
+
+    pinned = machine.pin(job["bench"].get("threads"))
+    base_extra = dict(job["record_base"].get("extra") or {})
+    if pinned is not None:
+        job["record_base"]["extra"] = {**base_extra, "affinity": pinned}
 
     try:
         with LogCapture(echo=echo) as cap:

@@ -99,6 +99,7 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
     s.append(("p", device_statement(device)))
     s.append(("p", f"llama-cpp-python {versions or '-'}; harness commit {harness.get('commit') or '-'}"
                    f"{' (dirty)' if harness.get('dirty') else ''}; environment recorded {env.get('utc') or '-'}."))
+    s.append(("p", _settings_line(ok)))
     for w in env.get("warnings") or []:
         s.append(("p", f"WARNING: {w}"))
     if not t.empty:
@@ -174,6 +175,27 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
                    "3352 and MI250X 3277 GB/s. Where its text and its numbers part ways:"))
     s.append(("list", list(page.DISCREPANCIES)))
     return s
+
+
+def _settings_line(ok: pd.DataFrame) -> str:
+    """Tests, threads and pinning, and how many repetitions the machine's state flags as descheduled."""
+    if not len(ok):
+        return "No measurements."
+    tests = sorted({f"{t}{int(p + g)}" for t, p, g in zip(ok.test, ok.n_prompt, ok.n_gen)})
+    threads = sorted({int(x) for x in ok.n_threads.dropna()})
+    extras = [x for x in ok.extra if isinstance(x, dict)]
+    pins = sorted({tuple(x["affinity"]) for x in extras if x.get("affinity")})
+    states = [x["machine"] for x in extras if isinstance(x.get("machine"), dict)]
+    flagged = sum(1 for m in states if m.get("descheduled"))
+    line = (f"Tests {', '.join(tests)}; {', '.join(map(str, threads)) or '-'} threads"
+            + (f", pinned to CPUs {', '.join(str(list(p)) for p in pins)}" if pins else ", not pinned") + ". ")
+    if states:
+        line += (f"{flagged} of {len(states)} repetitions flagged as descheduled (more than 5% of the host's time "
+                 "stolen, or on a CPU the threads running less than 60% of the time); they are kept and marked in "
+                 "the records (extra.machine).")
+    else:
+        line += "The records carry no per-repetition machine state (measured before it was recorded)."
+    return line
 
 
 def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = None,
