@@ -96,6 +96,11 @@ def test_env_entries(monkeypatch):
     assert env.catalog_entry({"name": "NVIDIA H100 80GB HBM3"})["bandwidth_gb_s"] == 3352
     assert env.catalog_entry({"name": "Some Future GPU"}) is None
     assert env.catalog_entry(None) is None
+    monkeypatch.setattr(bandwidth, "measure_cpu_bandwidth_compiled", lambda: {
+        "gb_s": 20.004, "sum_gb_s": 20.004, "triad_gb_s": 18.0, "ratio": 1.1113, "method": "compiled"})
+    assert env.memory_bandwidth() == {"measured_gb_s": 20.0, "sum_gb_s": 20.0, "triad_gb_s": 18.0, "ratio": 1.111,
+                                      "method": "compiled"}
+    monkeypatch.setattr(bandwidth, "measure_cpu_bandwidth_compiled", lambda: None)  # no compiler: numpy's
     monkeypatch.setattr(bandwidth, "measure_cpu_bandwidth_detail", lambda: {
         "gb_s": 12.345, "copy_gb_s": 12.345, "triad_gb_s": 6.0, "method": "test"})
     assert env.memory_bandwidth() == {"measured_gb_s": 12.35, "copy_gb_s": 12.35, "triad_gb_s": 6.0,
@@ -106,3 +111,26 @@ def test_env_entries(monkeypatch):
 
     monkeypatch.setattr(bandwidth, "measure_cpu_bandwidth_detail", broken)
     assert env.memory_bandwidth() is None
+
+
+def test_compiled_stream_kernels_compute_and_measure():
+    import ctypes
+
+    import numpy as np
+
+    lib = bandwidth._stream_lib()
+    assert lib is not None, "a C compiler with OpenMP builds the STREAM kernels (the project needs one anyway)"
+    n = 1 << 16
+    a, b, c = np.empty(n), np.empty(n), np.empty(n)
+    dp = ctypes.POINTER(ctypes.c_double)
+    lib.harness_init(a.ctypes.data_as(dp), b.ctypes.data_as(dp), c.ctypes.data_as(dp), n, 2)
+    out = ctypes.c_double()
+    lib.harness_sum(b.ctypes.data_as(dp), n, 2, ctypes.byref(out))
+    assert out.value == n  # b is all ones
+    lib.harness_triad(a.ctypes.data_as(dp), b.ctypes.data_as(dp), c.ctypes.data_as(dp), 3.0, n, 2)
+    assert (a == 1.0 + 3.0 * 2.0).all()
+    d = bandwidth.measure_cpu_bandwidth_compiled(threads=2, array_mib=16, trials=10)
+    assert d["sum_gb_s"] > 0 and d["triad_gb_s"] > 0 and d["gb_s"] == d["sum_gb_s"] and d["trials"] == 10
+    assert d["ratio"] == max(d["sum_gb_s"], d["triad_gb_s"]) / min(d["sum_gb_s"], d["triad_gb_s"])
+    assert "read-only sum" in d["method"]
+    assert bandwidth.measure_cpu_bandwidth_compiled.__defaults__ == (None, None, 10)  # >= 10 trials by default

@@ -100,6 +100,9 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
     s.append(("p", f"llama-cpp-python {versions or '-'}; harness commit {harness.get('commit') or '-'}"
                    f"{' (dirty)' if harness.get('dirty') else ''}; environment recorded {env.get('utc') or '-'}."))
     s.append(("p", _settings_line(ok)))
+    reach = _llama_bandwidth_line(t, device, env)
+    if reach:
+        s.append(("p", reach))
     for w in env.get("warnings") or []:
         s.append(("p", f"WARNING: {w}"))
     if not t.empty:
@@ -175,6 +178,30 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
                    "3352 and MI250X 3277 GB/s. Where its text and its numbers part ways:"))
     s.append(("list", list(page.DISCREPANCIES)))
     return s
+
+
+def _llama_bandwidth_line(t: pd.DataFrame, device: dict, env: dict) -> str | None:
+    """The bandwidth probe cross-checked against what llama.cpp itself moves: the largest quant's model bytes
+    x its tg tok/s (every weight read once per token, a lower bound on its traffic)."""
+    if t.empty or "model_size_bytes" not in t or not t.model_size_bytes.notna().any():
+        return None
+    r = t.loc[t.model_size_bytes.idxmax()]
+    if pd.isna(r.tg_tok_s):
+        return None
+    reach = r.model_size_bytes * r.tg_tok_s / 1e9
+    bw = device.get("bandwidth_gb_s")
+    probe = (env.get("memory_bandwidth") or {}) if device.get("kind") == "cpu" else {}
+    parts = [f"llama.cpp itself reads {reach:,.1f} GB/s generating with {r.quant} (model bytes x tg tok/s)"]
+    if bw:
+        parts.append(f"{reach / bw:.0%} of the {bw:,.1f} GB/s this report uses for the device")
+    if probe.get("ratio"):
+        parts.append(f"the bandwidth probe's two kernels agree within {probe['ratio']:.2f}x "
+                     f"(read-only sum {probe.get('sum_gb_s')}, triad {probe.get('triad_gb_s')} GB/s)")
+    elif probe.get("copy_gb_s") and probe.get("triad_gb_s"):
+        hi, lo = max(probe["copy_gb_s"], probe["triad_gb_s"]), min(probe["copy_gb_s"], probe["triad_gb_s"])
+        parts.append(f"the (numpy) probe's kernels disagree {hi / lo:.1f}x (copy {probe['copy_gb_s']}, triad "
+                     f"{probe['triad_gb_s']} GB/s): a run made before the compiled probe")
+    return "; ".join(parts) + "."
 
 
 def _settings_line(ok: pd.DataFrame) -> str:
