@@ -434,3 +434,17 @@ def test_nnls_against_hand_solved_problems():
     assert np.allclose(g[~bounded], 0, atol=1e-8)
     assert np.allclose(g[bounded & (x > 1e-12)], 0, atol=1e-8)
     assert (g[bounded & (x <= 1e-12)] >= -1e-8).all()
+
+
+def test_nested_error_repeats_the_choice_inside_each_fold():
+    df = frame(make_records(noise=0.01, seed=3))
+    tg = calibration.calibrate(df, ENV_CPU)["tg"]
+    nested = tg["nested"]
+    assert set(nested["chosen_without"]) == set(quants.PAGE_QUANTS)  # one choice per held-out quant
+    assert nested["rms_ci95"][0] <= nested["rms_ape"] <= nested["rms_ci95"][1]
+    # where every fold chooses the model the full data chose, nested and LOQO errors are the same numbers
+    if set(nested["chosen_without"].values()) == {tg["chosen"]}:
+        assert nested["median_ape"] == pytest.approx(tg["loqo"]["median_ape"])
+    assert abs(sum(tg["selection_stability"].values()) - 1) < 1e-9
+    rate, rel, _ = predict.predict_tg_tok_s(calibration.calibrate(df, ENV_CPU), "Q4_K_M", 0)
+    assert rel == nested["rms_ape"]  # what estimate prints as ±

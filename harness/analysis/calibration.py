@@ -50,8 +50,7 @@ from harness.analysis.fit import (
     bootstrap,
     error_stats,
     feature_names,
-    nested_loqo,
-    per_quant_ape,
+    nested_errors,
     pick,
     predict,
     select,
@@ -180,9 +179,7 @@ def fit_tg(points: pd.DataFrame, device: dict, df: pd.DataFrame | None = None, m
     of choice and fit together, and the chosen model's own LOQO error), how stable the choice is under
     resampling of the repetitions (with `df` and `make_points`), and per-point values."""
     cand, table, names, params, std, fitted_t = _fit_chosen(points, TG_CANDIDATES, "t_s")
-    nested_pred, nested_choice = nested_loqo(points, TG_CANDIDATES, "t_s")
-    nested_ape = per_quant_ape(points, nested_pred, "t_s")
-    nested_ape = nested_ape[~np.isnan(nested_ape)]
+    nested = nested_errors(points, TG_CANDIDATES, "t_s")
     chosen = cand.name
     page_rate = page_tg_tok_s(points, device)
     bw = device.get("bandwidth_gb_s")
@@ -212,8 +209,7 @@ def fit_tg(points: pd.DataFrame, device: dict, df: pd.DataFrame | None = None, m
         "candidates": {n: {k: v for k, v in t.items() if k != "loqo_pred"} for n, t in table.items()},
         "loqo": {k.removeprefix("loqo_"): v for k, v in table[chosen].items() if k.startswith("loqo_")
                  and k != "loqo_pred"},
-        "nested": {**(error_stats(nested_ape) if len(nested_ape) else {}), "chosen_without": nested_choice,
-                   "method": "for each quant, the model chosen by LOQO on the others, fitted on them"},
+        "nested": nested,
         "selection_stability": selection_stability(df, make_points, TG_CANDIDATES, "t_s")
         if make_points is not None else None,
         "fit": {k.removeprefix("fit_"): v for k, v in table[chosen].items() if k.startswith("fit_")},
@@ -243,10 +239,12 @@ def fit_memory(points: pd.DataFrame) -> dict[str, Any] | None:
     pts = pts.reset_index(drop=True)
     cand, table, names, params, std, fitted = _fit_chosen(pts, MEMORY_CANDIDATES, "peak_bytes")
     chosen = cand.name
+    nested = nested_errors(pts, MEMORY_CANDIDATES, "peak_bytes")
     page_vram = np.array([page.page_vram_bytes(q) if q in page.BY_QUANT else math.nan for q in pts.quant])
     return {
         "chosen": chosen, "formula": cand.description, "params": params, "param_std": std,
         "overhead_bytes": params.get("overhead", 0.0),
+        "nested": nested,
         "candidates": {n: {k: v for k, v in t.items() if k != "loqo_pred"} for n, t in table.items()},
         "loqo": {k.removeprefix("loqo_"): v for k, v in table[chosen].items() if k.startswith("loqo_")
                  and k != "loqo_pred"},

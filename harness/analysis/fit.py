@@ -8,6 +8,7 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -291,6 +292,22 @@ def nested_loqo(points: pd.DataFrame, candidates: tuple[Candidate, ...], target:
         pred[held] = predict(points[held], solve(train, names, target), target)
         chosen[str(q)] = name
     return pred, chosen
+
+
+def nested_errors(points: pd.DataFrame, candidates: tuple[Candidate, ...], target: str = "t_s",
+                  n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The nested held-out error (:func:`nested_loqo`) as median / worst / RMS over the quants, the RMS with a
+    95% bootstrap interval over the quants, and the model each fold chose."""
+    pred, chosen = nested_loqo(points, candidates, target)
+    ape = per_quant_ape(points, pred, target)
+    ape = ape[~np.isnan(ape)]
+    if not len(ape):
+        return {"chosen_without": chosen}
+    rng = np.random.default_rng(seed)
+    boots = np.sqrt(np.mean(ape[rng.integers(0, len(ape), size=(n_boot, len(ape)))] ** 2, axis=1))
+    lo, hi = (float(x) for x in np.percentile(boots, [2.5, 97.5]))
+    return {**error_stats(ape), "rms_ci95": [lo, hi], "chosen_without": chosen,
+            "method": "for each quant, the model chosen by LOQO on the others, fitted on them"}
 
 
 def per_quant_ape(points: pd.DataFrame, pred: np.ndarray, target: str = "t_s") -> np.ndarray:

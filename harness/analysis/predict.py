@@ -141,5 +141,5 @@ def predict_memory_bytes(cal: dict, quant: str, n_ctx: int, kv_types: tuple[str,
     pts = pd.DataFrame([{"quant": quant, "weights_bytes": weights, "kv_bytes": kv, "compute_bytes": comp,
                          "output_bytes": buf.get("output_bytes") or 0.0, "peak_bytes": 1.0}])
     value = float(predict(pts, mem["params"], "peak_bytes")[0])
-    rel = (mem.get("loqo") or {}).get("rms_ape")
+    rel = (mem.get("nested") or {}).get("rms_ape") or (mem.get("loqo") or {}).get("rms_ape")
     return value, rel if rel is not None else math.nan, notes

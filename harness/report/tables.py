@@ -321,8 +321,10 @@ def calibration_lines(cal: dict) -> list[str]:
                    f"calibrated, held out (LOQO, the chosen model): {_fmt_err(tg.get('loqo'))}")
         nested = tg.get("nested") or {}
         if nested.get("median_ape") is not None:
+            ci = nested.get("rms_ci95") or [math.nan, math.nan]
             out.append(f"- held out with the model choice repeated inside each fold (nested; the ± of `estimate`): "
-                       f"{_fmt_err(nested)}, RMS {nested['rms_ape']:.1%}; chosen without each quant: "
+                       f"{_fmt_err(nested)}, RMS {nested['rms_ape']:.1%} (95% interval {ci[0]:.1%}-{ci[1]:.1%}); "
+                       "chosen without each quant: "
                        + ", ".join(f"{q} {m}" for q, m in (nested.get("chosen_without") or {}).items()))
         stab = tg.get("selection_stability")
         if stab:
@@ -339,7 +341,9 @@ def calibration_lines(cal: dict) -> list[str]:
     mem = cal.get("memory")
     if mem:
         out.append(f"- memory model: **{mem['chosen']}** ({mem['formula']}); runtime overhead "
-                   f"{mem['overhead_bytes'] / MIB:,.0f} MiB; held out (LOQO): {_fmt_err(mem.get('loqo'))}; "
+                   f"{mem['overhead_bytes'] / MIB:,.0f} MiB; held out (LOQO): {_fmt_err(mem.get('loqo'))}, nested: "
+                   f"{_fmt_err(mem.get('nested'))} (across quants only: KV and compute are the same for every "
+                   "quant here, so this error says nothing about them: see the memory test's terms below); "
                    f"the page's VRAM against the measured peak: {_fmt_err(mem.get('page'))}")
     else:
         out.append("- memory model: not fitted (no peak memory or buffer sizes in the records)")
