@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 TARGETS = {  # seconds
     "bandwidth probe (default settings)": 3.0,
+    "bandwidth probe, compiled STREAM (what a run uses)": 5.0,
     "GGUF header of the 1B's vocabulary (validate.check)": 0.5,
 }
 
@@ -46,6 +47,8 @@ def main() -> int:
         path = header_heavy_gguf(Path(tmp) / "vocab.gguf")
         results = {
             "bandwidth probe (default settings)": timed(bandwidth.measure_cpu_bandwidth, a.reps),
+            "bandwidth probe, compiled STREAM (what a run uses)": timed(bandwidth.measure_cpu_bandwidth_compiled,
+                                                                        a.reps),
             "GGUF header of the 1B's vocabulary (validate.check)": timed(lambda: validate.check(path), a.reps),
         }
     bad = 0
