@@ -63,8 +63,9 @@ class BenchSpec:
     depths: tuple[int, ...] = (0,)  # KV-cache fill (tokens) before each test, pre-filled untimed
     repetitions: int = 5  # timed repetitions per test
     shuffle: bool = True  # each round visits the quants (and spreads the probes) in a new seeded order
-    rounds: int = 1  # passes of the sweep; each visit to a quant measures its share of the repetitions, so a slow
-    # spell of a shared machine cannot hit every repetition of one quant (and probes share the passes)
+    rounds: int | None = None  # passes of the sweep (null: 3 on a CPU, 1 where the build offloads to a GPU);
+    # each visit to a quant measures its share of the repetitions, so a slow spell of a shared machine cannot hit
+    # every repetition of one quant (and probes share the passes)
     warmup: int = 1  # untimed warm-up runs per test
     n_gpu_layers: int = -1  # layers to offload; -1 = all, where the build can offload
     flash_attn: str = "auto"  # auto | on | off
@@ -241,9 +242,11 @@ def _bench(data: Any) -> BenchSpec:
     for name in ("n_prompt", "n_gen", "repetitions", "warmup"):
         kw[name] = _positive(f"bench.{name}", _typed(f"bench.{name}", data.get(name, getattr(d, name)), int),
                              zero_ok=name != "repetitions")
-    for name in ("n_batch", "n_ubatch", "rounds"):
+    for name in ("n_batch", "n_ubatch"):
         kw[name] = _positive(f"bench.{name}", _typed(f"bench.{name}", data.get(name, getattr(d, name)), int))
-    if kw["rounds"] > kw["repetitions"]:
+    rounds = _typed("bench.rounds", data.get("rounds", d.rounds), int, allow_none=True)
+    kw["rounds"] = None if rounds is None else _positive("bench.rounds", rounds)
+    if kw["rounds"] is not None and kw["rounds"] > kw["repetitions"]:
         raise ConfigError(f"bench.rounds ({kw['rounds']}) must not exceed bench.repetitions "
                           f"({kw['repetitions']}): each round measures at least one repetition")
     kw["contexts"] = _int_list("bench.contexts", data.get("contexts", list(d.contexts)), minimum=1)

@@ -248,3 +248,12 @@ def test_two_probes_cancel_the_probes_own_overhead():
     assert c["Q4_K"]["method"].startswith("two probes")
     assert c["Q8_0"]["s_per_weight"] == pytest.approx((3e-3 + 1.2e-3) / 600_000_000)  # overhead included
     assert "overhead_s" not in c["Q8_0"]
+
+
+def test_rounds_default_to_three_on_a_cpu():
+    assert runner.default_rounds(5, -1) == 3  # no GPU here (NVML finds none): a CPU run
+    assert runner.default_rounds(2, -1) == 2  # never more rounds than repetitions
+    assert runner.default_rounds(6, 0) == 3  # weights kept on the CPU
+    cfg = config.from_dict({"name": "x", "bench": {"repetitions": 6}})
+    assert cfg.bench.rounds is None and runner.resolved_bench(cfg)["rounds"] == 3
+    assert runner.resolved_bench(config.from_dict({"name": "x", "bench": {"rounds": 2}}))["rounds"] == 2

@@ -165,7 +165,25 @@ def resolved_bench(cfg: Config) -> dict[str, Any]:
     b["depths"] = list(b["depths"])
     if b["threads"] is None:
         b["threads"] = env_mod.default_threads()
+    if b["rounds"] is None:
+        b["rounds"] = default_rounds(b["repetitions"], b["n_gpu_layers"])
     return b
+
+
+def default_rounds(repetitions: int, n_gpu_layers: int) -> int:
+    """3 passes on a CPU (a shared machine's slow spells and drift then fall on several quants), 1 where the
+    weights go to a GPU; never more than the repetitions."""
+    from harness.measure import memory
+
+    gpu = False
+    if n_gpu_layers != 0 and memory.nvml_probe() is not None:
+        try:
+            import llama_cpp
+
+            gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        except ImportError:
+            gpu = False
+    return 1 if gpu else min(3, repetitions)
 
 
 def measure_in_child(job: dict[str, Any], timeout_s: float, on_record: Callable[[dict], None],
@@ -289,7 +307,7 @@ class Runner:
         without getting the file again."""
         cfg = self.cfg
         (self.run_dir / "logs").mkdir(exist_ok=True)
-        n_q, rounds = len(cfg.quants), cfg.bench.rounds
+        n_q, rounds = len(cfg.quants), self.bench["rounds"]
         resolved: dict[str, ModelFile] = {}
         paths: dict[str, Path] = {q: Path(p) for q, p in (known_files or {}).items()}  # for the probes
         for v in range(rounds):
@@ -405,7 +423,7 @@ class Runner:
         self.probed.add((parch.name, t, visit))
         bench = probe_bench(self.cfg, self.bench)
         logs = self.run_dir / "logs"
-        mine = set(visit_reps(bench["repetitions"], self.cfg.bench.rounds, visit))
+        mine = set(visit_reps(bench["repetitions"], self.bench["rounds"], visit))
         skip = [["tg", 0, r] for r in range(bench["repetitions"]) if r not in mine or (label, "tg", 0, r) in done]
         n_todo = bench["repetitions"] - len(skip)
         if n_todo <= 0:
