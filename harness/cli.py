@@ -40,7 +40,11 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="measure every quant of a config", description=(
         "Get each quant's GGUF file (build, download or find it), measure tokens/s and memory with llama.cpp "
         "in a child process per file, and write results/<run-id>/records.jsonl."))
-    p.add_argument("config", type=Path, help="YAML config, e.g. configs/1b-synthetic.yaml")
+    p.add_argument("config", type=Path, nargs="?", help="YAML config, e.g. configs/1b-synthetic.yaml (or --model)")
+    p.add_argument("--model", "-m", action="append", type=Path, metavar="FILE.gguf",
+                   help="measure this GGUF file (repeat for more), of any quant and architecture llama.cpp loads; "
+                        "labelled by the quant its header names. Without a config: llama-bench's defaults "
+                        "(pp512, tg128, 5 repetitions)")
     p.add_argument("--out", type=Path, help="results folder to create (default: results/<utc>-<name>)")
     p.add_argument("--resume", type=Path, metavar="RESULTS_DIR",
                    help="finish an interrupted run: measure only the cells missing from its records")
@@ -82,7 +86,14 @@ def _run(args) -> int:
         overrides["cache_dir"] = args.cache_dir
     if args.out and args.resume:
         raise ConfigError("--out and --resume exclude each other: --resume continues the folder it names")
-    cfg = config.load(args.config, overrides)
+    if args.model:
+        overrides["model"] = {"source": "local", "files": _label_files(args.model)}
+    if args.config is None:
+        if not args.model:
+            raise ConfigError("run needs a config (e.g. configs/1b-synthetic.yaml) or --model FILE.gguf")
+        cfg = config.from_dict({"name": "models", "bench": {"rounds": None}}, overrides)
+    else:
+        cfg = config.load(args.config, overrides)
     try:
         run_dir, errors = runner.run(cfg, out=args.out, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -112,6 +123,23 @@ def _run(args) -> int:
                   file=sys.stderr)
     print(run_dir)
     return EXIT_FAILED if errors else EXIT_OK
+
+
+def _label_files(paths: list[Path]) -> dict[str, str]:
+    """{label: path} for --model files: the quant each header names (inspect's reasoning), made unique."""
+    from harness.gguf import inspect
+
+    out: dict[str, str] = {}
+    for p in paths:
+        label, how = inspect.label_for(p)
+        base, n = label, 1
+        while label in out:
+            n += 1
+            label = f"{base}-{n}"
+        out[label] = str(p.expanduser().resolve())
+        log.info("--model %s: labelled %s (from %s)", p, label, how)
+        print(f"{p}: {label} (from {how})", file=sys.stderr)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, 
 SOURCE_KEYS = {
     "synthetic": ("source", "architecture", "seed", "imatrix"),
     "hub": ("source", "repo", "file", "revision"),
-    "local": ("source", "path"),
+    "local": ("source", "path", "files"),
 }
 
 
@@ -54,6 +54,7 @@ class ModelSpec:
     file: str | None = None  # hub only: file name pattern with {quant}
     revision: str | None = None  # hub only: branch, tag or commit to pin
     path: str | None = None  # local only: path pattern with {quant}
+    files: dict[str, str] | None = None  # local only: {label: path} of files of any quant and architecture
 
 
 @dataclass(frozen=True)
@@ -198,9 +199,22 @@ def _model(data: Any) -> ModelSpec:
         _need_quant_pattern("model.file", file)
         revision = _typed("model.revision", data.get("revision"), str, allow_none=True)
         return ModelSpec(source=source, architecture="", repo=repo, file=file, revision=revision)
+    files = data.get("files")
     path = _typed("model.path", data.get("path"), str, allow_none=True)
+    if files is not None:
+        if path:
+            raise ConfigError("model.path and model.files exclude each other: a {quant} pattern or a list of files")
+        if not isinstance(files, dict) or not files:
+            raise ConfigError("model.files must be a mapping of labels to GGUF paths, e.g. {Q4_K_M: m/q4km.gguf}")
+        out = {}
+        for label, f in files.items():
+            f = _typed(f"model.files.{label}", f, str)
+            if not str(label).strip() or any(c in str(label) for c in "/\\\0"):
+                raise ConfigError(f"model.files: label {label!r} must be a plain name (it names log files)")
+            out[str(label)] = f
+        return ModelSpec(source=source, architecture="", files=out)
     if not path:
-        raise ConfigError("model.path is required for source 'local': a path pattern with {quant}")
+        raise ConfigError("model.path (a pattern with {quant}) or model.files is required for source 'local'")
     _need_quant_pattern("model.path", path)
     return ModelSpec(source=source, architecture="", path=path)
 
@@ -370,7 +384,15 @@ def from_dict(data: Any, overrides: dict[str, Any] | None = None) -> Config:
     if any(c in name for c in "/\\\0") or name.startswith("."):
         raise ConfigError(f"name {name!r} must not contain '/', '\\' or start with '.' (it names folders)")
     model = _model(data.get("model", {}))
-    qs = _quants(data.get("quants", list(quants.PAGE_QUANTS)))
+    if model.files:  # files of any quant: the labels are the quants, in the given order
+        qs = tuple(model.files)
+        extra = [q for q in (data.get("quants") or []) if q not in model.files]
+        if extra:
+            raise ConfigError(f"quants {extra} are not labels of model.files ({', '.join(model.files)})")
+        if data.get("quants"):
+            qs = tuple(q for q in data["quants"] if q in model.files)
+    else:
+        qs = _quants(data.get("quants", list(quants.PAGE_QUANTS)))
     bench = _bench(data.get("bench", {}))
     probes = _probes(data.get("probes", {}))
     cache_dir = _typed("cache_dir", data.get("cache_dir"), str, allow_none=True)

@@ -228,3 +228,32 @@ def test_nothing_is_written_beside_the_users_files_and_results_go_under_the_curr
     assert runner.default_results() == tmp_path / "results"
     monkeypatch.setenv("HARNESS_RESULTS", str(tmp_path / "elsewhere"))
     assert runner.default_results() == tmp_path / "elsewhere"
+
+
+def test_run_a_single_file_by_model_any_label(tiny_cache, tmp_path):
+    """`run --model FILE` measures a file the user has, labelled by the quant its header names; nothing is
+    written beside it, the results go under the current directory, the page's verdicts stay out (not the 1B)."""
+    src = tiny_cache / "synthetic"
+    f = next(p for p in src.rglob("tiny-Q4_K_M-imatrix.gguf"))
+    mine = tmp_path / "my models"
+    mine.mkdir()
+    (mine / "some-name.gguf").write_bytes(f.read_bytes())
+    r = run_cli("run", "--model", str(mine / "some-name.gguf"), "--repetitions", "1", "--no-progress",
+                "--out", str(tmp_path / "res" / "run"), timeout=600,
+                env={"HARNESS_CACHE": str(tmp_path / "cache"), "HARNESS_REPORTS": str(tmp_path / "reports")})
+    assert r.returncode == 0, r.stderr
+    assert "some-name.gguf: Q4_K_M (from general.file_type)" in r.stderr
+    recs = schema.read_records(tmp_path / "res" / "run" / "records.jsonl")
+    assert {x.quant for x in recs} == {"Q4_K_M"} and all(x.weights == "local" for x in recs)
+    assert sorted(p.name for p in mine.iterdir()) == ["some-name.gguf"]  # no .sha256 beside it
+    md = (tmp_path / "res" / "run" / "report" / "report.md").read_text()
+    assert "The page covers Llama 3.2 1B only" in md and "inside (" not in md
+
+
+def test_local_files_config():
+    cfg = config.from_dict({"name": "x", "model": {"source": "local", "files": {"Q4_1": "a.gguf", "mine": "b.gguf"}}})
+    assert cfg.quants == ("Q4_1", "mine") and cfg.model.files == {"Q4_1": "a.gguf", "mine": "b.gguf"}
+    with pytest.raises(config.ConfigError, match="exclude each other"):
+        config.from_dict({"name": "x", "model": {"source": "local", "files": {"a": "a"}, "path": "{quant}.gguf"}})
+    with pytest.raises(config.ConfigError, match="not labels of model.files"):
+        config.from_dict({"name": "x", "quants": ["Q8_0"], "model": {"source": "local", "files": {"a": "a"}}})

@@ -60,6 +60,7 @@ from harness.analysis.points import (
     ARCH,
     KV_PAD_CELLS,
     device_bytes,
+    is_page_model,
     kv_bytes_per_token,
     memory_points,
     ok_records,
@@ -129,12 +130,14 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
-def page_tg_tok_s(points: pd.DataFrame, device: dict) -> np.ndarray:
-    """The page's tok/s for each point (NaN where the page has no row or the bandwidth is unknown)."""
+def page_tg_tok_s(points: pd.DataFrame, device: dict, page_model: bool = True) -> np.ndarray:
+    """The page's tok/s for each point (NaN where the page has no row, the bandwidth is unknown, or the model
+    is not the page's Llama 3.2 1B)."""
     bw = device.get("bandwidth_gb_s")
     out = []
     for q in points.quant:
-        out.append(page.page_tok_s(bw, device.get("vendor"), q) if bw and q in page.BY_QUANT else math.nan)
+        ok = page_model and bw and q in page.BY_QUANT
+        out.append(page.page_tok_s(bw, device.get("vendor"), q) if ok else math.nan)
     return np.array(out, float)
 
 
@@ -181,7 +184,7 @@ def fit_tg(points: pd.DataFrame, device: dict, df: pd.DataFrame | None = None, m
     cand, table, names, params, std, fitted_t = _fit_chosen(points, TG_CANDIDATES, "t_s")
     nested = nested_errors(points, TG_CANDIDATES, "t_s")
     chosen = cand.name
-    page_rate = page_tg_tok_s(points, device)
+    page_rate = page_tg_tok_s(points, device, device.get("page_model", True))
     bw = device.get("bandwidth_gb_s")
     a = params.get("s_per_byte", 0.0)
     eff = 1 / (a * bw * 1e9) if a > 0 and bw else None
@@ -351,7 +354,7 @@ def calibrate(df: pd.DataFrame, env: dict | None = None, run_id: str | None = No
     `tensor_types` ({quant: {ggml type: n_elements}}, read from the GGUF files) enables the mix models, and
     with `probe_costs` (:func:`harness.analysis.kernels.costs` of the run's kernel probes) the probe models."""
     env = env or {}
-    device = run_device(df, env)
+    device = {**run_device(df, env), "page_model": is_page_model(df)}
     tg = tg_points(df, tensor_types=tensor_types, probe_costs=probe_costs)
     unavailable = None
     if probe_costs and "kernel_s" not in tg.columns:

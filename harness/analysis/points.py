@@ -299,3 +299,15 @@ def arch_of(df: pd.DataFrame):
     n = ok.model_n_params.dropna()
     return ARCH if len(n) and int(n.iloc[0]) == ARCH.n_params() else None
 
+
+def is_page_model(df: pd.DataFrame) -> bool:
+    """Whether the records measured Llama 3.2 1B (the page's model): llama.cpp calls it "llama 1B ..." and counts
+    its parameters within 0.5% of the 1B's. Only then do the page's figures and verdicts apply."""
+    ok = ok_records(df)
+    if not len(ok):
+        return False
+    n = ok.model_n_params.dropna()
+    desc = ok.model_desc.dropna().astype(str)
+    return bool(len(n) and (abs(n.astype(float) / ARCH.n_params() - 1) < 0.005).all()
+                and desc.str.startswith("llama 1B").all())  # (records without a description: by the count)
+

@@ -47,6 +47,25 @@ def quant_of(ftype_name: str | None, embd_type: str | None, file_name: str) -> t
     return None, None
 
 
+def label_for(path: str | os.PathLike) -> tuple[str, str]:
+    """(label, how it was named) for a GGUF file of any quant: the recipe its header names (general.file_type,
+    and the embedding's type for the _L recipes), else llama.cpp's file type ("Q4_1", "BF16"), else the file
+    name. Raises ConfigError for a file that is not a readable GGUF."""
+    d = describe(path)
+    ft = d["file_type"]
+    ft_label = ft.removeprefix("MOSTLY_").removeprefix("ALL_") if ft and not ft.startswith("unknown") else None
+    # The Hub's _L recipes (Q8_0 embedding and output) are a naming convention of the Llama 3.2 1B files; another
+    # model's file type keeps llama.cpp's own name (Gemma's Q4_K_M keeps its embedding in Q8_0 by its recipe).
+    one_b = d["architecture"] == "llama" and abs(d["n_params"] / 1_235_814_400 - 1) < 0.005
+    if d["quant"] and d["quant_from"] != "file name" and (one_b or d["quant"] == ft_label):
+        return d["quant"], d["quant_from"]
+    if ft_label:
+        return ft_label, "general.file_type"
+    if d["quant"]:
+        return d["quant"], "file name"
+    return Path(path).stem, "file name (the header names no file type)"
+
+
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Everything :func:`format_text` prints, as a JSON-ready dict; raises ConfigError for a missing or bad file.
     The header is read (and validated) by :func:`harness.gguf.validate.check`, the one GGUF reader."""

@@ -284,6 +284,7 @@ class Runner:
         self.probe_errors: set[tuple[str, str]] = set()  # (probe shape, ggml type) that failed: not tried again
         self.mem_writer: schema.RecordWriter | None = None  # contexts.jsonl, for bench.contexts
         self.visit: dict | None = None  # the visit being measured (round, position, order), into each record
+        self.no_probe_archs: set[str | None] = set()  # architectures already said to have no probes
         self.mem_done: set[tuple] = set()  # (quant, "mem", n_ctx, type_k, type_v, flash_attn) recorded
 
     def _error_record(self, quant: str, error: str, mf: ModelFile | None) -> schema.Record:
@@ -374,8 +375,11 @@ class Runner:
         base = {"run_id": self.run_id, "quant": quant, "weights": mf.weights, "weights_ref": mf.weights_ref,
                 "file_path": str(mf.path), "file_bytes": size, "file_sha256": mf.sha256,
                 "llama_cpp_version": quantize.llama_cpp_version()}
+        # the synthetic and Hub files are Llama 3.2 1B: their header must say llama; a local file may be of any
+        # architecture llama.cpp loads (its structure is still validated before llama.cpp sees it)
+        expect = None if self.cfg.model.source == "local" else "llama"
         job = worker.make_job(mf.path, self.bench, base, logs / f"{quant}.llama.log", skip_cells=skip,
-                              skip_mem=skip_mem)
+                              skip_mem=skip_mem, expect_arch=expect)
         res = self._child(job, writer, quant, n_todo + n_mem, logs / f"{quant}.stderr")
         if res.error:
             self._fail(writer, head, quant, res.error, mf, after=res.n_records)
@@ -401,7 +405,13 @@ class Runner:
         """(ggml type, layer shape) of the file's tensor types worth a probe; none (said once) where the
         header gives no shape to build a probe of."""
         try:
-            summary = validate.check(model_path)
+            summary = validate.check(model_path, expect_arch=None)
+            if summary.architecture != "llama":
+                if summary.architecture not in self.no_probe_archs:
+                    self.no_probe_archs.add(summary.architecture)
+                    self.echo(f"{head} no kernel probes: they are built for llama-architecture files, this one is "
+                              f"{summary.architecture!r} (the calibration goes on without them)")
+                return []
             shape = probes.shape_of(summary.hparams)
         except (validate.InvalidGGUF, probes.ProbeError, OSError) as e:
             self.echo(f"{head} no kernel probes: {e}")

@@ -96,6 +96,10 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
     harness = env.get("harness") or {}
     s: list[tuple] = [("h1", f"Llama 3.2 1B quants: the page's claims vs measurements - run {run_id}")]
     s.append(("p", weights_statement(df)))
+    if len(ok) and not points.is_page_model(df):
+        descs = ", ".join(sorted(ok.model_desc.dropna().astype(str).unique())[:4])
+        s.append(("p", f"The page covers Llama 3.2 1B only, and these files are not it ({descs}): no page figures or "
+                       "verdicts here; speed, memory, llama.cpp's buffers and the calibration are this model's own."))
     s.append(("p", device_statement(device)))
     s.append(("p", f"llama-cpp-python {versions or '-'}; harness commit {harness.get('commit') or '-'}"
                    f"{' (dirty)' if harness.get('dirty') else ''}; environment recorded {env.get('utc') or '-'}."))

@@ -76,12 +76,13 @@ def quant_table(df: pd.DataFrame, device: dict, cal: dict | None = None,
     mem = points.memory_points(df, device.get("peak_source", "rss"))
     tg_fit = pd.DataFrame((cal or {}).get("tg", {}).get("points", []) if cal and cal.get("tg") else [])
     bw, vendor = device.get("bandwidth_gb_s"), device.get("vendor")
+    page_model = points.is_page_model(df)
     rows = []
     for quant, qs in s.groupby("quant", sort=False):
         depths = qs.n_depth.dropna()
         r = qs[qs.n_depth == depths.min()].iloc[0] if len(depths) else qs.iloc[0]
         depth = None if pd.isna(r.n_depth) else int(r.n_depth)
-        on_page = quant in page.BY_QUANT
+        on_page = page_model and quant in page.BY_QUANT
         row: dict[str, Any] = {
             "quant": quant, "n_depth": depth, "weights": r.weights,
             "tg_tok_s": _nan(r.tg_tokens_per_s), "tg_spread": stats.spread(r.tg_tokens_per_s, r.tg_min, r.tg_max),

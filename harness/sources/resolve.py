@@ -26,6 +26,13 @@ def resolve(cfg: Config, quant: str, progress: bool = False) -> ModelFile:
         path, built = quantize.ensure_synthetic(cfg.resolved_cache_dir, m.architecture, m.seed, quant,
                                                 imatrix=m.imatrix, progress=progress)
         return ModelFile(quant, path, "synthetic", synthetic_ref(cfg), sha256_file(path), built)
+    if m.source == "local" and m.files:
+        if quant not in m.files:
+            raise SourceError(f"{quant}: not one of model.files ({', '.join(m.files)})")
+        path = Path(m.files[quant]).expanduser()
+        if not path.is_file():
+            raise SourceError(f"{quant}: local file {str(path)!r} not found")
+        return ModelFile(quant, path, "local", str(path), sha256_file(path))
     if m.source == "local":
         path = Path(m.path.format(quant=quant)).expanduser()
         if not path.is_file():
