@@ -71,7 +71,8 @@ def test_defaults_fill_in():
      "model.repo must look like 'owner/name'"),
     (lambda d: d.update(model={"source": "local", "path": "x/{quant}/{other}.gguf"}),
      "has a placeholder other than {quant}"),
-    (lambda d: d.update(model={"source": "local"}), "model.path is required for source 'local'"),
+    (lambda d: d.update(model={"source": "local"}),
+     "model.path (a pattern with {quant}) or model.files is required for source 'local'"),
     (lambda d: d.pop("name"), "name is required"),
     (lambda d: d.update(name="../up"), "must not contain '/'"),
 ])
