@@ -37,17 +37,16 @@ def run_llama_bench(exe: str, path: str, a) -> dict[str, list[float]]:
 
 
 def run_harness(path: str, a) -> dict[str, list[float]]:
-    from harness.measure import runner
+    from harness.measure import runner, worker
 
     bench = {"n_prompt": a.n_prompt, "n_gen": a.n_gen, "depths": [0], "repetitions": a.reps, "warmup": 1,
              "n_gpu_layers": a.ngl, "flash_attn": "auto", "threads": a.threads, "n_batch": a.n_batch,
              "n_ubatch": a.n_ubatch, "seed": 42, "memory_limit_mb": None}
     out: dict[str, list[float]] = {"pp": [], "tg": []}
     with tempfile.TemporaryDirectory() as tmp:
-        job = {"path": path, "bench": bench, "log_path": None,
-               "record_base": {"run_id": "vs-llama-bench", "quant": "Q8_0", "weights": "local",
-                               "weights_ref": path, "file_path": path, "file_bytes": 0, "file_sha256": "-",
-                               "llama_cpp_version": None}}
+        base = {"run_id": "vs-llama-bench", "quant": "file", "weights": "local", "weights_ref": path,
+                "file_path": path, "file_bytes": 0, "file_sha256": "-", "llama_cpp_version": None}
+        job = worker.make_job(path, bench, base, Path(tmp) / "llama.log", expect_arch=None)  # any architecture
         res = runner.measure_in_child(job, 3600, lambda rec: out[rec["test"]].append(rec["tokens_per_s"]),
                                       lambda msg: None, Path(tmp) / "stderr")
     if res.error:

@@ -94,7 +94,9 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
     ok = df[df.status == "ok"] if len(df) else df
     versions = ", ".join(sorted(ok.llama_cpp_version.dropna().unique())) if len(ok) else ""
     harness = env.get("harness") or {}
-    s: list[tuple] = [("h1", f"Llama 3.2 1B quants: the page's claims vs measurements - run {run_id}")]
+    head = ("Llama 3.2 1B quants: the page's claims vs measurements" if points.is_page_model(df)
+            else "GGUF files measured with llama.cpp")
+    s: list[tuple] = [("h1", f"{head} - run {run_id}")]
     s.append(("p", weights_statement(df)))
     if len(ok) and not points.is_page_model(df):
         descs = ", ".join(sorted(ok.model_desc.dropna().astype(str).unique())[:4])
@@ -114,9 +116,10 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
         n_tg = int(t.tg_inside.notna().sum())
         m_in = int(t.mem_inside.fillna(False).astype(bool).sum())
         m_n = int(t.mem_inside.notna().sum())
-        s.append(("p", f"The page claims its speeds are 'typically within ±20%'. Here {n_in} of {n_tg} quants' "
-                       f"measured generation speed is inside that band of the page's figure for this device, and "
-                       f"{m_in} of {m_n} quants' memory needed is inside ±20% of the page's VRAM."))
+        if n_tg or m_n:
+            s.append(("p", f"The page claims its speeds are 'typically within ±20%'. Here {n_in} of {n_tg} quants' "
+                           f"measured generation speed is inside that band of the page's figure for this device, "
+                           f"and {m_in} of {m_n} quants' memory needed is inside ±20% of the page's VRAM."))
         s.append(("h2", "Speed"))
         s.append(("p", "tg: generation, pp: prompt processing, in tok/s over the repetitions: mean ± sample "
                        "standard deviation (n), as llama-bench reports it, and the median with its 95% bootstrap "
@@ -243,7 +246,7 @@ def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = No
     ctx = context_table(df, device)
     figs = figures(t, ctx, cal, device, ctxp)
     sections = _sections(df, env, t, cal, device, run_id, probe_df, ctxp)
-    title = f"Llama 3.2 1B quants - run {run_id}"
+    title = f"{'Llama 3.2 1B quants' if points.is_page_model(df) else 'GGUF files'} - run {run_id}"
     return t, cal, figs, render_markdown(sections, figs), render_html(sections, figs, title)
 
 
