@@ -127,19 +127,15 @@ def _run(args) -> int:
 
 def _label_files(paths: list[Path]) -> dict[str, str]:
     """{label: path} for --model files: the quant each header names (inspect's reasoning), made unique."""
+    from harness.config import label_files
     from harness.gguf import inspect
 
-    out: dict[str, str] = {}
-    for p in paths:
+    def say(p):
         label, how = inspect.label_for(p)
-        base, n = label, 1
-        while label in out:
-            n += 1
-            label = f"{base}-{n}"
-        out[label] = str(p.expanduser().resolve())
-        log.info("--model %s: labelled %s (from %s)", p, label, how)
         print(f"{p}: {label} (from {how})", file=sys.stderr)
-    return out
+        return label, how
+
+    return label_files(paths, say)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -215,8 +215,30 @@ def _model(data: Any) -> ModelSpec:
         return ModelSpec(source=source, architecture="", files=out)
     if not path:
         raise ConfigError("model.path (a pattern with {quant}) or model.files is required for source 'local'")
+    if "{quant}" not in path and any(c in path for c in "*?["):  # a glob: every file it matches, labelled by
+        # their headers when the run starts (harness.measure.runner.label_globbed)
+        import glob
+
+        found = sorted(glob.glob(os.path.expanduser(path)))
+        if not found:
+            raise ConfigError(f"model.path {path!r} matches no file")
+        return ModelSpec(source=source, architecture="", files={f"@{i}": f for i, f in enumerate(found)})
     _need_quant_pattern("model.path", path)
     return ModelSpec(source=source, architecture="", path=path)
+
+
+def label_files(paths: list, label_for) -> dict[str, str]:
+    """{label: absolute path}: each file labelled by `label_for(path)` (the quant its header names), made unique
+    ("Q4_K_M", "Q4_K_M-2")."""
+    out: dict[str, str] = {}
+    for p in paths:
+        label, _how = label_for(p)
+        base, n = label, 1
+        while label in out:
+            n += 1
+            label = f"{base}-{n}"
+        out[label] = str(Path(p).expanduser().resolve())
+    return out
 
 
 def _need_quant_pattern(where: str, pattern: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -257,3 +258,44 @@ def test_local_files_config():
         config.from_dict({"name": "x", "model": {"source": "local", "files": {"a": "a"}, "path": "{quant}.gguf"}})
     with pytest.raises(config.ConfigError, match="not labels of model.files"):
         config.from_dict({"name": "x", "quants": ["Q8_0"], "model": {"source": "local", "files": {"a": "a"}}})
+
+
+def test_a_glob_of_files_each_labelled_by_its_header(tiny_file, tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    for q in ("Q8_0", "Q4_K_M"):
+        (d / f"model-{q.lower()}.gguf").write_bytes(tiny_file(q).read_bytes())
+    cfg = config.from_dict({"name": "g", "model": {"source": "local", "path": str(d / "*.gguf")}, "probes": False,
+                            "bench": {"n_prompt": 16, "n_gen": 4, "repetitions": 1}})
+    labelled = runner.label_globbed(cfg)
+    assert set(labelled.quants) == {"Q8_0", "Q4_K_M"}
+    assert labelled.model.files["Q8_0"].endswith("model-q8_0.gguf")
+    with pytest.raises(config.ConfigError, match="matches no file"):
+        config.from_dict({"name": "g", "model": {"source": "local", "path": str(d / "*.none")}})
+
+
+def test_a_non_editable_install_writes_under_the_current_directory(tiny_file, tmp_path):
+    """`pip install .` (not editable) run from another folder: results and reports land under that folder,
+    never inside the installed package."""
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(site), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "HARNESS_CACHE": str(tmp_path / "cache")}
+    env.pop("HARNESS_RESULTS", None)
+    env.pop("HARNESS_REPORTS", None)
+    probe = subprocess.run([sys.executable, "-c", "import harness; print(harness.__file__)"], cwd=work, env=env,
+                           capture_output=True, text=True)
+    assert probe.stdout.startswith(str(site)), probe.stdout + probe.stderr  # the installed copy, not the checkout
+    r = subprocess.run([sys.executable, "-m", "harness", "run", "--model", str(tiny_file("Q8_0")), "--repetitions",
+                        "1", "--no-progress"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = list((work / "results").iterdir())
+    assert len(runs) == 1 and (runs[0] / "records.jsonl").is_file()
+    assert (work / "reports" / runs[0].name / "report.md").is_file()
+    assert not list(site.rglob("records.jsonl")) and not (site / "results").exists()

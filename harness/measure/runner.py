@@ -550,9 +550,22 @@ def offload_warning(environment: dict[str, Any], cfg: Config) -> str | None:
     return None
 
 
+def label_globbed(cfg: Config) -> Config:
+    """A config whose model.path was a glob (files labelled "@0", "@1", ...) with each file labelled by the quant
+    its header names instead."""
+    files = cfg.model.files or {}
+    if not files or not all(k.startswith("@") for k in files):
+        return cfg
+    from harness.gguf import inspect
+
+    labelled = config_mod.label_files(list(files.values()), inspect.label_for)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, files=labelled), quants=tuple(labelled))
+
+
 def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progress: bool = True,
         echo: Callable[[str], None] | None = None) -> tuple[Path, dict[str, str]]:
     """Run the sweep. Returns (results folder, {quant: error} for quants that failed)."""
+    cfg = label_globbed(cfg)
     if cfg.model.source == "hub":
         from harness.sources import hub
 
