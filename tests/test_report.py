@@ -268,3 +268,13 @@ def test_speed_table_does_not_rank_overlapping_quants():
     assert " ± " in rows["Q8_0"][2] and "(5)" in rows["Q8_0"][2] and "[" in rows["Q8_0"][3]
     # the two 4-bit K quants are 5% noise apart at most: their intervals overlap, and the table says so
     assert "Q4_K_S" in rows["Q4_K_M"][4]
+
+
+def test_kv_arithmetic_from_the_headers_shape():
+    ctxp = pd.DataFrame([{"quant": "X", "n_ctx": 1000, "type_k": "f16", "type_v": "q8_0", "flash_attn": "on",
+                          "fa": "enabled", "kv_bytes": 1.0, "compute_bytes": 2.0}])
+    shape = {"n_layer": 10, "n_head_kv": 2, "head_dim": 64, "v_head_dim": 64}
+    row = tables.kv_rows(ctxp, shape)[0]
+    cells = 1024  # 1000 rounded up to 256 cells
+    assert row[4] == f"{10 * 2 * cells * (64 * 2 + 64 * 34 / 32) / 2**20:,.1f}"  # K f16 + V q8_0, by hand
+    assert tables.kv_rows(ctxp, {**shape, "sliding_window": 512})[0][4] == "-"  # a window, not the context

@@ -311,3 +311,15 @@ def is_page_model(df: pd.DataFrame) -> bool:
     return bool(len(n) and (abs(n.astype(float) / ARCH.n_params() - 1) < 0.005).all()
                 and desc.str.startswith("llama 1B").all())  # (records without a description: by the count)
 
+
+def shape_of(df: pd.DataFrame) -> dict | None:
+    """The model's shape as the measured files' headers gave it (records' extra.shape), where all agree."""
+    ok = ok_records(df)
+    shapes = {json_key(x["shape"]) for x in ok.extra if isinstance(x, dict) and isinstance(x.get("shape"), dict)} \
+        if len(ok) else set()
+    return dict(shapes.pop()) if len(shapes) == 1 else None
+
+
+def json_key(d: dict) -> tuple:
+    return tuple(sorted(d.items()))
+

@@ -93,6 +93,22 @@ class Summary(NamedTuple):
     tensors: tuple[TensorInfo, ...] = ()  # every tensor's info, in header order
     strings: dict[str, str] = {}  # string values of at most MAX_STRING bytes, e.g. {"general.name": ...}
 
+    def shape(self) -> dict[str, int | str | None]:
+        """The model's shape as its header gives it, for any architecture: layers, attention heads, KV heads, head
+        size (key length, else width / heads), width and context length."""
+        a = self.architecture or ""
+
+        def get(key: str):
+            v = self.hparams.get(f"{a}.{key}")
+            return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+        n_embd, n_head = get("embedding_length"), get("attention.head_count")
+        head_dim = get("attention.key_length") or (n_embd // n_head if n_embd and n_head else None)
+        return {"architecture": self.architecture, "n_layer": get("block_count"), "n_embd": n_embd,
+                "n_head": n_head, "n_head_kv": get("attention.head_count_kv") or n_head, "head_dim": head_dim,
+                "v_head_dim": get("attention.value_length") or head_dim, "n_ctx_train": get("context_length"),
+                "sliding_window": get("attention.sliding_window")}
+
     def tensor_types(self) -> dict[str, dict[str, int]]:
         """{ggml type: {"n_weights": ..., "n_bytes": ...}}: what the analysis needs of a file, recorded with
         every measurement so that no report has to reopen the file."""

@@ -78,6 +78,7 @@ def run_job(job: dict[str, Any], send) -> int:
         send({"kind": "error", "error": f"invalid GGUF, not loaded: {e}"})
         return 3
     tensor_types = header.tensor_types()
+    job["record_base"]["extra"] = {**(job["record_base"].get("extra") or {}), "shape": header.shape()}
 
     from harness import schema
     from harness.llamalog import LogCapture

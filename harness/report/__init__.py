@@ -150,7 +150,7 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
                            "context made, where that quant's memory test ran). KV f16 unless named."))
             s.append(("table", CONTEXT_HEAD, context_rows(t)))
             s.append(("fig", "context_memory.png"))
-            s.append(("table", KV_HEAD, kv_rows(ctxp, points.arch_of(df))))
+            s.append(("table", KV_HEAD, kv_rows(ctxp, points.shape_of(df) or points.arch_of(df))))
         else:
             s.append(("p", "No memory test in this run (bench.contexts is empty): the page's '+ Context' column "
                            "stays unmeasured here."))

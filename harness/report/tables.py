@@ -220,8 +220,9 @@ KV_HEAD = ["context", "K/V", "flash attention", "KV MiB", "KV MiB by arithmetic"
 
 def kv_rows(ctxp: pd.DataFrame, arch=None) -> list[list[str]]:
     """llama.cpp's KV and compute buffers per context, type and flash-attention setting (one quant's memory
-    test: they do not depend on the weights), beside the KV arithmetic of the model's shape: 2 x layers x KV
-    heads x head size x bytes per element (f16 2, q8_0 34/32, q4_0 18/32) x cells (256-cell padding)."""
+    test: they do not depend on the weights), beside the KV arithmetic of the model's shape (from the header):
+    layers x KV heads x (K + V head size x bytes per element: f16 2, q8_0 34/32, q4_0 18/32) x cells (256-cell
+    padding); '-' for a model with sliding-window layers, whose cache holds a window, not the context."""
     if ctxp is None or not len(ctxp):
         return []
     per_elem = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
@@ -232,7 +233,13 @@ def kv_rows(ctxp: pd.DataFrame, arch=None) -> list[list[str]]:
     for r in d.itertuples():
         cells = -(-int(r.n_ctx) // points.KV_PAD_CELLS) * points.KV_PAD_CELLS
         want = math.nan
-        if arch is not None:
+        if isinstance(arch, dict) and arch.get("sliding_window"):
+            pass  # sliding-window layers keep a window, not the context: no simple arithmetic (left '-')
+        elif isinstance(arch, dict) and arch.get("n_layer") and arch.get("n_head_kv") and arch.get("head_dim"):
+            per = arch["n_layer"] * arch["n_head_kv"] * cells
+            want = per * (arch["head_dim"] * per_elem.get(r.type_k, math.nan)
+                          + (arch.get("v_head_dim") or arch["head_dim"]) * per_elem.get(r.type_v, math.nan))
+        elif arch is not None and not isinstance(arch, dict):
             half = arch.n_layer * arch.n_head_kv * (arch.n_embd // arch.n_head) * cells
             want = half * (per_elem.get(r.type_k, math.nan) + per_elem.get(r.type_v, math.nan))
         fa = f"{r.flash_attn}" + (f" ({r.fa})" if r.fa and r.fa != r.flash_attn else "")
