@@ -33,6 +33,12 @@ SOURCE_KEYS = {
 }
 
 
+def default_cache_dir() -> Path:
+    """The harness's cache: $HARNESS_CACHE, else ~/.cache/harness (models, probes, file hashes, compiled kernels)."""
+    env = os.environ.get("HARNESS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "harness"
+
+
 def output_dir(kind: str) -> Path:
     """Where outputs of `kind` ("results", "reports") go unless --out names a folder: $HARNESS_RESULTS /
     $HARNESS_REPORTS, else ./<kind> under the current directory (never inside an installed package)."""
@@ -126,10 +132,7 @@ class Config:
 
     @property
     def resolved_cache_dir(self) -> Path:
-        if self.cache_dir:
-            return Path(self.cache_dir).expanduser()
-        env = os.environ.get("HARNESS_CACHE")
-        return Path(env).expanduser() if env else Path.home() / ".cache" / "harness"
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
 
 def _field_names(cls) -> list[str]:

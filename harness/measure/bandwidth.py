@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.config import default_cache_dir
+
 GB = 1e9
 
 _BLOCK = 16384  # float64 elements per triad step (128 KiB): the scaled temporary stays in L2
@@ -152,8 +154,7 @@ def _stream_lib():
     import subprocess
     import tempfile
 
-    env = os.environ.get("HARNESS_CACHE")
-    cache = (Path(env).expanduser() if env else Path.home() / ".cache" / "harness") / "stream"
+    cache = default_cache_dir() / "stream"
     flags = ["-O3", "-fopenmp", "-shared", "-fPIC"]
     so = cache / f"stream-{hashlib.sha256((_STREAM_C + ' '.join(flags)).encode()).hexdigest()[:16]}.so"
     if not so.is_file():

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from harness.config import default_cache_dir
+
 
 class SourceError(RuntimeError):
     """A model file could not be had; the message is one line with the way out."""
@@ -28,8 +30,7 @@ class ModelFile(NamedTuple):
 def hash_cache_dir() -> Path:
     """Where file hashes are remembered: the harness's cache ($HARNESS_CACHE or ~/.cache/harness), never beside
     the user's own model files."""
-    env = os.environ.get("HARNESS_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "harness") / "sha256"
+    return default_cache_dir() / "sha256"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
