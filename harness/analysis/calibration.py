@@ -58,10 +58,10 @@ from harness.analysis.fit import (
 )
 from harness.analysis.points import (
     ARCH,
-    KV_PAD_CELLS,
     device_bytes,
     is_page_model,
     kv_bytes_per_token,
+    kv_cells,
     memory_points,
     ok_records,
     quant_family,
@@ -286,7 +286,7 @@ def buffer_model(df: pd.DataFrame, peak_source: str = "rss") -> dict[str, Any]:
     kv = a[~np.isnan(a[:, 1])] if len(a) else a
     if len(kv):
         top = kv[kv[:, 0] == kv[:, 0].max()]
-        cells = np.ceil(top[:, 0] / KV_PAD_CELLS) * KV_PAD_CELLS  # what llama.cpp allocates for that context
+        cells = kv_cells(top[:, 0])  # what llama.cpp allocates for that context
         kv_per_tok = float(np.median(top[:, 1] / cells))
     else:
         kv_per_tok = float(kv_bytes_per_token())
@@ -322,7 +322,7 @@ def context_model(ctxp: pd.DataFrame | None, device_side: bool = False) -> dict[
     for (tk, tv, fa), d in ctxp.groupby(["type_k", "type_v", ctxp.fa.fillna("unknown")], sort=True):
         d = d.groupby("n_ctx", as_index=False)[[kv_col, comp_col]].median().sort_values("n_ctx")
         n = d.n_ctx.to_numpy(float)
-        cells = np.ceil(n / KV_PAD_CELLS) * KV_PAD_CELLS
+        cells = kv_cells(n)
         kv, comp = d[kv_col].to_numpy(float), d[comp_col].to_numpy(float)
         if len(n) < 2 or np.isnan(kv).any() or np.isnan(comp).any():
             continue

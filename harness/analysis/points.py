@@ -21,6 +21,12 @@ KV_TYPE_BYTES = 2  # llama.cpp's default KV cache type is f16
 KV_PAD_CELLS = 256  # llama.cpp 0.3.36 rounds a KV cache up to a multiple of 256 cells
 
 
+def kv_cells(n_ctx):
+    """The cells llama.cpp allocates for a context of `n_ctx` tokens (rounded up to a multiple of 256); works
+    on numbers and numpy arrays alike."""
+    return -(-n_ctx // KV_PAD_CELLS) * KV_PAD_CELLS
+
+
 def kv_bytes_per_token(arch=ARCH) -> int:
     """Bytes of f16 K and V per cached token: 2 x n_layer x n_kv_heads x head_dim x 2 (32 KiB for the 1B)."""
     return 2 * arch.n_layer * arch.n_head_kv * arch.head_dim * KV_TYPE_BYTES

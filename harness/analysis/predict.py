@@ -12,9 +12,9 @@ from harness.analysis.calibration import CalibrationError
 from harness.analysis.fit import predict
 from harness.analysis.points import (
     ARCH,
-    KV_PAD_CELLS,
     kernel_seconds,
     kv_bytes_per_token,
+    kv_cells,
     mix_columns,
     quant_family,
     quant_type,
@@ -127,7 +127,7 @@ def predict_memory_bytes(cal: dict, quant: str, n_ctx: int, kv_types: tuple[str,
                   if (m["type_k"], m["type_v"]) == tuple(kv_types)]
     if ctx_models:
         m = sorted(ctx_models, key=lambda m: m["flash_attn"] != "enabled")[0]
-        cells = math.ceil(n_ctx / KV_PAD_CELLS) * KV_PAD_CELLS
+        cells = kv_cells(n_ctx)
         kv = m["kv_bytes_per_cell"] * cells
         comp = m["compute_bytes_intercept"] + m["compute_bytes_per_ctx_token"] * n_ctx
         notes = [x for x in notes if "compute buffer was measured" not in x]

@@ -231,7 +231,7 @@ def kv_rows(ctxp: pd.DataFrame, arch=None) -> list[list[str]]:
     d = ctxp[ctxp.quant == first].sort_values(["n_ctx", "type_k", "type_v", "flash_attn"])
     rows = []
     for r in d.itertuples():
-        cells = -(-int(r.n_ctx) // points.KV_PAD_CELLS) * points.KV_PAD_CELLS
+        cells = points.kv_cells(int(r.n_ctx))
         want = math.nan
         if isinstance(arch, dict) and arch.get("sliding_window"):
             pass  # sliding-window layers keep a window, not the context: no simple arithmetic (left '-')
