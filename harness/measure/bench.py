@@ -271,6 +271,19 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
                 _run_mem(s, cell, model_fields, nvml, gpu_sampler, emit, progress)
 
 
+def _context_fields(ctx_log: list[str], model_fields: dict[str, Any]) -> dict[str, Any]:
+    """A context's record fields from the log of its creation: llama.cpp's KV, compute and output buffers, and
+    what flash attention resolved to (in `extra`, beside the model's own)."""
+    bufs = parse_buffers(ctx_log)
+    fa = flash_attn_resolved(ctx_log)
+    return {
+        "kv_buffers": bufs.kv, "compute_buffers": bufs.compute, "output_buffers": bufs.output,
+        "kv_bytes": sum(bufs.kv.values()), "compute_bytes": sum(bufs.compute.values()),
+        "output_bytes": sum(bufs.output.values()),
+        "extra": {**model_fields.get("extra", {}), **({"flash_attn_resolved": fa} if fa else {})},
+    }
+
+
 def _run_mem(s: Session, cell: MemCell, model_fields: dict[str, Any], nvml, gpu_sampler, emit, progress) -> None:
     """The memory test's one context: create it (no decoding), record its buffers and the memory in use, free
     it. A context llama.cpp cannot make (too big, a V type without flash attention) is that cell's error
@@ -288,20 +301,15 @@ def _run_mem(s: Session, cell: MemCell, model_fields: dict[str, Any], nvml, gpu_
         return
     wall = time.perf_counter_ns() - t0
     try:
-        bufs = parse_buffers(ctx_log)
-        fa = flash_attn_resolved(ctx_log)
+        ctx_fields = _context_fields(ctx_log, model_fields)
         g = nvml.read() if nvml else None
         peak = gpu_sampler.peak if gpu_sampler else None
         emit({
-            **base, "wall_ns": wall,
-            "kv_buffers": bufs.kv, "compute_buffers": bufs.compute, "output_buffers": bufs.output,
-            "kv_bytes": sum(bufs.kv.values()), "compute_bytes": sum(bufs.compute.values()),
-            "output_bytes": sum(bufs.output.values()),
+            **base, **ctx_fields, "wall_ns": wall,
             "rss_bytes": memory.rss_bytes(), "rss_peak_bytes": memory.peak_rss_bytes(), **memory.rss_parts(),
             "gpu_used_bytes": g.device_used_bytes if g else None,
             "gpu_used_peak_bytes": peak.device_used_bytes if peak else None,
             "gpu_process_bytes": g.process_bytes if g else None,
-            "extra": {**model_fields.get("extra", {}), **({"flash_attn_resolved": fa} if fa else {})},
         })
     finally:
         s.lib.llama_free(ctx)
@@ -314,8 +322,7 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
     batch = _Batch(lib, max(bench["n_batch"], 1))
     out: list[dict[str, Any]] = []
     try:
-        bufs = parse_buffers(ctx_log)
-        fa = flash_attn_resolved(ctx_log)
+        ctx_fields = _context_fields(ctx_log, model_fields)
         mem = lib.llama_get_memory(ctx)
         label = f"{test.kind}{test.n_tokens}" + (f"@d{test.n_depth}" if test.n_depth else "")
         depth_state = None
@@ -356,14 +363,11 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
                 "test": test.kind, "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth,
                 "rep": r, "wall_ns": wall, "tokens_per_s": test.n_tokens * 1e9 / wall,
                 "n_ctx": test.n_prompt + test.n_gen + test.n_depth,
-                "kv_buffers": bufs.kv, "compute_buffers": bufs.compute, "output_buffers": bufs.output,
-                "kv_bytes": sum(bufs.kv.values()), "compute_bytes": sum(bufs.compute.values()),
-                "output_bytes": sum(bufs.output.values()),
+                **ctx_fields,
                 "rss_peak_bytes": memory.peak_rss_bytes(), **memory.rss_parts(),
                 "gpu_used_peak_bytes": g.device_used_bytes if g else None,
                 "gpu_process_bytes": g.process_bytes if g else None,
-                "extra": {**model_fields.get("extra", {}), **({"flash_attn_resolved": fa} if fa else {}),
-                          "machine": state},
+                "extra": {**ctx_fields["extra"], "machine": state},
             })
     finally:
         # sent after the test's repetitions, so that the parent's writing and progress bar never run inside a
