@@ -65,7 +65,7 @@ def _mib1(v) -> str:
     return "-" if v is None or pd.isna(v) else f"{v / MIB:,.1f}"
 
 
-def _rate(mean, sd, n) -> str:
+def mean_sd(mean, sd, n) -> str:
     """mean ± sample standard deviation (n), as llama-bench prints it."""
     if mean is None or pd.isna(mean):
         return "-"
@@ -85,7 +85,7 @@ def text_table(s: pd.DataFrame) -> str:
             continue
         lines.append([
             r.quant, "-" if pd.isna(r.n_depth) else str(int(r.n_depth)),
-            _rate(r.tg_mean, r.tg_sd, r.tg_n), _rate(r.pp_mean, r.pp_sd, r.pp_n),
+            mean_sd(r.tg_mean, r.tg_sd, r.tg_n), mean_sd(r.pp_mean, r.pp_sd, r.pp_n),
             _mib(r.file_bytes), _mib(r.weights_bytes), _mib(r.kv_bytes), _mib(r.compute_bytes),
             _mib(r.rss_peak_bytes), _mib(r.gpu_used_peak_bytes), str(r.device or "-"),
         ])

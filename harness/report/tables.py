@@ -255,12 +255,6 @@ MEMORY_HEAD = ["quant", "weights MiB", "KV MiB", "compute MiB", "needed MiB", "p
 SIZE_HEAD = ["quant", "true bits/weight", "page bits", "file MiB", "page file MiB", "file / page"]
 
 
-def _msd(mean, sd, n) -> str:
-    if mean is None or pd.isna(mean):
-        return "-"
-    return f"{mean:,.1f} ± {sd:,.1f} ({n})" if sd is not None and not pd.isna(sd) else f"{mean:,.1f} ({n})"
-
-
 def _ci(med, lo, hi) -> str:
     if med is None or pd.isna(med):
         return "-"
@@ -272,8 +266,8 @@ def speed_rows(t: pd.DataFrame) -> list[list[str]]:
     the quants whose interval overlaps this one's (the table does not rank those)."""
     ties = stats.overlapping({r.quant: (r.tg_ci_lo, r.tg_ci_hi) for r in t.itertuples()})
     return [[r.quant, "-" if r.n_depth is None or pd.isna(r.n_depth) else str(int(r.n_depth)),
-             _msd(r.tg_mean, r.tg_sd, r.tg_n), _ci(r.tg_tok_s, r.tg_ci_lo, r.tg_ci_hi),
-             ", ".join(ties.get(r.quant, [])) or "-", _msd(r.pp_mean, r.pp_sd, r.pp_n), _f(r.page_tok_s),
+             summary.mean_sd(r.tg_mean, r.tg_sd, r.tg_n), _ci(r.tg_tok_s, r.tg_ci_lo, r.tg_ci_hi),
+             ", ".join(ties.get(r.quant, [])) or "-", summary.mean_sd(r.pp_mean, r.pp_sd, r.pp_n), _f(r.page_tok_s),
              _x(r.tg_vs_page), r.tg_verdict, _f(r.calibrated_tok_s), _x(r.tg_vs_calibrated)]
             for r in t.itertuples()]
 
