@@ -72,6 +72,18 @@ def mean_sd(mean, sd, n) -> str:
     return f"{mean:,.1f} ± {sd:,.1f} ({int(n)})" if sd is not None and not pd.isna(sd) else f"{mean:,.1f} ({int(n)})"
 
 
+def _fixed_width(head: list[str], lines: list[list[str]]) -> list[str]:
+    """Header, rule and rows in columns as wide as their widest cell; a row shorter than the header (an error
+    line) lets its last cell run on unpadded."""
+    widths = [max([len(head[i])] + [len(x[i]) for x in lines if len(x) > i]) for i in range(len(head))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    for x in lines:
+        cells = [v.ljust(w) for v, w in zip(x[:-1], widths)] + [x[-1]] if len(x) < len(head) else \
+            [v.ljust(w) for v, w in zip(x, widths)]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
 def text_table(s: pd.DataFrame) -> str:
     """Fixed-width table for the terminal: tok/s as mean ± sample standard deviation (n)."""
     if s.empty:
@@ -89,15 +101,7 @@ def text_table(s: pd.DataFrame) -> str:
             _mib(r.file_bytes), _mib(r.weights_bytes), _mib(r.kv_bytes), _mib(r.compute_bytes),
             _mib(r.rss_peak_bytes), _mib(r.gpu_used_peak_bytes), str(r.device or "-"),
         ])
-    widths = [max([len(head[i])] + [len(x[i]) for x in lines if len(x) > i]) for i in range(len(head))]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
-    out.append("  ".join("-" * w for w in widths))
-    for x in lines:
-        if len(x) == 3:
-            out.append("  ".join([x[0].ljust(widths[0]), x[1].ljust(widths[1]), x[2]]))
-        else:
-            out.append("  ".join(v.ljust(w) for v, w in zip(x, widths)))
-    return "\n".join(out)
+    return "\n".join(_fixed_width(head, lines))
 
 
 def context_table(df: pd.DataFrame) -> str:
@@ -113,11 +117,7 @@ def context_table(df: pd.DataFrame) -> str:
                       f"{r.cache_type_k}/{r.cache_type_v}", f"{r.flash_attn}" + (f" ({fa})" if fa else ""),
                       _mib1(r.kv_bytes), _mib1(r.compute_bytes), _mib(r.rss_bytes), _mib(r.gpu_used_bytes),
                       "" if r.status == "ok" else str(r.error)[:80]])
-    widths = [max([len(head[i])] + [len(x[i]) for x in lines]) for i in range(len(head))]
-    out = ["memory test (contexts created with no decoding):",
-           "  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(x, widths)).rstrip() for x in lines]
-    return "\n".join(out)
+    return "\n".join(["memory test (contexts created with no decoding):", *_fixed_width(head, lines)])
 
 
 def probe_line(df: pd.DataFrame) -> str:
