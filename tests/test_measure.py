@@ -299,3 +299,17 @@ def test_a_non_editable_install_writes_under_the_current_directory(tiny_file, tm
     assert len(runs) == 1 and (runs[0] / "records.jsonl").is_file()
     assert (work / "reports" / runs[0].name / "report.md").is_file()
     assert not list(site.rglob("records.jsonl")) and not (site / "results").exists()
+
+
+def test_a_resume_makes_only_the_memory_test_cells_that_are_missing(tiny_cache, tmp_path):
+    cfg = smoke_cfg(tiny_cache, repetitions=1, n_prompt=16, n_gen=4, contexts=[512, 1024], cache_type_k=["f16", "q8_0"])
+    cfg = config.from_dict({**cfg.to_dict(), "quants": ["Q4_K_M"], "probes": False})
+    run_dir, _ = runner.run(cfg, out=tmp_path / "run", progress=False, echo=lambda s: None)
+    path = run_dir / "contexts.jsonl"
+    full = path.read_text().splitlines()
+    assert len(full) == 4
+    path.write_text("\n".join(full[:1]) + "\n")
+    runner.run(cfg, resume=run_dir, progress=False, echo=lambda s: None)
+    again = schema.read_records(path)
+    key = sorted((r.n_ctx, r.cache_type_k) for r in again)
+    assert key == [(512, "f16"), (512, "q8_0"), (1024, "f16"), (1024, "q8_0")]  # each once, none twice

@@ -73,6 +73,11 @@ class MemCell:
     def key(self) -> tuple:
         return ("mem", self.n_ctx, self.type_k, self.type_v, self.flash_attn)
 
+    @classmethod
+    def of_record(cls, r) -> MemCell:
+        """The cell a contexts.jsonl record measured (for a resume)."""
+        return cls(r.n_ctx, r.cache_type_k, r.cache_type_v, r.flash_attn)
+
 
 def mem_cells(bench: dict[str, Any]) -> list[MemCell]:
     """The memory test's contexts, smallest first: contexts x (K, V) types x flash-attention settings."""

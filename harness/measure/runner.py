@@ -34,7 +34,7 @@ from harness.config import Config
 from harness.gguf import validate
 from harness.measure import env as env_mod
 from harness.measure import worker
-from harness.measure.bench import mem_cells, tests_for
+from harness.measure.bench import MemCell, mem_cells, tests_for
 from harness.sources import probes, quantize
 from harness.sources.base import ModelFile, SourceError, sha256_file
 from harness.sources.resolve import resolve as resolve_source
@@ -601,8 +601,7 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
     mem_path = run_dir / "contexts.jsonl"
     if resume and mem_path.is_file():
         try:
-            runner.mem_done = {(r.quant, "mem", r.n_ctx, r.cache_type_k, r.cache_type_v, r.flash_attn)
-                               for r in schema.read_records(mem_path)}
+            runner.mem_done = {(r.quant, *MemCell.of_record(r).key) for r in schema.read_records(mem_path)}
         except schema.SchemaError as e:
             raise RunError(f"--resume: {e}") from None
     with contextlib.ExitStack() as stack:

@@ -20,6 +20,7 @@ import pandas as pd
 from harness import schema
 from harness.analysis import calibration, kernels, points, summary
 from harness.catalog import page
+from harness.config import output_dir
 from harness.report.figures import figures
 from harness.report.render import render_html, render_markdown
 from harness.report.tables import (
@@ -48,8 +49,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def default_reports() -> Path:
-    from harness.config import output_dir
-
     return output_dir("reports")
 
 
@@ -257,8 +256,6 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     df, env = load_run(results_dir)
     run_id = results_dir.name
     if out is None:  # beside the results folder: reports/<run-id> for results/<run-id>, else <folder>/report
-        from harness.config import output_dir
-
         in_default = results_dir.resolve().parent == output_dir("results").resolve()
         out = default_reports() / run_id if in_default else results_dir / "report"
     out = Path(out)
