@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.analysis.fit import error_stats, nnls
+from harness.analysis.fit import error_stats, nnls, rate_ape
 from harness.catalog import devices
 
 PAGE_EFFICIENCY = {"nvidia": 0.65, "amd": 0.55}  # the page's (harness.catalog.page)
@@ -109,11 +109,6 @@ def page_t(pts: pd.DataFrame) -> np.ndarray:
     return pts.bytes.to_numpy() / pts.bandwidth_b_s.to_numpy() / eff
 
 
-def _ape(pred_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Error in tok/s, relative: |t / pred - 1|."""
-    return np.abs(t / pred_t - 1.0)
-
-
 def calibrate(df: pd.DataFrame) -> dict[str, Any]:
     """The cross-device calibration document: the fit on every row, and the leave-one-device-out error of the
     model, of a bandwidth-only fit and of the page's formula, on all rows and on 1B-3B models."""
@@ -127,11 +122,10 @@ def calibrate(df: pd.DataFrame) -> dict[str, Any]:
         d = pts[pts.family == f]
         out["families"][f] = {**p, "n_rows": int(len(d)), "devices": sorted(d.device.unique())}
     small = (pts.params <= SMALL_MAX_PARAMS).to_numpy()
-    t = pts.t_s.to_numpy()
     errs = {}
     for name, pred in (("overhead+bandwidth", leave_one_device_out(pts, True)),
                        ("bandwidth only", leave_one_device_out(pts, False)), ("page formula", page_t(pts))):
-        ape = _ape(pred, t)
+        ape = rate_ape(pts, pred)
         ok = ~np.isnan(ape)
         errs[name] = {"all": error_stats(ape[ok]) if ok.any() else None, "n_all": int(ok.sum()),
                       "small": error_stats(ape[ok & small]) if (ok & small).any() else None,

@@ -242,7 +242,7 @@ def loqo(points: pd.DataFrame, names: list[str], target: str = "t_s") -> np.ndar
     return pred
 
 
-def _rate_ape(points: pd.DataFrame, pred_t: np.ndarray) -> np.ndarray:
+def rate_ape(points: pd.DataFrame, pred_t: np.ndarray) -> np.ndarray:
     """|predicted tok/s / measured tok/s - 1| from times."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.abs(points.t_s.to_numpy(float) / pred_t - 1)
@@ -262,7 +262,7 @@ def select(points: pd.DataFrame, candidates: tuple[Candidate, ...], target: str 
         pred = loqo(points, names, target)
         fitted = predict(points, solve(points, names, target), target)
         if target == "t_s":
-            ape, fit_ape = _rate_ape(points, pred), _rate_ape(points, fitted)
+            ape, fit_ape = rate_ape(points, pred), rate_ape(points, fitted)
         else:
             ape, fit_ape = _value_ape(points, pred, target), _value_ape(points, fitted, target)
         # one error per quant (its depths averaged), so a quant measured at many depths does not weigh more
@@ -312,7 +312,7 @@ def nested_errors(points: pd.DataFrame, candidates: tuple[Candidate, ...], targe
 
 def per_quant_ape(points: pd.DataFrame, pred: np.ndarray, target: str = "t_s") -> np.ndarray:
     """One absolute percentage error per quant (its depths averaged), on the rate for a time target."""
-    ape = _rate_ape(points, pred) if target == "t_s" else _value_ape(points, pred, target)
+    ape = rate_ape(points, pred) if target == "t_s" else _value_ape(points, pred, target)
     return pd.Series(ape).groupby(points.quant.to_numpy()).mean().to_numpy()
 
 
