@@ -77,9 +77,6 @@ def run_job(job: dict[str, Any], send) -> int:
     except validate.InvalidGGUF as e:
         send({"kind": "error", "error": f"invalid GGUF, not loaded: {e}"})
         return 3
-    tensor_types = header.tensor_types()
-    job["record_base"]["extra"] = {**(job["record_base"].get("extra") or {}), "shape": header.shape()}
-
     from harness import schema
     from harness.llamalog import LogCapture
     from harness.measure import bench
@@ -91,19 +88,20 @@ def run_job(job: dict[str, Any], send) -> int:
         if log_file:
             log_file.write(line + "\n")
 
-    def emit(measured: dict[str, Any]) -> None:
-        extra = {**(job["record_base"].get("extra") or {}), **(measured.get("extra") or {})}
-        rec = schema.make(**{**job["record_base"], "tensor_types": tensor_types, "status": "ok", **measured,
-                             "extra": extra,
-                             "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
-        send({"kind": "record", "record": json.loads(rec.to_json())})
-
     from harness.measure import machine
 
     pinned = machine.pin(job["bench"].get("threads"))
-    base_extra = dict(job["record_base"].get("extra") or {})
-    if pinned is not None:
-        job["record_base"]["extra"] = {**base_extra, "affinity": pinned}
+    # what every record of this file carries besides its measurement: the job's fields, the file's tensor types
+    # and shape from the header just validated, and the CPUs the measurement is pinned to
+    base = {**job["record_base"], "tensor_types": header.tensor_types(),
+            "extra": {**(job["record_base"].get("extra") or {}), "shape": header.shape(),
+                      **({"affinity": pinned} if pinned is not None else {})}}
+
+    def emit(measured: dict[str, Any]) -> None:
+        rec = schema.make(**{**base, "status": "ok", **measured,
+                             "extra": {**base["extra"], **(measured.get("extra") or {})},
+                             "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+        send({"kind": "record", "record": json.loads(rec.to_json())})
 
     try:
         with LogCapture(echo=echo) as cap:
