@@ -231,16 +231,22 @@ def _model(data: Any) -> ModelSpec:
 
 
 def label_files(paths: list, label_for) -> dict[str, str]:
-    """{label: absolute path}: each file labelled by `label_for(path)` (the quant its header names), made unique
-    ("Q4_K_M", "Q4_K_M-2")."""
+    """{label: absolute path}: each file labelled by `label_for(path)` (the quant its header names). Files whose
+    quant labels collide (two Q4_1 files of different models) are labelled by their file names instead, so a
+    table row says which file it is ("SmolLM2-135M-Instruct.Q4_1", not "Q4_1-2"); "-2" only where those collide
+    too."""
+    files = [(label_for(p)[0], Path(p).expanduser().resolve()) for p in paths]
+    counts: dict[str, int] = {}
+    for label, _ in files:
+        counts[label] = counts.get(label, 0) + 1
     out: dict[str, str] = {}
-    for p in paths:
-        label, _how = label_for(p)
-        base, n = label, 1
+    for label, path in files:
+        base = label if counts[label] == 1 else path.name.removesuffix(".gguf")
+        label, n = base, 1
         while label in out:
             n += 1
             label = f"{base}-{n}"
-        out[label] = str(Path(p).expanduser().resolve())
+        out[label] = str(path)
     return out
 
 

@@ -119,3 +119,16 @@ def test_cli_missing_config_suggests(tmp_path):
 def test_cli_usage_error_exit_2():
     r = run_cli("run")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_label_files_names_colliding_quants_by_file(tmp_path):
+    """Two files of the same quant (two models' Q4_1) get their file names, so a table row says which file it is;
+    a file alone in its quant keeps the quant."""
+    from harness.config import label_files
+
+    quant = {"gemma.gguf": "Q4_K_M", "SmolLM2.Q4_1.gguf": "Q4_1", "llama-1b.gguf": "Q4_1", "a/x.gguf": "Q8_0",
+             "b/x.gguf": "Q8_0"}
+    paths = [tmp_path / p for p in quant]
+    got = label_files(paths, lambda p: (quant[str(p.relative_to(tmp_path))], "test"))
+    assert list(got) == ["Q4_K_M", "SmolLM2.Q4_1", "llama-1b", "x", "x-2"]
+    assert got["x-2"] == str((tmp_path / "b/x.gguf").resolve())

@@ -313,3 +313,37 @@ def test_a_resume_makes_only_the_memory_test_cells_that_are_missing(tiny_cache, 
     again = schema.read_records(path)
     key = sorted((r.n_ctx, r.cache_type_k) for r in again)
     assert key == [(512, "f16"), (512, "q8_0"), (1024, "f16"), (1024, "q8_0")]  # each once, none twice
+
+
+def test_two_models_of_one_quant_are_probed_and_costed_apart(tiny_file, tmp_path):
+    """Two files of one quant but different layer shapes (a run of two models): each gets its own Q8_0 probe
+    in the same round, each keeps its file name as label, and the probe costs stay apart, so the probe models
+    (which need one shape) are left out with the reason, never costed with the other model's probe."""
+    import pandas as pd
+
+    from harness.analysis import kernels
+    from harness.sources import quantize, synthetic
+
+    wide = synthetic.ARCHS["tiny"]._replace(name="tiny-wide", n_embd=512, n_ff=1024)
+    f16 = tmp_path / "wide-f16.gguf"
+    synthetic.write_f16(wide, f16, seed=1)
+    other = tmp_path / "wide-q8_0.gguf"
+    quantize.quantize_pure(f16, other, "LLAMA_FTYPE_MOSTLY_Q8_0", label="wide")
+    mine = tmp_path / "narrow-q8_0.gguf"
+    mine.write_bytes(tiny_file("Q8_0").read_bytes())
+    out = tmp_path / "res" / "run"
+    r = run_cli("run", "--model", str(mine), "--model", str(other), "--repetitions", "1", "--no-progress",
+                "--out", str(out), timeout=600,
+                env={"HARNESS_CACHE": str(tmp_path / "cache"), "HARNESS_REPORTS": str(tmp_path / "reports")})
+    assert r.returncode == 0, r.stderr
+    recs = schema.read_records(out / "records.jsonl")
+    assert {x.quant for x in recs} == {"narrow-q8_0", "wide-q8_0"}
+    probes = pd.read_json(out / "probes.jsonl", lines=True)
+    main = probes[probes.quant == "Q8_0"]
+    assert len({kernels.shape_key(e) for e in main.extra}) == 2  # one probe per shape, not one for both
+    costs = kernels.costs(probes)
+    assert set(costs) == {"Q8_0 (llama 256/4/1)", "Q8_0 (llama 512/4/1)"}
+    wide_probe = costs["Q8_0 (llama 512/4/1)"]["n_weights"]
+    assert wide_probe > costs["Q8_0 (llama 256/4/1)"]["n_weights"]
+    md = (out / "report" / "report.md").read_text()
+    assert "several layer shapes" in md

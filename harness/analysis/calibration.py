@@ -360,6 +360,9 @@ def calibrate(df: pd.DataFrame, env: dict | None = None, run_id: str | None = No
     if probe_costs and "kernel_s" not in tg.columns:
         if not tensor_types:
             unavailable = "the quants' tensor types are unknown (their files are not on disk)"
+        elif any(" (" in t for t in probe_costs):
+            unavailable = ("the run's files have several layer shapes, each probed apart; the probe models need "
+                           "one shape")
         else:
             missing = sorted({t for types in tensor_types.values() for t in (types or {})
                               if t.upper() not in UNPROBED and t.upper() not in probe_costs})

@@ -3,7 +3,18 @@ type, the probe's tg speed and its time per token per weight, which the calibrat
 
 from __future__ import annotations
 
+import pandas as pd
+
 from harness import stats
+
+
+def shape_key(extra) -> str:
+    """A probe's layer shape without its layer count ("llama 2048/32/8": architecture, n_embd / n_head /
+    n_head_kv), from its record's extra.shape; "" when the record has none."""
+    shape = (extra or {}).get("shape") if isinstance(extra, dict) else None
+    if not shape:
+        return ""
+    return f"{shape.get('architecture')} {shape.get('n_embd')}/{shape.get('n_head')}/{shape.get('n_head_kv')}"
 
 
 def costs(df) -> dict[str, dict[str, float]]:
@@ -13,16 +24,24 @@ def costs(df) -> dict[str, dict[str, float]]:
     times per token over the difference of their weights, and the probe's own per-token overhead
     (`overhead_s`) is what remains of the base probe's time; `method` says which. A type whose difference is
     not positive (noise larger than the extra layers' cost) falls back to the main probe's time over its
-    weights."""
+    weights.
+
+    A run of models of several layer shapes (``run --model`` with two models) has probes of each shape: their
+    costs are kept apart, keyed "<type> (<shape>)" ("Q4_1 (llama 576/9/3)"), so no file's kernels are costed
+    with another shape's probe (the probe models then need each file's own shape, and are left out)."""
     from harness.sources.probes import split_label
 
     out: dict[str, dict[str, float]] = {}
     if df is None or not len(df):
         return out
     ok = df[(df.status == "ok") & (df.test == "tg")]
+    keys = [shape_key(x) for x in (ok.extra if "extra" in ok else [None] * len(ok))]
+    several = len(set(keys)) > 1
     groups: dict[str, dict] = {}
-    for label, d in ok.groupby("quant", sort=False):
+    for (label, key), d in ok.groupby([ok.quant.astype(str), pd.Series(keys, index=ok.index, dtype=str)],
+                                      sort=False):
         t, base = split_label(str(label))
+        t = f"{t} ({key})" if several else t
         tok = d.tokens_per_s.astype(float)
         n_w = d.model_n_params.dropna()
         if not len(n_w) or not len(tok):

@@ -131,6 +131,11 @@ def all_cells(cfg: Config, bench: dict[str, Any]) -> list[tuple[str, str, int, i
             for rep in range(bench["repetitions"])]
 
 
+def _layers(shape) -> tuple[int, int, int, int]:
+    """A model's layer shape, what its kernel probes are built of: (n_embd, n_ff, n_head, n_head_kv)."""
+    return shape.n_embd, shape.n_ff, shape.n_head, shape.n_head_kv
+
+
 def probe_bench(cfg: Config, bench: dict[str, Any]) -> dict[str, Any]:
     """The probes' test: the run's settings, tg only, at depth 0."""
     p = cfg.probes
@@ -316,7 +321,7 @@ class Runner:
             order = visit_order(cfg.quants, self.bench["seed"], v, cfg.bench.shuffle)
             rng = random.Random(f"probes-{self.bench['seed']}-{v}")
             pending: list[tuple[str, Any]] = []  # (ggml type, layer shape) to probe in this round
-            queued: set[str] = set()
+            queued: set[tuple[str, tuple]] = set()  # (ggml type, probe shape): two models' Q4_1 are two probes
             for i, quant in enumerate(order, 1):
                 head = f"[{i:>2}/{n_q}] {quant:<7}" + (f" round {v + 1}/{rounds}" if rounds > 1 else "")
                 self.visit = {"round": v + 1, "position": i, "order": order}
@@ -324,8 +329,8 @@ class Runner:
                     self._visit_quant(writer, head, quant, mine, done, resolved, paths, v)
                 path = paths.get(quant)
                 if probe_writer is not None and path is not None and path.is_file():
-                    new = [x for x in self._probe_types(head, path) if x[0] not in queued]
-                    queued.update(t for t, _ in new)
+                    new = [x for x in self._probe_types(head, path) if (x[0], _layers(x[1])) not in queued]
+                    queued.update((t, _layers(shape)) for t, shape in new)
                     pending += new
                     rng.shuffle(pending)  # probes are not tied to the quant that revealed their type
                 # spread this round's probes over its remaining visits
@@ -434,12 +439,13 @@ class Runner:
         bench = probe_bench(self.cfg, self.bench)
         logs = self.run_dir / "logs"
         mine = set(visit_reps(bench["repetitions"], self.bench["rounds"], visit))
-        skip = [["tg", 0, r] for r in range(bench["repetitions"]) if r not in mine or (label, "tg", 0, r) in done]
+        ref = probes.weights_ref(parch, t)  # a probe's identity: shape, layers and type (resume keys on it)
+        skip = [["tg", 0, r] for r in range(bench["repetitions"]) if r not in mine or (ref, "tg", 0, r) in done]
         n_todo = bench["repetitions"] - len(skip)
         if n_todo <= 0:
             return
         base = {"run_id": self.run_id, "quant": label, "weights": "synthetic",
-                "weights_ref": probes.weights_ref(parch, t), "llama_cpp_version": quantize.llama_cpp_version()}
+                "weights_ref": ref, "llama_cpp_version": quantize.llama_cpp_version()}
         try:
             path, built = probes.ensure_probe(self.cfg.resolved_cache_dir, parch, t, progress=self.progress)
             base.update(file_path=str(path), file_bytes=path.stat().st_size, file_sha256=sha256_file(path))
@@ -448,8 +454,9 @@ class Runner:
             return
         self.echo(f"{head} probe {label} ({parch.n_layer} layers): {base['file_bytes'] / 1e6:,.0f} MB"
                   f"{' (built now)' if built else ''}; measuring {n_todo} repetitions of tg{bench['n_gen']}")
-        job = worker.make_job(path, bench, base, logs / f"probe-{label}.llama.log", skip_cells=skip)
-        res = self._child(job, writer, f"probe {label}", n_todo, logs / f"probe-{label}.stderr")
+        log = f"{parch.name}-{t}"  # probe-e2048-f8192-h32-kv8-l6-Q4_K: one per shape, layers and type
+        job = worker.make_job(path, bench, base, logs / f"{log}.llama.log", skip_cells=skip)
+        res = self._child(job, writer, f"probe {label}", n_todo, logs / f"{log}.stderr")
         if res.error:
             self._probe_fail(writer, head, (parch.name, t), base, res.error)
 
@@ -474,7 +481,8 @@ class _Bar:
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=f"  {desc}", unit="rep", leave=False, file=sys.stderr)
+            self._bar = tqdm(total=total, desc=f"  {desc}", unit="rep", leave=False, file=sys.stderr,
+                              disable=None)  # None: no bar when stderr is not a terminal (a log file)
 
     def update(self, n: int) -> None:
         if self._bar:
@@ -594,7 +602,8 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
     probes_done: set = set()
     if resume and probe_path.is_file():
         try:
-            probes_done = done_cells(schema.read_records(probe_path))
+            probes_done = {(r.weights_ref, r.test, r.n_depth, r.rep) for r in schema.read_records(probe_path)
+                           if r.status == "ok"}
         except schema.SchemaError as e:
             raise RunError(f"--resume: {e}") from None
     known = {r.quant: r.file_path for r in previous if r.status == "ok" and r.file_path}

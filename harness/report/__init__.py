@@ -98,9 +98,11 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
     s: list[tuple] = [("h1", f"{head} - run {run_id}")]
     s.append(("p", weights_statement(df)))
     if len(ok) and not points.is_page_model(df):
-        descs = ", ".join(sorted(ok.model_desc.dropna().astype(str).unique())[:4])
-        s.append(("p", f"The page covers Llama 3.2 1B only, and these files are not it ({descs}): no page figures or "
-                       "verdicts here; speed, memory, llama.cpp's buffers and the calibration are this model's own."))
+        models = sorted(ok.model_desc.dropna().astype(str).unique())
+        whose = "this model's own" if len(models) == 1 else f"these {len(models)} models' own, fitted together"
+        s.append(("p", f"The page covers Llama 3.2 1B only, and these files are not it ({', '.join(models[:4])}): no "
+                       f"page figures or verdicts here; speed, memory, llama.cpp's buffers and the calibration are "
+                       f"{whose}."))
     s.append(("p", device_statement(device)))
     s.append(("p", f"llama-cpp-python {versions or '-'}; harness commit {harness.get('commit') or '-'}"
                    f"{' (dirty)' if harness.get('dirty') else ''}; environment recorded {env.get('utc') or '-'}."))
@@ -164,7 +166,9 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
     prows = probe_rows(cal, probe_df)
     if prows:
         s.append(("h2", "Kernel probes"))
-        first = (probe_df.weights_ref.dropna().iloc[0] if probe_df is not None and len(probe_df) else "")
+        refs = (probe_df[~probe_df.quant.astype(str).str.contains("@")].weights_ref.dropna().unique()
+                if probe_df is not None and len(probe_df) else [])
+        first = refs[0] if len(refs) == 1 else "; ".join(refs)
         s.append(("p", "Each tensor type's own cost, measured apart from the quants: a model with this model's "
                        f"layer shapes but few layers, every matrix in that one type ({first}), run with the "
                        "same generation test between the quants. Cost per weight = time per token / the probe's "

@@ -373,7 +373,7 @@ def probe_rows(cal: dict, probe_df: pd.DataFrame | None) -> list[list[str]]:
     quants = cal.get("quants") or {}
     rows = []
     for t, c in sorted(costs.items(), key=lambda kv: kv[1]["s_per_weight"]):
-        used = [q for q, info in quants.items() if (info.get("tensor_types") or {}).get(t)]
+        used = [q for q, info in quants.items() if (info.get("tensor_types") or {}).get(t.split(" (")[0])]
         rows.append([t, _rate(c["tok_s"], c.get("spread")), str(c["n"]), f"{c['s_per_weight'] * 1e12:,.1f}",
                      f"{c['s_per_weight'] / ref['s_per_weight']:.2f}", ", ".join(used) or "-"])
     errors = probe_df[probe_df.status == "error"] if probe_df is not None and len(probe_df) else None

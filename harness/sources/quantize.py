@@ -106,7 +106,7 @@ def _quantize(src: str | os.PathLike, dst: str | os.PathLike, label: str, ftype:
         table, keep = _imatrix_entries(src, every_matrix=pure)
         params.imatrix = table
 
-    bar = tqdm(total=0, unit="tensor", desc=f"quantize {label}", disable=not progress, leave=False)
+    bar = tqdm(total=0, unit="tensor", desc=f"quantize {label}", disable=None if progress else True, leave=False)
 
     def on_line(line: str) -> None:
         m = _PROGRESS_RE.search(line)

@@ -242,7 +242,7 @@ def write_f16(arch: Arch, path: str | os.PathLike, seed: int = 0, progress: bool
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"write {arch.name} F16",
-                  disable=not progress, leave=False) as bar:
+                  disable=None if progress else True, leave=False) as bar:
             for _name, data in iter_tensors(arch, seed):
                 w.write_tensor_data(data)
                 bar.update(data.nbytes)
