@@ -14,5 +14,5 @@ if [ "$(uname -m)" = x86_64 ] && echo 'int main(void){return 0;}' | ${CC:-cc} -m
   export CFLAGS="${CFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   export CXXFLAGS="${CXXFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
-.venv/bin/python -m pip install --disable-pip-version-check -q -e ".[test]"
+.venv/bin/python -m pip install --disable-pip-version-check -q -e ".[test,cluster]"
 .venv/bin/python -c "import llama_cpp, harness; print('harness ready: llama-cpp-python', llama_cpp.__version__)"

@@ -72,6 +72,27 @@ def test_old_metal_layout_master_vs_pr():
     assert (r.tokens_per_s, r.quant, r.gpu_name, r.device) == (61.71, "Q4_0", "Apple M2 Max", "metal")
 
 
+def test_fa_column_separator_with_one_dash():
+    """llama-bench prints flash attention's column separator as "-:" (one dash): still a table."""
+    recs, skipped, _ = published.import_file(DATA / "llamacpp-pr17675-rtx5090-vulkan-llama1b-q2k.txt", "t")
+    r = next(r for r in recs if r.quant == "Q2_K")
+    assert (r.tokens_per_s, r.extra["ts_sd"], r.flash_attn, r.gpu_name) == (947.0, 9.72, "on", "NVIDIA GeForce RTX 5090")
+    assert r.model_size_bytes == round(546.50 * 2**20) and r.model_n_params == 1_240_000_000
+    assert not any("no llama-bench table" in s.why for s in skipped)
+
+
+def test_compare_llama_bench_layout_with_capitalised_columns_and_a_cpu_column():
+    """compare-llama-bench.py's tables ("| CPU | Model | Test | t/s master | t/s <branch> | Speedup |"): the
+    device from the CPU/GPU column, one record per t/s column, the Speedup column not a rate."""
+    recs, skipped, _ = published.import_file(DATA / "llamacpp-pr10238-m2ultra-metal-llama3b.txt", "t")
+    assert recs and not [s for s in skipped if "Speedup" in s.why]
+    tg = [r for r in recs if r.test == "tg" and r.model_desc == "llama 3B F16"]
+    assert {(r.extra["column"], r.tokens_per_s) for r in tg} == {("t/s master", 72.29),
+                                                               ("t/s gg/metal-refactor-args", 73.29)}
+    assert all(r.gpu_name == "Apple M2 Ultra" and r.device == "metal" for r in recs)
+    assert {r.extra["column"] for r in recs} == {"t/s master", "t/s gg/metal-refactor-args"}
+
+
 def test_a_truncated_table_and_an_unknown_device_are_skipped_with_reasons(tmp_path):
     text = (DATA / "llamacpp-pr2059-rx6800xt-opencl-vulkan-rocm.txt").read_text()
     cut = tmp_path / "cut.txt"
@@ -155,3 +176,13 @@ def test_rows_that_cannot_be_a_dense_read_are_left_out():
     assert len(crossgpu.tg_rows(df)) == 1
     df.loc[1, "model_desc"] = "gpt-oss 20B MXFP4 MoE"
     assert crossgpu.tg_rows(pd.DataFrame(df)).empty
+
+
+def test_small_models_by_llamas_size_label():
+    """"1B-3B" follows llama.cpp's size label: older builds print Llama 3.2 3B as "llama 3B" with 3.61 B params
+    (tied embeddings counted twice), which a parameter cut at 3.5 B would drop."""
+    assert crossgpu.size_label_b("llama 3B Q4_0", 3.61e9) == 3.0
+    assert crossgpu.size_label_b("llama 1.1B Q4_0", None) == 1.1
+    assert crossgpu.size_label_b("qwen2 14B Q4_K - Medium", 14.77e9) == 14.0
+    assert crossgpu.size_label_b("llama ?B Q4_0", 1.24e9) == pytest.approx(1.24)
+    assert math.isnan(crossgpu.size_label_b(None, None))

@@ -14,6 +14,7 @@ formula (tok/s = bandwidth / size x 0.65 on NVIDIA, 0.55 on AMD) and a bandwidth
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,8 @@ from harness.analysis.fit import error_stats, nnls, rate_ape
 from harness.catalog import devices
 
 PAGE_EFFICIENCY = {"nvidia": 0.65, "amd": 0.55}  # the page's (harness.catalog.page)
-SMALL_MAX_PARAMS = 3.5e9  # "1B-3B" rows
+SMALL_MAX_B = 3.0  # "1B-3B" rows: by llama.cpp's size label ("llama 3B"), which older builds pair with 3.61 B
+# params (tied embeddings counted twice); by the parameter count where there is no label
 MAX_GEN = 512  # longer generations read a growing KV cache: not this model's work per token
 
 
@@ -44,12 +46,21 @@ def tg_rows(df: pd.DataFrame) -> pd.DataFrame:
         if float(r.tokens_per_s) * float(r.model_size_bytes) > d.bandwidth_gb_s * 1e9:
             continue  # faster than every weight read once at the spec bandwidth: not this model of the work
         backend = r.device if isinstance(r.device, str) else "unknown-backend"
-        rows.append({"device": d.name, "vendor": d.vendor, "family": f"{d.vendor}-{backend}",
+        rows.append({"size_b": size_label_b(r.model_desc, r.model_n_params), "device": d.name, "vendor": d.vendor, "family": f"{d.vendor}-{backend}",
                      "bandwidth_b_s": d.bandwidth_gb_s * 1e9, "bytes": float(r.model_size_bytes),
                      "params": float(r.model_n_params) if pd.notna(r.model_n_params) else math.nan,
                      "t_s": 1.0 / float(r.tokens_per_s), "tok_s": float(r.tokens_per_s), "quant": r.quant,
                      "model": r.model_desc, "source": r.weights_ref, "weights": r.weights})
     return pd.DataFrame(rows)
+
+
+def size_label_b(desc: Any, n_params: Any) -> float:
+    """The model's size in billions as llama.cpp labels it ("llama 3B Q4_0" -> 3.0, "llama 1.1B" -> 1.1), else
+    its parameter count in billions, else NaN."""
+    m = re.search(r"\s(\d+(?:\.\d+)?)B\b", str(desc or ""))
+    if m:
+        return float(m[1])
+    return float(n_params) / 1e9 if n_params is not None and pd.notna(n_params) else math.nan
 
 
 def _design(pts: pd.DataFrame, families: list[str], overhead: bool) -> np.ndarray:
@@ -121,7 +132,7 @@ def calibrate(df: pd.DataFrame) -> dict[str, Any]:
     for f, p in full.items():
         d = pts[pts.family == f]
         out["families"][f] = {**p, "n_rows": int(len(d)), "devices": sorted(d.device.unique())}
-    small = (pts.params <= SMALL_MAX_PARAMS).to_numpy()
+    small = (pts.size_b <= SMALL_MAX_B).to_numpy()
     errs = {}
     for name, pred in (("overhead+bandwidth", leave_one_device_out(pts, True)),
                        ("bandwidth only", leave_one_device_out(pts, False)), ("page formula", page_t(pts))):

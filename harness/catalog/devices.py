@@ -103,6 +103,17 @@ CATALOG: tuple[Device, ...] = (
     Device("NVIDIA RTX A6000", "nvidia", 48 * GIB, 768,
            "https://notebookcheck.com/Ein-Leak-zeigt-ein-Bild-und-viele-Specs-der-Nvidia-Quadro-RTX-A-6000-mit-48-"
            "GB-GDDR6.495085.0.html (768 GB/s; a pre-launch leak, weak)", ("rtx a6000", "a6000")),
+    Device("NVIDIA RTX A4000", "nvidia", 16 * GIB, 448,
+           "https://www.ecer.com/corp/details-uuuedqa-p1bsb03-pci-express-3-0-x16-nvidia-rtx-a4000-16g-graphics-card-"
+           "for-professional-video-editing.html (a copy of NVIDIA's spec sheet: \"Memory bandwidth 448 GB/s\"; 16G "
+           "in the listing's name)", ("rtx a4000", "a4000")),
+    # --- AMD Radeon
+    Device("AMD Radeon RX 7900 XT", "amd", 20 * GIB, 800,
+           "https://sezonuyakala.com/amd-radeon-rx-7900-xtx-and-7900-xt-graphics-cards-revealed/ (a pre-launch "
+           "leak's table: \"Memory bandwidth 960 GB/s 800 GB/s\" for the XTX and XT, \"20 GB G6\"); "
+           "https://www.hardwaredb.net/radeon-rx-7900-xt-benchmark prints \"20 GiB of GDDR6 memory, with a total "
+           "memory bandwidth of 781 GB/s\" (781 = 800 / 1.024: GiB/s, it seems). No AMD page in the stored corpora",
+           ("rx 7900 xt", "radeon rx 7900 xt")),
     # --- AMD Instinct
     Device("AMD Instinct MI250X", "amd", 128 * GIB, 3277, _AMD + "mi200/mi250x.html (128GB HBM2e, 3.2768 TB/s)",
            ("mi250x",)),

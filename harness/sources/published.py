@@ -128,9 +128,9 @@ def md_rows(text: str) -> list[tuple[str, dict[str, str]]]:
             head = None if not s else head
             continue
         cells = [c.strip() for c in s.strip("|").split("|")]
-        if all(re.fullmatch(r":?-{2,}:?", c) for c in cells if c):
+        if all(re.fullmatch(r":?-+:?", c) for c in cells if c) and any(cells):  # "|--:|-:|" (fa's is "-:")
             prev = lines[i - 1].strip() if i else ""
-            head = [c.strip() for c in prev.strip("|").split("|")] if prev.startswith("|") else None
+            head = [_column(c) for c in prev.strip("|").split("|")] if prev.startswith("|") else None
             continue
         if head is None or cells == head:
             continue
@@ -139,6 +139,19 @@ def md_rows(text: str) -> list[tuple[str, dict[str, str]]]:
             continue
         out.append((line, dict(zip(head, cells))))
     return out
+
+
+# llama-bench's column names; compare-llama-bench.py prints them capitalised ("Model", "Test"), and its device
+# column is "GPU" or "CPU" (the chip's name, as llama-bench's gpu_info / cpu_info)
+_COLUMNS = {"model", "size", "params", "backend", "ngl", "fa", "test", "gpu_info", "threads", "n_batch",
+            "n_ubatch", "type_k", "type_v"}
+_DEVICE_COLUMNS = {"gpu": "gpu_info", "cpu": "gpu_info"}
+
+
+def _column(name: str) -> str:
+    n = name.strip()
+    low = n.lower()
+    return low if low in _COLUMNS else _DEVICE_COLUMNS.get(low, n)
 
 
 def _rate_columns(row: dict[str, str]) -> list[str]:
@@ -151,7 +164,7 @@ def _resolve_device(name: str | None) -> tuple[devices.Device | None, str | None
     try:
         return devices.lookup(name), None
     except devices.UnknownDevice as e:
-        return None, str(e)
+        return None, str(e).split("; known:")[0]  # the catalog's whole list once per row says nothing
 
 
 def rows_to_records(rows: list[tuple[str, dict[str, str]]], src: Source, run_id: str
