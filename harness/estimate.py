@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.analysis import calibration, predict
+from harness.analysis.points import kv_cells
 from harness.catalog import devices, page, quants
 
 GB = 1e9
@@ -117,6 +118,75 @@ def calibrated_estimate(cal: dict, device: dict, quant: str, context: int) -> di
     return out
 
 
+def load_shipped() -> dict:
+    """The cross-device calibration shipped with the package (harness/data/crossgpu.json; built from
+    data/published/ by scripts/ship-crossgpu.py)."""
+    import json
+
+    from harness.importer import SHIPPED
+
+    return json.loads(SHIPPED.read_text())
+
+
+def cross_device_estimate(xcal: dict, device: dict, quant: str, context: int, backend: str | None
+                          ) -> dict[str, Any]:
+    """tg tok/s and memory of Llama 3.2 1B `quant` on a GPU from the shipped cross-device calibration: time per
+    token = overhead + (weights + the KV cache read) / (efficiency x spec bandwidth) for the device's vendor x
+    backend; memory = weights as stored + KV (llama.cpp's f16 cache at `context`, padded to 256 cells), the
+    compute buffer and the runtime's fixed cost named but not counted (no published load log of this model on
+    a GPU gives them)."""
+    from harness.analysis import crossgpu
+    from harness.analysis.points import kv_bytes_per_token, kv_cells
+
+    sizes = (xcal.get("llama_3_2_1b") or {}).get("model_size_bytes") or {}
+    size = sizes.get(quant)
+    out: dict[str, Any] = {"size_source": (xcal.get("llama_3_2_1b") or {}).get("source")}
+    if size is None:
+        if quant not in page.BY_QUANT:
+            out["why"] = f"{quant}: no measured size of Llama 3.2 1B in it (it has {', '.join(sizes)})"
+            return out
+        size = page.page_file_bytes(quant, printed=False)
+        out["size_source"] = "the page's file size (not measured)"
+    kvt = kv_bytes_per_token()
+    rate0, fam, family = crossgpu.predict_tok_s(xcal, device["vendor"], device["bandwidth_gb_s"], size, backend)
+    out.update(family=family, fam=fam, weights_bytes=size, kv_bytes=kvt * kv_cells(max(context, 1)))
+    if rate0 is None:
+        out["why"] = family
+        return out
+    rate_ctx, _, _ = crossgpu.predict_tok_s(xcal, device["vendor"], device["bandwidth_gb_s"],
+                                            size + kvt * context, backend)
+    out.update(tok_s=rate0, tok_s_at_context=rate_ctx)
+    return out
+
+
+def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: dict, why: str) -> None:
+    if "tok_s" not in x:
+        lines.append(f"calibrated: none ({x.get('why')}; the page's GPUs MI300X and MI250X have no published "
+                     "llama.cpp ROCm rows in data/published yet)" if x.get("family", "").startswith("amd") else
+                     f"calibrated: none ({x.get('why')})")
+        return
+    fam = x["fam"]
+    held = (fam.get("held_out") or {})
+    small, every = held.get("small"), held.get("all")
+
+    def err(e, n):
+        return f"median {e['median_ape']:.0%}, worst {e['worst_ape']:.0%} over {n} rows" if e else f"none ({n} rows)"
+    lines.append(f"calibrated: tg ~{x['tok_s']:,.0f} tok/s with an empty cache, ~{x['tok_s_at_context']:,.0f} tok/s "
+                 f"at {context:,} tokens (the KV cache read added); cross-device: efficiency {fam['efficiency']:.2f}"
+                 + (f", overhead {fam['overhead_s'] * 1e3:.2f} ms/token" if fam.get("overhead_s") else "")
+                 + f" of the spec bandwidth for {x['family']}")
+    lines.append(f"            held-out error (leave one device out) of {x['family']}: 1B-3B rows "
+                 f"{err(small, held.get('n_small', 0))}; all its rows {err(every, held.get('n_all', 0))}; "
+                 f"rests on {fam['n_rows']} published rows on {len(fam['devices'])} devices "
+                 f"({', '.join(fam['devices'][:6])}{', ...' if len(fam['devices']) > 6 else ''}); model "
+                 f"{xcal.get('chosen')} ({why}; harness/data/crossgpu.json, from {xcal.get('built_from')})")
+    mem = x["weights_bytes"] + x["kv_bytes"]
+    lines.append(f"memory:     at least {mem / GB:.2f} GB = weights {x['weights_bytes'] / GB:.2f} GB as stored "
+                 f"({x['size_source']}) + KV {x['kv_bytes'] / GB:.3f} GB (f16, {kv_cells(max(context, 1)):,} "
+                 "cells x 32 KiB); not counted: llama.cpp's compute buffer and the runtime's fixed cost (the GPU "
+                 "context), neither published for this model on a GPU nor measured here")
+
+
 def _pm(rel) -> str:
     if rel is None or math.isnan(rel):
         return ""
@@ -171,6 +241,8 @@ def add_parser(subparsers) -> None:
                    help="calibration.json files from `harness report` (the same device's is used, else the "
                         "nearest bandwidth's)")
     p.add_argument("--bandwidth", type=float, help="override the device's memory bandwidth, GB/s")
+    p.add_argument("--backend", choices=["cuda", "vulkan", "rocm", "metal"],
+                   help="llama.cpp's backend on a GPU (default: CUDA on NVIDIA, ROCm on AMD, Metal on Apple)")
 
 
 def main(args) -> int:
@@ -193,6 +265,20 @@ def main(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     pg = page_estimate(device, args.quant)
+    if device["kind"] != "cpu":
+        # a CPU's fit is kernel-bound: never carried to a GPU; a GPU's own (or another GPU's) calibration is
+        gpu_cals = [c for c in cals if (c.get("device") or {}).get("kind") != "cpu"]
+        if not gpu_cals:
+            xcal = load_shipped()
+            why = ("no GPU calibration given" if not cals else
+                   "the calibrations given are of CPUs, whose generation is bound by their kernels: not carried "
+                   "to a GPU")
+            lines = render(device, args.quant, args.context, pg, None, "", None).splitlines()[:2]
+            render_cross(lines, device, args.context,
+                         cross_device_estimate(xcal, device, args.quant, args.context, args.backend), xcal, why)
+            print("\n".join(lines))
+            return 0
+        cals = gpu_cals
     cal, why = choose(cals, device) if cals else (None, "no --calibration given")
     est = None
     if cal is not None:

@@ -66,3 +66,47 @@ def main(args) -> int:
         (out / "crossgpu.json").write_text(json.dumps(cal, indent=2, default=float) + "\n")
         print("\n".join(crossgpu.lines(cal)))
     return 0 if all_recs else 1
+
+
+SHIPPED = Path(__file__).resolve().parent / "data" / "crossgpu.json"
+
+
+def read_folder(folder: Path) -> tuple[list[schema.Record], list[str]]:
+    """Every source in a folder of published output (data/published/): its records and a line per file."""
+    recs: list[schema.Record] = []
+    lines: list[str] = []
+    for f in sorted(x for x in folder.iterdir() if x.suffix in (".txt", ".md", ".json", ".jsonl", ".csv")):
+        try:
+            got, skipped, src = import_file(f, "published", {})
+        except (ImportError_, ValueError, OSError) as e:
+            lines.append(f"{f.name}: not imported: {e}")
+            continue
+        recs += got
+        lines.append(f"{f.name}: {len(got)} records, {len(skipped)} skipped")
+    return recs, lines
+
+
+def build_shipped(folder: Path, sizes_calibration: Path) -> dict:
+    """The cross-device calibration that ships with the package (`estimate` on a GPU uses it by default): the fit
+    on every published tg row of `folder`, Llama 3.2 1B's model size per quant from a measured run's
+    calibration.json (llama.cpp's own count on the shape-faithful files, whose tensor types are the Hub's), and
+    the published rows on the page's GPUs (for the report's "page on GPUs")."""
+    from harness.analysis import crossgpu, summary
+    from harness.catalog import devices, page
+
+    recs, _ = read_folder(folder)
+    df = summary.records_frame(recs)
+    cal = crossgpu.calibrate(df)
+    sizes_doc = json.loads(sizes_calibration.read_text())
+    cal["llama_3_2_1b"] = {
+        "model_size_bytes": {q: i["model_size_bytes"] for q, i in sizes_doc["quants"].items()
+                             if i.get("model_size_bytes")},
+        "source": f"llama_model_size of the shape-faithful files, run {sizes_calibration.parent.name}",
+    }
+    page_gpus = {devices.lookup(s.device).name for s in page.SPEEDS}
+    rows = crossgpu.tg_rows(df)
+    cal["page_gpu_rows"] = [
+        {k: r[k] for k in ("device", "family", "model", "quant", "bytes", "tok_s", "size_b", "source")}
+        for _, r in rows[rows.device.isin(page_gpus)].iterrows()]
+    cal["built_from"] = f"{folder.name}/ ({len(recs)} records)"
+    return cal

@@ -35,7 +35,14 @@ def tg_rows(df: pd.DataFrame) -> pd.DataFrame:
     once at the device's spec bandwidth (no dense model can be: a misprint, or not the model named)."""
     ok = df[(df.status == "ok") & (df.test == "tg") & (df.n_depth.fillna(0) == 0) & (df.n_gen <= MAX_GEN)]
     rows = []
+    lines_seen: set[tuple] = set()
     for r in ok.itertuples():
+        extra = r.extra if isinstance(getattr(r, "extra", None), dict) else {}
+        if extra.get("line"):  # a published line: its first t/s column only (master / before: the baseline),
+            key = (r.weights_ref, extra.get("file"), extra["line"])  # not one row per column of a PR comparison
+            if key in lines_seen:
+                continue
+            lines_seen.add(key)
         if not isinstance(r.gpu_name, str) or pd.isna(r.model_size_bytes) or pd.isna(r.tokens_per_s):
             continue
         d = devices.find(r.gpu_name)
@@ -46,7 +53,8 @@ def tg_rows(df: pd.DataFrame) -> pd.DataFrame:
         if float(r.tokens_per_s) * float(r.model_size_bytes) > d.bandwidth_gb_s * 1e9:
             continue  # faster than every weight read once at the spec bandwidth: not this model of the work
         backend = r.device if isinstance(r.device, str) else "unknown-backend"
-        rows.append({"size_b": size_label_b(r.model_desc, r.model_n_params), "device": d.name, "vendor": d.vendor, "family": f"{d.vendor}-{backend}",
+        rows.append({"size_b": size_label_b(r.model_desc, r.model_n_params),
+                     "device": d.name, "vendor": d.vendor, "family": f"{d.vendor}-{backend}",
                      "bandwidth_b_s": d.bandwidth_gb_s * 1e9, "bytes": float(r.model_size_bytes),
                      "params": float(r.model_n_params) if pd.notna(r.model_n_params) else math.nan,
                      "t_s": 1.0 / float(r.tokens_per_s), "tok_s": float(r.tokens_per_s), "quant": r.quant,
@@ -128,21 +136,50 @@ def calibrate(df: pd.DataFrame) -> dict[str, Any]:
         return {"n_rows": 0}
     out: dict[str, Any] = {"n_rows": int(len(pts)), "n_devices": int(pts.device.nunique()),
                            "devices": sorted(pts.device.unique()), "families": {}}
-    full = fit(pts, overhead=True)
-    for f, p in full.items():
-        d = pts[pts.family == f]
-        out["families"][f] = {**p, "n_rows": int(len(d)), "devices": sorted(d.device.unique())}
     small = (pts.size_b <= SMALL_MAX_B).to_numpy()
-    errs = {}
+    errs, preds = {}, {}
     for name, pred in (("overhead+bandwidth", leave_one_device_out(pts, True)),
                        ("bandwidth only", leave_one_device_out(pts, False)), ("page formula", page_t(pts))):
         ape = rate_ape(pts, pred)
+        preds[name] = ape
         ok = ~np.isnan(ape)
         errs[name] = {"all": error_stats(ape[ok]) if ok.any() else None, "n_all": int(ok.sum()),
                       "small": error_stats(ape[ok & small]) if (ok & small).any() else None,
                       "n_small": int((ok & small).sum())}
     out["held_out"] = {"method": "leave one device out", **errs}
+
+    def score(name: str) -> float:  # the page is about a 1B model: its rows decide, all rows where it has none
+        e = errs[name]["small"] or errs[name]["all"]
+        return e["median_ape"] if e else math.inf
+    chosen = min(("bandwidth only", "overhead+bandwidth"), key=score)  # the simpler one on a tie
+    out["chosen"] = chosen
+    out["chosen_by"] = "the lower leave-one-device-out median error on 1B-3B rows (all rows where none)"
+    full = fit(pts, overhead=chosen == "overhead+bandwidth")
+    ape = preds[chosen]
+    for f, p in full.items():
+        in_f = (pts.family == f).to_numpy()
+        m = in_f & ~np.isnan(ape)
+        d = pts[in_f]
+        out["families"][f] = {**p, "n_rows": int(len(d)), "devices": sorted(d.device.unique()), "held_out": {
+            "all": error_stats(ape[m]) if m.any() else None, "n_all": int(m.sum()),
+            "small": error_stats(ape[m & small]) if (m & small).any() else None, "n_small": int((m & small).sum())}}
     return out
+
+
+DEFAULT_BACKEND = {"nvidia": "cuda", "amd": "rocm", "apple": "metal"}
+
+
+def predict_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes_per_token: float,
+                  backend: str | None = None) -> tuple[float | None, dict[str, Any] | None, str]:
+    """tg tok/s on a device of `vendor` and spec bandwidth from the cross-device calibration: (tok/s, the family's
+    terms and held-out error, the family used or why none). None where no published row is of that family."""
+    family = f"{vendor}-{backend or DEFAULT_BACKEND.get(vendor, 'cpu')}"
+    fam = (cal.get("families") or {}).get(family)
+    if not fam or not fam.get("efficiency") or math.isinf(fam["efficiency"]):
+        have = ", ".join(sorted(cal.get("families") or {})) or "none"
+        return None, None, f"no published rows of {family} (families with rows: {have})"
+    t = fam["overhead_s"] + bytes_per_token / (fam["efficiency"] * bandwidth_gb_s * 1e9)
+    return 1.0 / t, fam, family
 
 
 def lines(cal: dict[str, Any]) -> list[str]:
@@ -150,7 +187,8 @@ def lines(cal: dict[str, Any]) -> list[str]:
     if not cal.get("n_rows"):
         return ["cross-device calibration: no tg rows with a size and a catalogued device"]
     out = [f"cross-device calibration: {cal['n_rows']} tg rows on {cal['n_devices']} devices; "
-           "time per token = overhead + size / (efficiency x spec bandwidth), per vendor x backend"]
+           "time per token = overhead + size / (efficiency x spec bandwidth), per vendor x backend; "
+           f"chosen: {cal.get('chosen')} ({cal.get('chosen_by')})"]
     for f, p in cal["families"].items():
         out.append(f"  {f}: efficiency {p['efficiency']:.2f}, overhead {p['overhead_s'] * 1e3:.2f} ms/token "
                    f"({p['n_rows']} rows, {len(p['devices'])} devices)")

@@ -158,6 +158,14 @@ def _rate_columns(row: dict[str, str]) -> list[str]:
     return [c for c in row if c == "t/s" or c.startswith("t/s") or c.lower() in ("master", "pr", "avg_ts")]
 
 
+def _backend(text: str) -> str | None:
+    """llama-bench's backend column -> the backend that ran the model: "Metal,BLAS" -> metal, "CUDA" -> cuda
+    (BLAS beside a GPU backend only serves the CPU's share)."""
+    names = [BACKENDS.get(t.strip().lower()) for t in re.split(r"[,+ ]+", text or "") if t.strip()]
+    gpu = [n for n in names if n and n != "cpu"]
+    return gpu[0] if gpu else (names[0] if names and names[0] else None)
+
+
 def _resolve_device(name: str | None) -> tuple[devices.Device | None, str | None]:
     if not name:
         return None, "no device named (give one in the source's yaml or with --device)"
@@ -193,7 +201,7 @@ def rows_to_records(rows: list[tuple[str, dict[str, str]]], src: Source, run_id:
         size = parse_size(row.get("size", ""))
         params = parse_params(row.get("params", ""))
         backend_text = (row.get("backend") or src.backend or "").strip()
-        backend = BACKENDS.get(backend_text.lower().split()[0] if backend_text else "", None)
+        backend = _backend(backend_text)
         ngl = row.get("ngl")
         cols = _rate_columns(row)
         if not cols:
