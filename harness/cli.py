@@ -26,6 +26,8 @@ COMMANDS = {
     "report": "harness.report",
     "estimate": "harness.estimate",
     "import": "harness.importer",
+    "db": "harness.query",
+    "compare": "harness.compare",
 }
 
 
