@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.analysis import calibration, predict
+from harness.analysis import calibration, crossgpu, predict
 from harness.analysis.points import kv_cells
 from harness.catalog import devices, page, quants
 
@@ -116,16 +116,6 @@ def calibrated_estimate(cal: dict, device: dict, quant: str, context: int) -> di
         out.update(memory_bytes=None, memory_rel=None)
         out["notes"].append(str(e))
     return out
-
-
-def load_shipped() -> dict:
-    """The cross-device calibration shipped with the package (harness/data/crossgpu.json; built from
-    data/published/ by scripts/ship-crossgpu.py)."""
-    import json
-
-    from harness.importer import SHIPPED
-
-    return json.loads(SHIPPED.read_text())
 
 
 def cross_device_estimate(xcal: dict, device: dict, quant: str, context: int, backend: str | None
@@ -269,7 +259,7 @@ def main(args) -> int:
         # a CPU's fit is kernel-bound: never carried to a GPU; a GPU's own (or another GPU's) calibration is
         gpu_cals = [c for c in cals if (c.get("device") or {}).get("kind") != "cpu"]
         if not gpu_cals:
-            xcal = load_shipped()
+            xcal = crossgpu.load_shipped()
             why = ("no GPU calibration given" if not cals else
                    "the calibrations given are of CPUs, whose generation is bound by their kernels: not carried "
                    "to a GPU")

@@ -68,9 +68,6 @@ def main(args) -> int:
     return 0 if all_recs else 1
 
 
-SHIPPED = Path(__file__).resolve().parent / "data" / "crossgpu.json"
-
-
 def read_folder(folder: Path) -> tuple[list[schema.Record], list[str]]:
     """Every source in a folder of published output (data/published/): its records and a line per file."""
     recs: list[schema.Record] = []
@@ -84,6 +81,22 @@ def read_folder(folder: Path) -> tuple[list[schema.Record], list[str]]:
         recs += got
         lines.append(f"{f.name}: {len(got)} records, {len(skipped)} skipped")
     return recs, lines
+
+
+def quality_rows(folder: Path) -> list[dict]:
+    """Published quality figures of Llama 3.2 1B quants (sources with `format: quality` and their `rows:`), each
+    with its source's url, as printed: never measured here (shape-faithful weights carry no quality)."""
+    import yaml
+
+    out = []
+    for f in sorted(folder.glob("*.yaml")):
+        meta = yaml.safe_load(f.read_text()) or {}
+        if not isinstance(meta, dict) or meta.get("format") != "quality":  # gpu-bandwidth.yaml is a list
+            continue
+        for r in meta.get("rows") or []:
+            date = meta.get("date")
+            out.append({**r, "url": meta.get("url"), "date": str(date) if date else None, "quote": meta.get("quote")})
+    return out
 
 
 def build_shipped(folder: Path, sizes_calibration: Path) -> dict:
@@ -108,5 +121,6 @@ def build_shipped(folder: Path, sizes_calibration: Path) -> dict:
     cal["page_gpu_rows"] = [
         {k: r[k] for k in ("device", "family", "model", "quant", "bytes", "tok_s", "size_b", "source")}
         for _, r in rows[rows.device.isin(page_gpus)].iterrows()]
+    cal["quality"] = quality_rows(folder)
     cal["built_from"] = f"{folder.name}/ ({len(recs)} records)"
     return cal

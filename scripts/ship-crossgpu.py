@@ -25,10 +25,10 @@ def main() -> int:
     p.add_argument("--sizes", type=Path, default=SIZES)
     a = p.parse_args()
     cal = importer.build_shipped(REPO / "data" / "published", a.sizes)
-    importer.SHIPPED.parent.mkdir(exist_ok=True)
-    importer.SHIPPED.write_text(json.dumps(cal, indent=1, default=float, sort_keys=True) + "\n")
+    crossgpu.SHIPPED.parent.mkdir(exist_ok=True)
+    crossgpu.SHIPPED.write_text(json.dumps(cal, indent=1, default=float, sort_keys=True) + "\n")
     print("\n".join(crossgpu.lines(cal)))
-    print(f"-> {importer.SHIPPED.relative_to(REPO)}")
+    print(f"-> {crossgpu.SHIPPED.relative_to(REPO)}")
     return 0
 
 

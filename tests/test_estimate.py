@@ -62,14 +62,13 @@ def test_bad_calibration_file(capsys, tmp_path):
 def test_a_cpu_calibration_is_never_carried_to_a_gpu(capsys, cpu_cal):
     """A CPU's fit (kernel-bound) is not scaled to a GPU: the shipped cross-device calibration answers, and its
     figure is the family's model on the quant's measured size at the GPU's spec bandwidth."""
-    from harness import estimate
     from harness.analysis import crossgpu
 
     rc, out, _ = run(capsys, "--device", "RTX 4090", "--quant", "Q4_K_M", "--context", "8192",
                      "--calibration", str(cpu_cal))
     assert rc == 0
     assert "the calibrations given are of CPUs" in out and "factors from Test CPU" not in out
-    xcal = estimate.load_shipped()
+    xcal = crossgpu.load_shipped()
     size = xcal["llama_3_2_1b"]["model_size_bytes"]["Q4_K_M"]
     expected, fam, family = crossgpu.predict_tok_s(xcal, "nvidia", 1008, size)
     assert family == "nvidia-cuda"

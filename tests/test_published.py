@@ -198,10 +198,33 @@ def test_the_shipped_cross_device_calibration_is_what_the_data_builds():
 
     sizes = REPO / "reports" / "20261128T055841Z-llama-3.2-1b-synthetic" / "calibration.json"
     built = json.loads(json.dumps(importer.build_shipped(DATA, sizes), default=float, sort_keys=True))
-    shipped = json.loads(importer.SHIPPED.read_text())
+    shipped = json.loads(crossgpu.SHIPPED.read_text())
     assert built.keys() == shipped.keys()
     for f, fam in built["families"].items():
         assert fam["efficiency"] == pytest.approx(shipped["families"][f]["efficiency"], rel=1e-9), f
         assert fam["n_rows"] == shipped["families"][f]["n_rows"]
     assert built["held_out"] == shipped["held_out"]
     assert built["llama_3_2_1b"] == shipped["llama_3_2_1b"] and built["page_gpu_rows"] == shipped["page_gpu_rows"]
+
+
+def test_the_page_on_its_gpus():
+    """The page's rule at a file's size is its own printed arithmetic (RTX 4090, Q4_K_M: 1008 / 0.82 x 0.65 =
+    799); every published row on a page GPU gets that rule at its own size and a verdict; the page's AMD GPUs
+    get no estimate while no ROCm row is published, and say so."""
+    xcal = crossgpu.load_shipped()
+    assert crossgpu.page_rule_tok_s(1008, "nvidia", 1.2e9 * 4.8 / 8) == pytest.approx(1008 / 0.82 * 0.65)
+    gpus = {g["device"]: g for g in crossgpu.page_gpus(xcal)}
+    assert set(gpus) == {"NVIDIA GeForce RTX 4090", "NVIDIA H100 SXM", "AMD Instinct MI300X", "AMD Instinct MI250X"}
+    g = gpus["NVIDIA GeForce RTX 4090"]
+    assert [q["quant"] for q in g["quants"]] == list(crossgpu_page_quants())
+    q = next(q for q in g["quants"] if q["quant"] == "Q4_K_M")
+    assert round(q["page_tok_s"]) == 799 and q["family"] == "nvidia-cuda" and q["estimate_tok_s"] > 0
+    tiny = next(r for r in g["published"] if r["model"] == "llama 1B Q4_K - Medium")  # geerlingguy issue 43
+    assert tiny["tok_s"] == 762.37 and tiny["inside"] == (abs(762.37 / tiny["page_rule_tok_s"] - 1) <= 0.2)
+    assert all(q["estimate_tok_s"] is None and "amd-rocm" in q["family"] for q in gpus["AMD Instinct MI300X"]["quants"])
+
+
+def crossgpu_page_quants():
+    from harness.catalog import page
+
+    return page.BY_QUANT

@@ -112,7 +112,7 @@ def test_write_report_end_to_end(tmp_path):
     html = (out / "report.html").read_text()
     assert "<img" in html and 'src="speed.png"' not in html  # self-contained
     pngs = _pngs_in_html(html)
-    assert len(pngs) == 4
+    assert len(pngs) == 5  # speed, memory, roofline, context, the page on GPUs
     for png in pngs:
         img = mpimg.imread(io.BytesIO(png), format="png")
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
@@ -130,7 +130,7 @@ def test_single_depth_has_no_context_figure_and_default_out(tmp_path, monkeypatc
     out = report.write_report(run)
     assert out == tmp_path / "reports" / "run-1"
     assert not (out / "context.png").exists()
-    assert len(_pngs_in_html((out / "report.html").read_text())) == 3
+    assert len(_pngs_in_html((out / "report.html").read_text())) == 4  # with the page on GPUs
 
 
 def test_failed_quant_and_missing_env(tmp_path):

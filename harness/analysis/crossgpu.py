@@ -13,8 +13,10 @@ formula (tok/s = bandwidth / size x 0.65 on NVIDIA, 0.55 on AMD) and a bandwidth
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -166,6 +168,16 @@ def calibrate(df: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "crossgpu.json"
+
+
+def load_shipped() -> dict[str, Any]:
+    """The cross-device calibration shipped with the package (harness/data/crossgpu.json, built from
+    data/published/ by scripts/ship-crossgpu.py): what `estimate` uses on a GPU and the report's page-on-GPUs
+    section shows."""
+    return json.loads(SHIPPED.read_text())
+
+
 DEFAULT_BACKEND = {"nvidia": "cuda", "amd": "rocm", "apple": "metal"}
 
 
@@ -202,3 +214,48 @@ def lines(cal: dict[str, Any]) -> list[str]:
                    f"{fmt(e['small'], e['n_small'])}")
     return out
 
+
+
+# --- the page on its own GPUs --------------------------------------------------------------------------------
+
+def page_rule_tok_s(bandwidth_gb_s: float, vendor: str, model_bytes: float) -> float:
+    """The page's speed rule applied to a file of `model_bytes`: bandwidth / (model GB + its 0.1 GB of KV and
+    overhead) x its efficiency (0.65 NVIDIA, 0.55 AMD; harness.catalog.page)."""
+    from harness.catalog import page
+
+    return bandwidth_gb_s / (model_bytes / 1e9 + page.SPEED_OVERHEAD_GB) * page.efficiency(vendor)
+
+
+def page_gpus(xcal: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each GPU the page prints a speed for and each of its 12 quants: the page's tok/s (its rule), the
+    cross-device estimate (None where no published row is of the GPU's family) with the family's held-out
+    error, and the published rows measured on that GPU, each with the page's rule at that row's size and
+    whether the measurement is inside the page's ±20%."""
+    from harness.catalog import page
+
+    sizes = (xcal.get("llama_3_2_1b") or {}).get("model_size_bytes") or {}
+    out = []
+    for sp in page.SPEEDS:
+        d = devices.lookup(sp.device)
+        published = []
+        for r in xcal.get("page_gpu_rows") or []:
+            if r["device"] != d.name:
+                continue
+            rule = page_rule_tok_s(d.bandwidth_gb_s, d.vendor, r["bytes"])
+            published.append({**r, "page_rule_tok_s": rule, "ratio": r["tok_s"] / rule,
+                              "inside": abs(r["tok_s"] / rule - 1) <= page.BAND})
+        quants = []
+        for q in page.BY_QUANT:
+            size = sizes.get(q)
+            est, fam, family = (predict_tok_s(xcal, d.vendor, d.bandwidth_gb_s, size) if size else
+                                (None, None, "no measured size"))
+            held = ((fam or {}).get("held_out") or {})
+            err = held.get("small") or held.get("all")
+            quants.append({"quant": q, "model_size_bytes": size,
+                           "page_tok_s": page.page_tok_s(d.bandwidth_gb_s, d.vendor, q),
+                           "estimate_tok_s": est, "family": family,
+                           "held_out_median": err["median_ape"] if err else None,
+                           "held_out_worst": err["worst_ape"] if err else None})
+        out.append({"device": d.name, "vendor": d.vendor, "bandwidth_gb_s": d.bandwidth_gb_s,
+                    "page_printed_tok_s": sp.tok_s, "quants": quants, "published": published})
+    return out

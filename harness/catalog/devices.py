@@ -91,6 +91,10 @@ CATALOG: tuple[Device, ...] = (
     Device("NVIDIA GeForce RTX 3080 Ti", "nvidia", 12 * GIB, 912,
            "https://github.com/CYBIRD-D/How-to-Choose-your-LLM-Model-for-translation/blob/52379077acab0e1d450adb"
            "86345f9e705bb6cade/Nvidia_GPU_Specification.md (RTX 3080 Ti 12GB, 912)", ("rtx 3080 ti",)),
+    Device("NVIDIA GeForce RTX 3070 Ti", "nvidia", 8 * GIB, 608,
+           "https://github.com/CYBIRD-D/How-to-Choose-your-LLM-Model-for-translation/blob/52379077acab0e1d450adb"
+           "86345f9e705bb6cade/Nvidia_GPU_Specification.md (\"| RTX 3070 Ti 8GB | 6144 | 8 | 608 |\")",
+           ("rtx 3070 ti",)),
     Device("NVIDIA GeForce RTX 4070 Ti", "nvidia", 12 * GIB, 504,
            "https://github.com/CYBIRD-D/How-to-Choose-your-LLM-Model-for-translation/blob/52379077acab0e1d450adb"
            "86345f9e705bb6cade/Nvidia_GPU_Specification.md (RTX 4070 Ti, 504)", ("rtx 4070 ti",)),

@@ -61,6 +61,11 @@ ROWS: tuple[PageRow, ...] = (
 )
 BY_QUANT: dict[str, PageRow] = {r.quant: r for r in ROWS}
 
+# The page's "quality" percentages (its chart under the table: "IQ3_M 0.6 GB ~78% ... Q8_0 1.4 GB ~99%"), as
+# printed; the page never says what they measure or against what.
+QUALITY_CLAIMS: dict[str, str] = {"IQ3_M": "~78%", "IQ4_XS": "~87%", "Q4_K_M": "~89%", "Q4_K_L": "~90%",
+                                  "Q5_K_M": "~92%", "Q8_0": "~99%"}
+
 
 class PageSpeed(NamedTuple):
     """One printed speed at Q4_K_M and the bandwidth and vendor that reproduce it."""

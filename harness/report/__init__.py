@@ -18,16 +18,19 @@ from pathlib import Path
 import pandas as pd
 
 from harness import schema
-from harness.analysis import calibration, kernels, points, summary
+from harness.analysis import calibration, crossgpu, kernels, points, summary
 from harness.catalog import page
 from harness.config import output_dir
-from harness.report.figures import figures
+from harness.report.figures import fig_page_gpus, figures
 from harness.report.render import render_html, render_markdown
 from harness.report.tables import (
     CONTEXT_HEAD,
     KV_HEAD,
     MEMORY_HEAD,
+    PAGE_GPU_HEAD,
+    PAGE_GPU_PUBLISHED_HEAD,
     PROBE_HEAD,
+    QUALITY_HEAD,
     SIZE_HEAD,
     SPEED_HEAD,
     calibration_lines,
@@ -36,7 +39,10 @@ from harness.report.tables import (
     device_statement,
     kv_rows,
     memory_rows,
+    page_gpu_published_rows,
+    page_gpu_rows,
     probe_rows,
+    quality_table,
     quant_table,
     size_rows,
     speed_rows,
@@ -176,6 +182,8 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
                        "it over each file's tensors, so a held-out quant's kernels are known without its own "
                        "measurement."))
         s.append(("table", PROBE_HEAD, prows))
+    if points.is_page_model(df):
+        s += _page_on_gpus()
     s.append(("h2", "Calibration"))
     s.append(("raw-md", "\n".join(calibration_lines(cal))))
     if cal.get("tg"):
@@ -187,6 +195,34 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
                    "+ 0.1 GB) x efficiency (0.65 NVIDIA, 0.55 AMD), with MI300X 5300, RTX 4090 1008, H100 SXM "
                    "3352 and MI250X 3277 GB/s. Where its text and its numbers part ways:"))
     s.append(("list", list(page.DISCREPANCIES)))
+    return s
+
+
+def _page_on_gpus() -> list[tuple]:
+    """The page's four GPUs: its tok/s beside the shipped cross-device estimate and the published measurements
+    on them (each against the page's rule at its own size), and its quality claims beside published figures."""
+    xcal = crossgpu.load_shipped()
+    gpus = crossgpu.page_gpus(xcal)
+    s: list[tuple] = [("h2", "The page on GPUs")]
+    n_pub = sum(len(g["published"]) for g in gpus)
+    n_in = sum(r["inside"] for g in gpus for r in g["published"])
+    s.append(("p", f"No GPU measured this run's files: these figures are published llama.cpp results "
+                   f"(weights: published, from {xcal.get('built_from')}, each row with its source) and the "
+                   f"cross-device calibration fitted on them ({xcal.get('n_rows')} tg rows on "
+                   f"{xcal.get('n_devices')} devices; model: {xcal.get('chosen')}, {xcal.get('chosen_by')}). "
+                   "The estimate is Llama 3.2 1B at each quant's size as llama.cpp counts it on the "
+                   "shape-faithful files; ± is its GPU family's leave-one-device-out error. Of the published "
+                   f"measurements on the page's GPUs, {n_in} of {n_pub} fall inside ±20% of the page's rule "
+                   "applied to their own model's size."))
+    s.append(("table", PAGE_GPU_HEAD, page_gpu_rows(gpus)))
+    pub = page_gpu_published_rows(gpus)
+    if pub:
+        s.append(("table", PAGE_GPU_PUBLISHED_HEAD, pub))
+    s.append(("fig", "page_gpus.png"))
+    s.append(("p", "Quality. The page prints a quality percentage per quant without saying what "
+                   "it measures. Beside it, published figures for Llama 3.2 1B quants (not measured here: the "
+                   "shape-faithful weights are random, so no quality carries over):"))
+    s.append(("table", QUALITY_HEAD, quality_table(xcal)))
     return s
 
 
@@ -248,6 +284,8 @@ def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = No
     t = quant_table(df, device, cal, ctxp)
     ctx = context_table(df, device)
     figs = figures(t, ctx, cal, device, ctxp)
+    if points.is_page_model(df):
+        figs["page_gpus.png"] = fig_page_gpus(crossgpu.page_gpus(crossgpu.load_shipped()))
     sections = _sections(df, env, t, cal, device, run_id, probe_df, ctxp)
     title = f"{'Llama 3.2 1B quants' if points.is_page_model(df) else 'GGUF files'} - run {run_id}"
     return t, cal, figs, render_markdown(sections, figs), render_html(sections, figs, title)

@@ -195,6 +195,39 @@ def fig_context_memory(t: pd.DataFrame, ctxp: pd.DataFrame, device: dict) -> byt
     return _png(fig)
 
 
+def fig_page_gpus(gpus: list[dict]) -> bytes:
+    """Per page GPU: tok/s against the model's bytes: the page's rule with its ±20% band, the cross-device
+    estimate for the 12 quants of Llama 3.2 1B (at their sizes), and every published measurement on that GPU
+    (any model: the page's rule is for any size)."""
+    from harness.analysis import crossgpu
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(gpus), figsize=(4.2 * len(gpus), 4.2), squeeze=False)
+    for ax, g in zip(axes[0], gpus):
+        xs = np.geomspace(0.3e9, 20e9, 60)
+        rule = np.array([crossgpu.page_rule_tok_s(g["bandwidth_gb_s"], g["vendor"], x) for x in xs])
+        ax.plot(xs / GB, rule, color="#c44e52", label="page's rule")
+        ax.fill_between(xs / GB, rule * (1 - page.BAND), rule * (1 + page.BAND), color="#c44e52", alpha=0.15,
+                        label="page's ±20%")
+        est = [q for q in g["quants"] if q["estimate_tok_s"] and q.get("model_size_bytes")]
+        if est:
+            err = [q["estimate_tok_s"] * (q["held_out_median"] or 0) for q in est]
+            ax.errorbar([q["model_size_bytes"] / GB for q in est], [q["estimate_tok_s"] for q in est],
+                        yerr=[err, err], fmt="o", color="#55a868", ms=3, capsize=2,
+                        label=f"estimate, 12 quants ({est[0]['family']})")
+        if g["published"]:
+            ax.plot([r["bytes"] / GB for r in g["published"]], [r["tok_s"] for r in g["published"]], "*",
+                    color="#4c72b0", ms=9, label="published measurement")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("model size, GB")
+        ax.set_title(g["device"].replace("NVIDIA GeForce ", "").replace("AMD Instinct ", ""), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("tokens/s (generation)")
+    return _png(fig)
+
+
 def figures(t: pd.DataFrame, ctx: pd.DataFrame, cal: dict, device: dict,
             ctxp: pd.DataFrame | None = None) -> dict[str, bytes]:
     """{file name: PNG bytes}; the context plots only where more than one depth was measured."""
@@ -221,4 +254,7 @@ CAPTIONS = {
                           "the page's VRAM, which has no context term.",
     "roofline.png": "Speed against bytes read per token, with the bandwidth roofline and the fitted model.",
     "context.png": "Memory and speed against the context length.",
+    "page_gpus.png": "The page's GPUs: its speed rule with its ±20% band against the model's size, the "
+                     "cross-device estimate for Llama 3.2 1B's 12 quants (± the held-out median error), and every "
+                     "published llama.cpp measurement on that GPU (blue stars).",
 }

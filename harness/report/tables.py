@@ -397,3 +397,51 @@ def html_table(head: list[str], rows: list[list[str]]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# --- the page on its GPUs (from the shipped cross-device calibration) -------------------------------------------
+
+PAGE_GPU_HEAD = ["GPU", "quant", "page tok/s (its ±20%)", "cross-device estimate tok/s", "held-out error (median, "
+                 "worst)", "family"]
+PAGE_GPU_PUBLISHED_HEAD = ["GPU", "model (as published)", "backend", "measured tok/s", "page's rule at its size",
+                           "measured / rule", "verdict (page ±20%)", "source"]
+QUALITY_HEAD = ["quant", "page's quality claim", "published figure", "metric", "source"]
+
+
+def page_gpu_rows(gpus: list[dict]) -> list[list[str]]:
+    rows = []
+    for g in gpus:
+        for q in g["quants"]:
+            p = q["page_tok_s"]
+            est = q["estimate_tok_s"]
+            err = ("-" if q["held_out_median"] is None else
+                   f"{q['held_out_median']:.0%}, {q['held_out_worst']:.0%}")
+            rows.append([g["device"], q["quant"], f"{p:,.0f} ({p * 0.8:,.0f}-{p * 1.2:,.0f})",
+                         f"{est:,.0f}" if est else "none", err if est else "-",
+                         q["family"] if est else q["family"].split(" (")[0]])
+    return rows
+
+
+def page_gpu_published_rows(gpus: list[dict]) -> list[list[str]]:
+    rows = []
+    for g in gpus:
+        for r in g["published"]:
+            rows.append([g["device"], str(r["model"]), r["family"].split("-", 1)[1], f"{r['tok_s']:,.1f}",
+                         f"{r['page_rule_tok_s']:,.0f}", f"{r['ratio']:.2f}x",
+                         "inside" if r["inside"] else ("above" if r["ratio"] > 1 else "below"), r["source"]])
+    return rows
+
+
+def quality_table(xcal: dict) -> list[list[str]]:
+    claims = page.QUALITY_CLAIMS
+    pub = {}
+    for r in xcal.get("quality") or []:
+        pub.setdefault(r["quant"], []).append(r)
+    rows = []
+    for q in [*page.BY_QUANT, *[q for q in pub if q not in page.BY_QUANT]]:
+        if q not in claims and q not in pub:
+            continue
+        for r in pub.get(q) or [None]:
+            rows.append([q, claims.get(q, "-"), r["value_as_printed"] if r else "none found",
+                         r["metric"] if r else "-", f"{r['url']} ({r['date']})" if r else "-"])
+    return rows
