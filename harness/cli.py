@@ -61,6 +61,9 @@ def _add_run(sub) -> None:
     p.add_argument("--cache-type-v", dest="cache_type_v", help="override bench.cache_type_v")
     p.add_argument("--cache-dir", help="where synthetic models are built (default: $HARNESS_CACHE or "
                                        "~/.cache/harness)")
+    p.add_argument("--cluster", metavar="ADDRESS", help="run the sweep on a Ray cluster (auto, ray://host:port or "
+                   "host:port): every quant on a node of each of the config's cluster.devices (or every node); "
+                   "needs " + "pip install -e '.[cluster]'")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
 
@@ -69,6 +72,7 @@ def _run(args) -> int:
     from harness import config, schema
     from harness.analysis import summary
     from harness.measure import runner
+    from harness.report import cluster_groups
 
     overrides = {}
     if args.quants:
@@ -96,13 +100,21 @@ def _run(args) -> int:
         cfg = config.from_dict({"name": "models", "bench": {"rounds": None}}, overrides)
     else:
         cfg = config.load(args.config, overrides)
-    try:
+    if args.cluster:
+        from harness.measure import cluster
+
+        run_dir, errors = cluster.run(cfg, args.cluster, out=args.out, resume=args.resume)
+    else:
         run_dir, errors = runner.run(cfg, out=args.out, resume=args.resume, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        raise
     records = schema.read_records(run_dir / "records.jsonl")
-    table = summary.per_quant(summary.records_frame(records))
-    print(summary.text_table(table))
+    frame = summary.records_frame(records)
+    groups = cluster_groups(frame)
+    for g in groups or [None]:
+        part = frame if g is None else frame[[((e or {}).get("cluster") or {}).get("group") == g
+                                              for e in frame.extra]]
+        if g is not None:
+            print(f"device group {g}:")
+        print(summary.text_table(summary.per_quant(part)))
     mem_path = run_dir / "contexts.jsonl"
     if mem_path.is_file():
         print(summary.context_table(summary.records_frame(schema.read_records(mem_path))))

@@ -110,6 +110,23 @@ class ProbeSpec:
 
 
 @dataclass(frozen=True)
+class DeviceGroup:
+    """One kind of node a cluster sweep measures on: the nodes that advertise Ray's custom resource
+    "harness:<name>" (`ray start --resources '{"harness:RTX 4090": 1}'`), each task also asking for `gpus`."""
+
+    name: str
+    gpus: float = 0
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """`run --cluster`: the device groups to sweep (every quant on one node of each), or "all" (every node once)."""
+
+    devices: tuple[DeviceGroup, ...] | str = "all"
+    retries: int = 2  # times a cell of a dead node is given to another node of its kind
+
+
+@dataclass(frozen=True)
 class Config:
     name: str
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -117,6 +134,7 @@ class Config:
     bench: BenchSpec = field(default_factory=BenchSpec)
     probes: ProbeSpec = field(default_factory=ProbeSpec)
     cache_dir: str | None = None  # where synthetic models are built; None = $HARNESS_CACHE or ~/.cache/harness
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)  # used by `run --cluster` only
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -125,6 +143,9 @@ class Config:
         d["bench"]["depths"] = list(self.bench.depths)
         for k in ("contexts", "cache_type_k", "cache_type_v", "context_flash_attn", "context_quants"):
             d["bench"][k] = list(getattr(self.bench, k))
+        devs = self.cluster.devices
+        d["cluster"] = {"devices": devs if isinstance(devs, str) else [dataclasses.asdict(g) for g in devs],
+                        "retries": self.cluster.retries}
         return d
 
     def sha256(self) -> str:
@@ -397,6 +418,36 @@ def _probes(data: Any) -> ProbeSpec:
     return ProbeSpec(**kw)
 
 
+def _cluster(data: Any) -> ClusterSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"cluster must be a mapping, got {type(data).__name__}")
+    _check_keys("cluster", data, ["devices", "retries"])
+    retries = _positive("cluster.retries", _typed("cluster.retries", data.get("retries", 2), int), zero_ok=True)
+    devs = data.get("devices", "all")
+    if devs == "all":
+        return ClusterSpec("all", retries)
+    if not isinstance(devs, list) or not devs:
+        raise ConfigError('cluster.devices must be "all" or a list like [{name: "RTX 4090", gpus: 1}, {name: H100}]')
+    groups: list[DeviceGroup] = []
+    for i, g in enumerate(devs):
+        where = f"cluster.devices[{i}]"
+        if isinstance(g, str):
+            g = {"name": g}
+        if not isinstance(g, dict):
+            raise ConfigError(f"{where} must be a mapping with a name (and gpus), got {type(g).__name__}")
+        _check_keys(where, g, ["name", "gpus"])
+        name = _typed(f"{where}.name", g.get("name"), str)
+        if not name.strip() or any(c in name for c in "/\\\0"):
+            raise ConfigError(f"{where}.name {name!r} must be a non-empty name without '/' (it names files)")
+        gpus = _typed(f"{where}.gpus", g.get("gpus", 0), (int, float))
+        if gpus < 0:
+            raise ConfigError(f"{where}.gpus must be >= 0, got {gpus}")
+        if any(x.name == name for x in groups):
+            raise ConfigError(f"cluster.devices lists {name!r} twice")
+        groups.append(DeviceGroup(name, float(gpus)))
+    return ClusterSpec(tuple(groups), retries)
+
+
 def from_dict(data: Any, overrides: dict[str, Any] | None = None) -> Config:
     """Validate a parsed YAML document (plus CLI overrides, dotted keys like 'bench.repetitions')."""
     if not isinstance(data, dict):
@@ -427,7 +478,9 @@ def from_dict(data: Any, overrides: dict[str, Any] | None = None) -> Config:
     bench = _bench(data.get("bench", {}))
     probes = _probes(data.get("probes", {}))
     cache_dir = _typed("cache_dir", data.get("cache_dir"), str, allow_none=True)
-    return Config(name=name, model=model, quants=qs, bench=bench, probes=probes, cache_dir=cache_dir)
+    cluster = _cluster(data.get("cluster", {}))
+    return Config(name=name, model=model, quants=qs, bench=bench, probes=probes, cache_dir=cache_dir,
+                  cluster=cluster)
 
 
 def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:

@@ -157,7 +157,10 @@ def nnls(a: np.ndarray, b: np.ndarray, bounded: np.ndarray, max_iter: int | None
                 x = z
                 break
             neg = passive & (z <= 0)
-            alpha = np.min(x[neg] / (x[neg] - z[neg]))
+            with np.errstate(divide="ignore", invalid="ignore"):  # x = z = 0 (a column just added back): 0/0
+                ratios = x[neg] / (x[neg] - z[neg])
+            ratios = ratios[np.isfinite(ratios)]
+            alpha = float(np.min(ratios)) if len(ratios) else 0.0
             x = x + alpha * (z - x)
             passive &= x > tol
             x[~passive] = 0.0

@@ -291,9 +291,25 @@ def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = No
     return t, cal, figs, render_markdown(sections, figs), render_html(sections, figs, title)
 
 
+def cluster_groups(df: pd.DataFrame) -> list[str]:
+    """The device groups of a cluster run's records (extra.cluster.group), in order; [] for a local run."""
+    if "extra" not in df or not len(df):
+        return []
+    groups = [((e or {}).get("cluster") or {}).get("group") if isinstance(e, dict) else None for e in df.extra]
+    return list(dict.fromkeys(g for g in groups if g))
+
+
+def _of_group(df: pd.DataFrame | None, group: str) -> pd.DataFrame | None:
+    if df is None or "extra" not in df:
+        return df
+    keep = [isinstance(e, dict) and ((e.get("cluster") or {}).get("group") == group) for e in df.extra]
+    return df[keep]
+
+
 def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write report.md, report.html, summary.csv, calibration.json (and the figures as PNG files) for a
-    results folder, into `out` (default: <repo>/reports/<results folder name>). Returns the folder."""
+    results folder, into `out` (default: <repo>/reports/<results folder name>). Returns the folder. A cluster
+    run gets one report per device group, in `out`/<group> (each with its group's node environment)."""
     results_dir = Path(results_dir)
     df, env = load_run(results_dir)
     run_id = results_dir.name
@@ -301,9 +317,25 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
         in_default = results_dir.resolve().parent == output_dir("results").resolve()
         out = default_reports() / run_id if in_default else results_dir / "report"
     out = Path(out)
+    groups = cluster_groups(df)
+    if groups:
+        import re
+
+        for g in groups:
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "-", g).strip("-") or "group"
+            node_envs = sorted(results_dir.glob(f"env-{slug}-*.json"))
+            genv = json.loads(node_envs[0].read_text()) if node_envs else env
+            _write_one(_of_group(df, g), genv, f"{run_id} [{g}]", results_dir, out / slug,
+                       _of_group(load_contexts(results_dir), g))
+        return out
+    return _write_one(df, env, run_id, results_dir, out, load_contexts(results_dir), load_probes(results_dir))
+
+
+def _write_one(df: pd.DataFrame, env: dict, run_id: str, results_dir: Path, out: Path,
+               mem_df: pd.DataFrame | None, probe_df: pd.DataFrame | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     t, cal, figs, md, page_html = build(df, env, run_id, str(results_dir), points.tensor_types_from_records(df),
-                                        load_probes(results_dir), load_contexts(results_dir))
+                                        probe_df, mem_df)
     for name, png in figs.items():
         (out / name).write_bytes(png)
     (out / "report.md").write_text(md)

@@ -1,0 +1,154 @@
+"""A local Ray cluster on this machine, in a network namespace with only loopback (run under `unshare -n`, as
+root), and a sweep of the tiny model over it: used by tests/test_cluster.py and benchmarks/cluster_overhead.py.
+
+    unshare -n python tests/cluster_scenario.py SCENARIO WORKDIR
+
+Nodes: the head advertises harness:kind-a, node B harness:kind-a too (same kind, its own port), node C
+harness:kind-b. Scenarios:
+  kill:    the sweep over [kind-a, kind-b]; node B's raylet is killed once B has sent a record, node C's once C
+           has; then the sweep is resumed with a fresh kind-b node (D).
+  plain:   the same sweep with no fault, timed (for the overhead benchmark), beside the same sweep run locally.
+Writes WORKDIR/scenario.json: what happened (return codes, node ids killed, timings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PORT = 6393
+
+
+def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
+
+
+def ray_start(work: Path, name: str, resource: str, head: bool = False, nm_port: int | None = None) -> None:
+    args = [str(BIN / "ray"), "start", "--num-cpus=1", f"--resources={json.dumps({resource: 1})}",
+            "--disable-usage-stats"]
+    if head:
+        args += [f"--port={PORT}", "--head", "--include-dashboard=false", f"--temp-dir={work / 'ray'}"]
+    else:
+        args += [f"--address=127.0.0.1:{PORT}"]
+    if nm_port:
+        args.append(f"--node-manager-port={nm_port}")
+    for _ in range(3):  # a node joining right after another died can be refused once: try again
+        r = sh(*args, check=False, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        (work / f"ray-{name}.log").write_text(r.stdout + r.stderr)
+        if not r.returncode:
+            break
+        time.sleep(3)
+    if r.returncode:
+        raise SystemExit(f"ray start {name} failed: {r.stderr[-2000:]}")
+
+
+def node_id_of(nm_port: int) -> str:
+    code = (f"import ray, json; ray.init(address='127.0.0.1:{PORT}', log_to_driver=False, logging_level='ERROR'); "
+            "print(json.dumps([n['NodeID'] for n in ray.nodes() "
+            f"if n['Alive'] and n['NodeManagerPort'] == {nm_port}]))")
+    return json.loads(sh(str(BIN / "python"), "-c", code).stdout.strip().splitlines()[-1])[0]
+
+
+def kill_raylet(nm_port: int) -> None:
+    """The node dies: its raylet and the workers it started (a machine that goes away takes both)."""
+    out = sh("pgrep", "-af", "raylet", check=False).stdout.splitlines()
+    pids = [int(line.split()[0]) for line in out if f"node_manager_port={nm_port}" in line]
+    if not pids:
+        raise SystemExit(f"no raylet with node_manager_port={nm_port}: {out}")
+    for pid in pids:
+        children = sh("pgrep", "-P", str(pid), check=False).stdout.split()
+        for c in [pid, *map(int, children)]:
+            try:
+                os.kill(c, 9)
+            except ProcessLookupError:
+                pass
+
+
+def records_of(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass  # a line being written
+    return out
+
+
+def write_config(work: Path, quants: list[str], threads: int = 1) -> Path:
+    cfg = work / "cfg.yaml"
+    cfg.write_text(json.dumps({
+        "name": "cluster-test", "model": {"source": "synthetic", "architecture": "tiny"}, "quants": quants,
+        "bench": {"n_prompt": 256, "n_gen": 256, "repetitions": 4, "rounds": 1, "threads": threads,
+                  "n_batch": 256, "n_ubatch": 256, "timeout_s": 120},
+        "probes": False, "cluster": {"devices": [{"name": "kind-a"}, {"name": "kind-b"}], "retries": 2}}))
+    return cfg
+
+
+def harness(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "python"), "-m", "harness", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def main() -> int:
+    scenario, work = sys.argv[1], Path(sys.argv[2])
+    work.mkdir(parents=True, exist_ok=True)
+    sh("ip", "link", "set", "lo", "up")
+    quants = ["IQ3_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
+    cfg = write_config(work, quants)
+    out = work / "out"
+    report: dict = {"scenario": scenario}
+    try:
+        ray_start(work, "head", "harness:kind-a", head=True, nm_port=6801)
+        ray_start(work, "B", "harness:kind-a", nm_port=6802)
+        ray_start(work, "C", "harness:kind-b", nm_port=6803)
+        ids = {"head": node_id_of(6801), "B": node_id_of(6802), "C": node_id_of(6803)}
+        report["nodes"] = ids
+        t0 = time.monotonic()
+        p = harness("run", str(cfg), "--cluster", f"127.0.0.1:{PORT}", "--out", str(out), "--no-report")
+        if scenario == "kill":
+            killed: dict[str, int] = {}
+            deadline = time.monotonic() + 300
+            while p.poll() is None and len(killed) < 2 and time.monotonic() < deadline:
+                recs = records_of(out / "records.jsonl")
+                by = {((r.get("extra") or {}).get("cluster") or {}).get("node_id") for r in recs}
+                for name, port in (("B", 6802), ("C", 6803)):
+                    if name not in killed and ids[name] in by:
+                        killed[name] = sum(1 for r in recs if ((r.get("extra") or {}).get("cluster") or {})
+                                           .get("node_id") == ids[name])
+                        kill_raylet(port)
+                time.sleep(0.05)
+            report["killed_after_records"] = killed
+        stdout, stderr = p.communicate(timeout=600)
+        report.update(rc=p.returncode, seconds=time.monotonic() - t0, stdout=stdout[-4000:], stderr=stderr[-6000:])
+        if scenario == "kill":  # resume with a fresh node of kind-b
+            ray_start(work, "D", "harness:kind-b", nm_port=6804)
+            report["nodes"]["D"] = node_id_of(6804)
+            p = harness("run", str(cfg), "--cluster", f"127.0.0.1:{PORT}", "--resume", str(out))
+            stdout, stderr = p.communicate(timeout=600)
+            report["resume"] = {"rc": p.returncode, "stdout": stdout[-4000:], "stderr": stderr[-6000:]}
+        if scenario == "plain":  # the same sweep locally, for the overhead ratio
+            t0 = time.monotonic()
+            p = harness("run", str(cfg), "--out", str(work / "local"), "--no-report", "--no-progress")
+            p.communicate(timeout=600)
+            report["local_seconds"] = time.monotonic() - t0
+            report["local_rc"] = p.returncode
+    except BaseException as e:  # noqa: BLE001 - said in scenario.json, for the test's message
+        import traceback
+
+        report["error"] = "".join(traceback.format_exception(e))[-4000:]
+        raise
+    finally:
+        sh(str(BIN / "ray"), "stop", "--force", check=False)
+        (work / "scenario.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

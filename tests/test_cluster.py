@@ -1,0 +1,92 @@
+"""`run --cluster` on a real local Ray cluster of three nodes (two of one kind, one of another), in a network
+namespace with only loopback: a node killed mid-sweep loses no finished record, its unfinished cells go to
+the other node of its kind, the kind left without nodes gets error records naming the dead node, and
+`--resume` with a fresh node completes the folder. Runs tests/cluster_scenario.py under `unshare -n`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from conftest import REPO, run_cli
+
+pytest.importorskip("ray", reason="the cluster extra is not installed: pip install -e '.[cluster]'")
+if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+    pytest.skip("needs root, unshare and ip to run the test cluster in a loopback-only network namespace",
+                allow_module_level=True)
+
+
+def group_of(r: dict) -> str | None:
+    return ((r.get("extra") or {}).get("cluster") or {}).get("group")
+
+
+def node_of(r: dict) -> str | None:
+    return ((r.get("extra") or {}).get("cluster") or {}).get("node_id")
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    work = tmp_path_factory.mktemp("cluster")
+    r = subprocess.run(["unshare", "-n", sys.executable, str(REPO / "tests" / "cluster_scenario.py"), "kill",
+                        str(work)], capture_output=True, text=True, timeout=900)
+    assert (work / "scenario.json").is_file(), r.stderr[-3000:]
+    sc = json.loads((work / "scenario.json").read_text())
+    assert "error" not in sc, sc["error"]
+    return work, sc
+
+
+def test_a_killed_node_loses_no_record_and_its_cells_go_to_a_node_of_its_kind(killed):
+    work, sc = killed
+    assert sc["rc"] == 1, sc["stderr"]  # kind-b lost its only node: error records, exit 1
+    ids = sc["nodes"]
+    b_sent = sc["killed_after_records"]["B"]
+    assert 1 <= b_sent < 8, "node B was to die mid-quant (8 cells a quant)"
+    recs = [json.loads(x) for x in (work / "out" / "records.jsonl").read_text().splitlines()]
+    from_b = [r for r in recs if node_of(r) == ids["B"]]
+    assert len(from_b) >= b_sent and all(r["status"] == "ok" for r in from_b)  # nothing B sent is lost
+    ok_a = Counter((r["quant"], r["test"], r["rep"]) for r in recs
+                   if group_of(r) == "kind-a" and r["status"] == "ok")
+    quants = ["IQ3_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
+    assert set(ok_a) == {(q, t, rep) for q in quants for t in ("pp", "tg") for rep in range(4)}
+    assert max(ok_a.values()) == 1  # the retry measured only what B had not sent
+    b_quant = from_b[0]["quant"]
+    nodes = {node_of(r) for r in recs if r["quant"] == b_quant and group_of(r) == "kind-a"}
+    assert nodes == {ids["B"], ids["head"]}
+    sent = sum(1 for r in from_b if r["quant"] == b_quant)  # what B sent of its quant (some after the kill order)
+    assert f"died with {8 - sent} cells unmeasured: given to another node of kind-a" in sc["stderr"]
+    errors_b = [r for r in recs if group_of(r) == "kind-b" and r["status"] == "error"]
+    assert any(f"node {ids['C'][:8]}" in r["error"] and "died mid-measurement" in r["error"] for r in errors_b)
+    assert any("no alive node of kind-b left" in r["error"] for r in errors_b)
+    assert sorted(p.name.split("-")[1] for p in (work / "out").glob("env-*.json")) >= ["kind", "kind"]
+
+
+def test_resume_with_a_fresh_node_completes_the_folder_and_reports_per_group(killed, tmp_path):
+    work, sc = killed
+    assert sc["resume"]["rc"] == 0, sc["resume"]["stderr"]
+    recs = [json.loads(x) for x in (work / "out" / "records.jsonl").read_text().splitlines()]
+    ok = Counter((group_of(r), r["quant"], r["test"], r["rep"]) for r in recs if r["status"] == "ok")
+    assert len(ok) == 2 * 6 * 2 * 4 and max(ok.values()) == 1  # every cell of both groups, each once
+    assert any(node_of(r) == sc["nodes"]["D"] for r in recs)
+    r = run_cli("report", str(work / "out"), "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    for g in ("kind-a", "kind-b"):
+        md = (tmp_path / "rep" / g / "report.md").read_text()
+        assert f"[{g}]" in md.splitlines()[0]
+
+
+def test_cluster_needs_ray_message_and_bad_groups(tmp_path):
+    from harness import config
+
+    with pytest.raises(config.ConfigError, match="cluster.devices lists 'a' twice"):
+        config.from_dict({"name": "x", "cluster": {"devices": ["a", "a"]}})
+    out = str(tmp_path / "o")
+    code = ("import sys; sys.modules['ray'] = None; from harness import cli; "
+            f"sys.exit(cli.main(['run', 'configs/smoke.yaml', '--cluster', 'auto', '--out', {out!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().endswith("pip install -e '.[cluster]'"), r.stderr
+    assert "Traceback" not in r.stderr
