@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PORT = 6393
+TEMP_DIRS: list[str] = []
 
 
 def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -32,7 +35,10 @@ def ray_start(work: Path, name: str, resource: str, head: bool = False, nm_port:
     args = [str(BIN / "ray"), "start", "--num-cpus=1", f"--resources={json.dumps({resource: 1})}",
             "--disable-usage-stats"]
     if head:
-        args += [f"--port={PORT}", "--head", "--include-dashboard=false", f"--temp-dir={work / 'ray'}"]
+        # Ray's sockets live under its temp dir, and a Unix socket path is at most 107 bytes: a short one
+        args += [f"--port={PORT}", "--head", "--include-dashboard=false",
+                 f"--temp-dir={tempfile.mkdtemp(prefix='ray-', dir='/tmp')}"]
+        TEMP_DIRS.append(args[-1].split("=", 1)[1])
     else:
         args += [f"--address=127.0.0.1:{PORT}"]
     if nm_port:
@@ -81,13 +87,14 @@ def records_of(path: Path) -> list[dict]:
     return out
 
 
-def write_config(work: Path, quants: list[str], threads: int = 1) -> Path:
+def write_config(work: Path, quants: list[str], threads: int = 1, groups=("kind-a", "kind-b"), n_gen: int = 256,
+                 timeout_s: float = 120) -> Path:
     cfg = work / "cfg.yaml"
     cfg.write_text(json.dumps({
         "name": "cluster-test", "model": {"source": "synthetic", "architecture": "tiny"}, "quants": quants,
-        "bench": {"n_prompt": 256, "n_gen": 256, "repetitions": 4, "rounds": 1, "threads": threads,
-                  "n_batch": 256, "n_ubatch": 256, "timeout_s": 120},
-        "probes": False, "cluster": {"devices": [{"name": "kind-a"}, {"name": "kind-b"}], "retries": 2}}))
+        "bench": {"n_prompt": 256, "n_gen": n_gen, "repetitions": 4, "rounds": 1, "threads": threads,
+                  "n_batch": 256, "n_ubatch": 256, "timeout_s": timeout_s},
+        "probes": False, "cluster": {"devices": [{"name": g} for g in groups], "retries": 2}}))
     return cfg
 
 
@@ -101,14 +108,22 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     sh("ip", "link", "set", "lo", "up")
     quants = ["IQ3_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
-    cfg = write_config(work, quants)
+    if scenario == "kill":
+        cfg = write_config(work, quants)
+    elif scenario == "hang":  # every repetition outlasts the time limit: the node's child is cut
+        cfg = write_config(work, quants[:2], groups=("kind-a",), n_gen=100_000, timeout_s=3)
+    else:  # plain: one node, one group, against the same sweep run locally
+        cfg = write_config(work, quants, threads=2,
+                           groups=("kind-a",))
     out = work / "out"
     report: dict = {"scenario": scenario}
     try:
         ray_start(work, "head", "harness:kind-a", head=True, nm_port=6801)
-        ray_start(work, "B", "harness:kind-a", nm_port=6802)
-        ray_start(work, "C", "harness:kind-b", nm_port=6803)
-        ids = {"head": node_id_of(6801), "B": node_id_of(6802), "C": node_id_of(6803)}
+        ids = {"head": node_id_of(6801)}
+        if scenario == "kill":
+            ray_start(work, "B", "harness:kind-a", nm_port=6802)
+            ray_start(work, "C", "harness:kind-b", nm_port=6803)
+            ids.update(B=node_id_of(6802), C=node_id_of(6803))
         report["nodes"] = ids
         t0 = time.monotonic()
         p = harness("run", str(cfg), "--cluster", f"127.0.0.1:{PORT}", "--out", str(out), "--no-report")
@@ -146,6 +161,8 @@ def main() -> int:
         raise
     finally:
         sh(str(BIN / "ray"), "stop", "--force", check=False)
+        for d in TEMP_DIRS:
+            shutil.rmtree(d, ignore_errors=True)
         (work / "scenario.json").write_text(json.dumps(report, indent=1))
     return 0
 

@@ -29,15 +29,30 @@ def node_of(r: dict) -> str | None:
     return ((r.get("extra") or {}).get("cluster") or {}).get("node_id")
 
 
-@pytest.fixture(scope="module")
-def killed(tmp_path_factory):
-    work = tmp_path_factory.mktemp("cluster")
-    r = subprocess.run(["unshare", "-n", sys.executable, str(REPO / "tests" / "cluster_scenario.py"), "kill",
+def scenario(name: str, work):
+    r = subprocess.run(["unshare", "-n", sys.executable, str(REPO / "tests" / "cluster_scenario.py"), name,
                         str(work)], capture_output=True, text=True, timeout=900)
     assert (work / "scenario.json").is_file(), r.stderr[-3000:]
     sc = json.loads((work / "scenario.json").read_text())
     assert "error" not in sc, sc["error"]
     return work, sc
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    return scenario("kill", tmp_path_factory.mktemp("cluster"))
+
+
+def test_a_task_that_runs_past_the_time_limit_is_cut_on_its_node(tmp_path):
+    """bench.timeout_s holds on the node as locally: the child measuring there is killed, its quant gets an
+    error record with its group and node, the cells measured before it are kept, and the sweep goes on."""
+    work, sc = scenario("hang", tmp_path)
+    assert sc["rc"] == 1
+    recs = [json.loads(x) for x in (work / "out" / "records.jsonl").read_text().splitlines()]
+    errors = [r for r in recs if r["status"] == "error"]
+    assert {r["quant"] for r in errors} == {"IQ3_M", "Q4_0"}
+    assert all("timed out after 3 s" in r["error"] and node_of(r) == sc["nodes"]["head"] for r in errors)
+    assert all(r["test"] == "pp" for r in recs if r["status"] == "ok")  # pp done, tg cut
 
 
 def test_a_killed_node_loses_no_record_and_its_cells_go_to_a_node_of_its_kind(killed):

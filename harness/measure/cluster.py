@@ -81,6 +81,9 @@ def node_info() -> dict[str, Any]:
             "accelerators": list(ctx.get_accelerator_ids().get("GPU", []))}
 
 
+_NODE_ENV: dict[str, Any] = {}  # this worker's environment, collected by its first task
+
+
 def measure_on_node(cfg_yaml: str, quant: str, run_id: str, skip: list, skip_mem: list, group: str):
     """The task body (a generator): ("node", info, env) first, then ("record", dict) per measurement and a
     final ("done", error or None). Runs in a Ray worker on the node; the measurement itself in a child
@@ -92,7 +95,9 @@ def measure_on_node(cfg_yaml: str, quant: str, run_id: str, skip: list, skip_mem
     from harness.sources.resolve import resolve as resolve_source
 
     cfg = config_mod.from_dict(config_mod.yaml.safe_load(cfg_yaml))
-    yield ("node", node_info(), env_mod.collect())
+    if "env" not in _NODE_ENV:  # once per worker process: its bandwidth probe alone takes a second
+        _NODE_ENV["env"] = env_mod.collect()
+    yield ("node", node_info(), _NODE_ENV["env"])
     try:
         mf = resolve_source(cfg, quant, progress=False)
     except Exception as e:  # noqa: BLE001 - SourceError, QuantizeError, OSError: this quant on this node
