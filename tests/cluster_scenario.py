@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -110,6 +111,8 @@ def main() -> int:
     quants = ["IQ3_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
     if scenario == "kill":
         cfg = write_config(work, quants)
+    elif scenario == "interrupt":  # Ctrl-C once a record is in, then --resume
+        cfg = write_config(work, quants[:3], groups=("kind-a",))
     elif scenario == "hang":  # every repetition outlasts the time limit: the node's child is cut
         cfg = write_config(work, quants[:2], groups=("kind-a",), n_gen=100_000, timeout_s=3)
     else:  # plain: one node, one group, against the same sweep run locally
@@ -140,11 +143,18 @@ def main() -> int:
                         kill_raylet(port)
                 time.sleep(0.05)
             report["killed_after_records"] = killed
+        if scenario == "interrupt":
+            deadline = time.monotonic() + 300
+            while p.poll() is None and not records_of(out / "records.jsonl") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            p.send_signal(signal.SIGINT)
+            report["records_at_interrupt"] = len(records_of(out / "records.jsonl"))
         stdout, stderr = p.communicate(timeout=600)
         report.update(rc=p.returncode, seconds=time.monotonic() - t0, stdout=stdout[-4000:], stderr=stderr[-6000:])
-        if scenario == "kill":  # resume with a fresh node of kind-b
-            ray_start(work, "D", "harness:kind-b", nm_port=6804)
-            report["nodes"]["D"] = node_id_of(6804)
+        if scenario in ("kill", "interrupt"):  # resume (after a kill: with a fresh node of kind-b)
+            if scenario == "kill":
+                ray_start(work, "D", "harness:kind-b", nm_port=6804)
+                report["nodes"]["D"] = node_id_of(6804)
             p = harness("run", str(cfg), "--cluster", f"127.0.0.1:{PORT}", "--resume", str(out))
             stdout, stderr = p.communicate(timeout=600)
             report["resume"] = {"rc": p.returncode, "stdout": stdout[-4000:], "stderr": stderr[-6000:]}

@@ -105,3 +105,16 @@ def test_cluster_needs_ray_message_and_bad_groups(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().endswith("pip install -e '.[cluster]'"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_leaves_a_folder_that_resume_completes(tmp_path):
+    """The driver interrupted (SIGINT) once a record is in: exit 130 with the folder on disk; --resume measures
+    only the missing cells, and every cell ends measured exactly once."""
+    work, sc = scenario("interrupt", tmp_path)
+    assert sc["rc"] == 130 and "interrupted: every finished measurement is on disk" in sc["stderr"]
+    assert sc["records_at_interrupt"] >= 1
+    assert sc["resume"]["rc"] == 0, sc["resume"]["stderr"]
+    recs = [json.loads(x) for x in (work / "out" / "records.jsonl").read_text().splitlines()]
+    ok = Counter((r["quant"], r["test"], r["rep"]) for r in recs if r["status"] == "ok")
+    assert len(ok) == 3 * 2 * 4 and max(ok.values()) == 1
+    assert "cells already measured" in sc["resume"]["stderr"]
