@@ -9,13 +9,18 @@ from pathlib import Path
 from harness import schema
 from harness.sources.published import ImportError_, import_file
 
+# what a folder of published output holds: llama-bench's formats and llama.cpp load logs
+SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv", ".sql", ".log")
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("import", help="published llama-bench output -> records (weights: published)",
                               description="Read llama-bench output as published (markdown tables, json, jsonl, csv; "
                                           "a <name>.yaml beside each file gives url, date, build, device) and write "
                                           "one record per row into OUT/records.jsonl.")
-    p.add_argument("paths", nargs="+", type=Path, help="files or folders (every *.txt, *.md, *.json, *.jsonl, *.csv)")
+    p.add_argument("paths", nargs="+", type=Path,
+                   help="files or folders (every *.txt, *.md, *.json, *.jsonl, *.csv, *.sql, and *.log: a llama.cpp "
+                        "load log)")
     p.add_argument("--out", type=Path, default=Path("results") / "published",
                    help="results folder to write (default results/published; replaced if it holds only an import)")
     for flag in ("url", "device", "date", "build", "backend"):
@@ -29,7 +34,7 @@ def main(args) -> int:
     files: list[Path] = []
     for p in args.paths:
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix in (".txt", ".md", ".json", ".jsonl", ".csv"))
+            files += sorted(f for f in p.iterdir() if f.suffix in SUFFIXES)
         elif p.is_file():
             files.append(p)
         else:
@@ -72,7 +77,7 @@ def read_folder(folder: Path) -> tuple[list[schema.Record], list[str]]:
     """Every source in a folder of published output (data/published/): its records and a line per file."""
     recs: list[schema.Record] = []
     lines: list[str] = []
-    for f in sorted(x for x in folder.iterdir() if x.suffix in (".txt", ".md", ".json", ".jsonl", ".csv")):
+    for f in sorted(x for x in folder.iterdir() if x.suffix in SUFFIXES):
         try:
             got, skipped, src = import_file(f, "published", {})
         except (ImportError_, ValueError, OSError) as e:

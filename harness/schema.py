@@ -116,7 +116,12 @@ def from_dict(d: dict[str, Any]) -> Record:
         raise SchemaError(f"missing fields {missing}")
     if d["status"] not in ("ok", "error"):
         raise SchemaError(f"status must be ok or error, got {d['status']!r}")
-    if d["status"] == "ok" and d.get("weights") == "published":
+    if d["status"] == "ok" and d.get("weights") == "published" and d.get("test") == "mem":
+        # a published load log: a context's buffers and where they came from
+        nulls = [k for k in ("weights_ref", "n_ctx", "kv_buffers") if d.get(k) is None]
+        if nulls:
+            raise SchemaError(f"published memory record with null {nulls}")
+    elif d["status"] == "ok" and d.get("weights") == "published":
         # transcribed from a source: a rate, a test and where it came from; no file, no wall time of ours
         nulls = [k for k in ("test", "rep", "tokens_per_s", "weights_ref") if d.get(k) is None]
         if nulls:

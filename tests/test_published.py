@@ -228,3 +228,50 @@ def crossgpu_page_quants():
     from harness.catalog import page
 
     return page.BY_QUANT
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv", "sql"])
+def test_every_llama_bench_output_format_gives_the_records_of_its_markdown_table(fmt):
+    """llama-bench's machine-readable formats (real runs, tests/data/llama-bench) import to the tests and rates
+    of the markdown table the same run printed (-oe md), and also carry threads, batch sizes and KV types."""
+    src = REPO / "tests" / "data" / "llama-bench" / f"tiny-q4_k_m.{fmt}"
+    meta = {"url": "tests/data/llama-bench/README.md", "device": "NVIDIA GeForce RTX 4090"}  # as with --device
+    recs, skipped, _ = published.import_file(src, "t", meta)
+    assert not skipped, skipped
+    md_recs, md_skipped, _ = published.import_file(src.with_name(src.name + ".md"), "t", meta)
+    assert not md_skipped and len(md_recs) == 2
+
+    def key(r):
+        return r.test, r.n_prompt, r.n_gen, round(r.tokens_per_s, 2), round(r.extra["ts_sd"], 2)
+    assert sorted(map(key, recs)) == sorted(map(key, md_recs))
+    assert all(r.quant == "Q4_K_M" and r.model_desc == "llama ?B Q4_K - Medium" for r in recs)
+    assert all((r.n_threads, r.n_batch, r.n_ubatch, r.cache_type_k) == (2, 2048, 512, "f16") for r in recs)
+
+
+def test_sql_that_is_not_llama_bench_output_is_refused(tmp_path):
+    f = tmp_path / "x.sql"
+    f.write_text("DROP TABLE llama_bench;\n")
+    with pytest.raises(published.ImportError_, match="not llama-bench's sql output: a 'DROP' statement"):
+        published.import_file(f, "t", {"url": "https://example.org", "device": "RTX 4090"})
+
+
+def test_a_llama_cpp_load_log_gives_its_buffers():
+    """A real load log (tests/data/llama-log): the model's buffers as logged, and the context's KV buffer equal
+    to llama.cpp's rule for the 1B (2 x 16 layers x 8 KV heads x 64 x 2 bytes = 32 KiB per cell)."""
+    log = REPO / "tests" / "data" / "llama-log" / "llama-3.2-1b-synthetic-q4_k_m-cpu.log"
+    recs, skipped, _ = published.import_file(log, "t", {"url": "tests/data/llama-log/README.md", "format": "log",
+                                                         "device": "NVIDIA GeForce RTX 4090"})
+    assert not skipped and len(recs) == 1
+    r = recs[0]
+    assert (r.test, r.quant, r.model_n_params, r.n_ctx, r.n_ubatch) == ("mem", "Q4_K_M", 1_240_000_000, 256, 256)
+    assert r.model_buffers == {"CPU_Mapped": round(753.81 * 2**20), "CPU_REPACK": round(445.50 * 2**20)}
+    assert r.kv_bytes == 256 * 2 * 16 * 8 * 64 * 2 and (r.cache_type_k, r.cache_type_v) == ("f16", "f16")
+    assert r.compute_bytes > 0 and r.flash_attn == "auto" and r.device == "cpu"
+
+
+def test_a_log_that_names_no_model_is_skipped_with_the_reason(tmp_path):
+    f = tmp_path / "x.log"
+    f.write_text("llama_context: n_ctx = 4096\nllama_kv_cache: CUDA0 KV buffer size = 128.00 MiB\n")
+    recs, skipped, _ = published.import_file(f, "t", {"url": "https://example.org", "format": "log",
+                                                       "device": "RTX 4090"})
+    assert not recs and "no model the log names" in skipped[0].why

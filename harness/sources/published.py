@@ -70,7 +70,7 @@ def parse_model(text: str) -> tuple[str, str, str] | None:
     """("llama", "1B", "Q4_K_M") from "llama 1B Q4_K - Medium" (also "llama 7B mostly Q4_0", "LLaMA 7B Q4_0");
     None where the quant is not one llama.cpp names."""
     t = re.sub(r"\s+", " ", text.strip())
-    m = re.match(r"^(?P<arch>[A-Za-z][\w.-]*)\s+(?P<size>[\d.]+[BMK])\s+(?:mostly\s+)?(?P<q>.+?)(?:\s+MoE)?$", t)
+    m = re.match(r"^(?P<arch>[A-Za-z][\w.-]*)\s+(?P<size>(?:[\d.]+|\?)[BMK])\s+(?:mostly\s+)?(?P<q>.+?)(?:\s+MoE)?$", t)
     if not m:
         return None
     q = m["q"].strip()
@@ -154,6 +154,10 @@ def _column(name: str) -> str:
     return low if low in _COLUMNS else _DEVICE_COLUMNS.get(low, n)
 
 
+def _int(text: str | None) -> int | None:
+    return int(text) if text and text.strip().isdigit() else None
+
+
 def _rate_columns(row: dict[str, str]) -> list[str]:
     return [c for c in row if c == "t/s" or c.startswith("t/s") or c.lower() in ("master", "pr", "avg_ts")]
 
@@ -223,7 +227,10 @@ def rows_to_records(rows: list[tuple[str, dict[str, str]]], src: Source, run_id:
                 quant=model[2], weights=WEIGHTS, weights_ref=src.url, model_desc=row.get("model"),
                 model_size_bytes=size[0] if size else None, model_n_params=params,
                 test=kind, n_prompt=n_prompt, n_gen=n_gen, n_depth=depth, rep=0, tokens_per_s=rate[0],
-                n_gpu_layers=int(ngl) if ngl and ngl.isdigit() else None, device=backend, gpu_name=dev.name,
+                n_gpu_layers=int(ngl) if ngl and ngl.lstrip("-").isdigit() else None, device=backend,
+                gpu_name=dev.name, n_threads=_int(row.get("threads")), n_batch=_int(row.get("n_batch")),
+                n_ubatch=_int(row.get("n_ubatch")), cache_type_k=row.get("type_k") or None,
+                cache_type_v=row.get("type_v") or None,
                 flash_attn={"1": "on", "0": "off"}.get((row.get("fa") or "").strip()),
                 extra={"source": src.url, "date": src.date, "build": src.build, "quote": src.quote,
                        "line": line.strip(), "file": src.path, "column": col, "ts_sd": rate[1],
@@ -234,13 +241,40 @@ def rows_to_records(rows: list[tuple[str, dict[str, str]]], src: Source, run_id:
     return recs, skipped
 
 
+def sql_items(text: str) -> list[dict[str, Any]]:
+    """llama-bench's `-o sql` output (CREATE TABLE, then one INSERT per test), executed by SQLite in memory:
+    its rows as dicts. Only CREATE TABLE and INSERT statements are accepted."""
+    import sqlite3
+
+    statements = [x.strip() for x in text.split(";\n") if x.strip()]
+    bad = [x.split()[0] for x in statements if not re.match(r"(?is)^(CREATE\s+TABLE|INSERT\s+INTO)\b", x)]
+    if bad:
+        raise ImportError_(f"not llama-bench's sql output: a {bad[0]!r} statement")
+    con = sqlite3.connect(":memory:")
+    try:
+        for x in statements:
+            con.execute(x.rstrip(";"))
+        out = []
+        for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            cur = con.execute(f'SELECT * FROM "{table}"')
+            cols = [c[0] for c in cur.description]
+            out += [dict(zip(cols, row)) for row in cur.fetchall()]
+        return out
+    except sqlite3.Error as e:
+        raise ImportError_(f"not llama-bench's sql output: {e}") from None
+    finally:
+        con.close()
+
+
 def json_rows(text: str, fmt: str) -> list[tuple[str, dict[str, str]]]:
-    """llama-bench's json / jsonl / csv output as md_rows-like (line, {column: cell}) pairs, with its fields
-    mapped to the markdown table's columns (model_type -> model, avg_ts ± stddev_ts -> t/s, ...)."""
+    """llama-bench's json / jsonl / csv / sql output as md_rows-like (line, {column: cell}) pairs, with its
+    fields mapped to the markdown table's columns (model_type -> model, avg_ts ± stddev_ts -> t/s, ...)."""
     if fmt == "json":
         items = json.loads(text)
     elif fmt == "jsonl":
         items = [json.loads(x) for x in text.splitlines() if x.strip()]
+    elif fmt == "sql":
+        items = sql_items(text)
     else:
         items = list(csv.DictReader(io.StringIO(text)))
     out = []
@@ -260,9 +294,73 @@ def json_rows(text: str, fmt: str) -> list[tuple[str, dict[str, str]]]:
             "t/s": f"{it.get('avg_ts')} ± {it.get('stddev_ts')}" if it.get("stddev_ts") not in (None, "")
             else str(it.get("avg_ts", "")),
             "gpu_info": str(it.get("gpu_info") or ""),
+            "threads": str(it.get("n_threads") or ""), "n_batch": str(it.get("n_batch") or ""),
+            "n_ubatch": str(it.get("n_ubatch") or ""), "type_k": str(it.get("type_k") or ""),
+            "type_v": str(it.get("type_v") or ""),
+            "fa": {"1": "1", "0": "0", "True": "1", "False": "0", "-1": ""}.get(str(it.get("flash_attn")), ""),
         }
         out.append((json.dumps(it) if fmt != "csv" else ",".join(str(v) for v in it.values()), row))
     return out
+
+
+_INFO_RE = re.compile(r"^\s*print_info:\s+(?P<key>file type|arch|model type|model params)\s*=\s*(?P<val>.+?)\s*$")
+_CTX_RE = re.compile(r"^\s*llama_context:\s+(?P<key>n_ctx|n_ubatch|n_batch|flash_attn)\s*=\s*(?P<val>\S+)")
+_KV_TYPES_RE = re.compile(r"K \((?P<k>\w+)\):.*V \((?P<v>\w+)\):")
+
+
+def log_records(text: str, src: Source, run_id: str) -> tuple[list[schema.Record], list[Skipped]]:
+    """A llama.cpp load log as published (`format: log`): one memory record (test "mem") per context it
+    creates, with the model's buffers, that context's KV, compute and output buffers (bytes per buffer name, as
+    llama.cpp logs them), n_ctx, n_ubatch, flash attention and the KV cache types where logged."""
+    from harness import llamalog
+
+    lines = text.splitlines()
+    info = {m["key"]: m["val"] for m in map(_INFO_RE.match, lines) if m}
+    model = parse_model(f"{info.get('arch', '')} {info.get('model type', '')} {info.get('file type', '')}")
+    if model is None:
+        return [], [Skipped(src.path, "no model the log names (print_info: arch, model type, file type): "
+                                      f"{info or 'none of those lines'}")]
+    dev, why = _resolve_device(src.device)
+    if dev is None:
+        return [], [Skipped(src.path, f"device: {why}")]
+    contexts: list[tuple[list[str], list[str]]] = []  # (the context's lines, its model's buffer lines)
+    model_lines: list[str] = []
+    new_load = False  # a model buffer line after a context: the log loads the model again
+    for line in lines:
+        if " model buffer size" in line:
+            if new_load:
+                model_lines, new_load = [], False
+            model_lines.append(line)
+        if re.match(r"^\s*llama_context:\s+n_ctx\s*=", line):
+            contexts.append(([], list(model_lines)))
+            new_load = True
+        if contexts:
+            contexts[-1][0].append(line)
+    if not contexts:
+        return [], [Skipped(src.path, "no context in the log (no 'llama_context: n_ctx =' line)")]
+    recs = []
+    for i, (ctx, mlines) in enumerate(contexts):
+        weights = llamalog.parse_buffers(mlines).model
+        b = llamalog.parse_buffers(ctx)
+        kv = {m["key"]: m["val"] for m in map(_CTX_RE.match, ctx) if m}
+        types = next((m for m in map(_KV_TYPES_RE.search, ctx) if m), None)
+        backend = next((BACKENDS.get(re.sub(r"\d+$", "", n).lower()) for n in (*b.kv, *weights)
+                        if not n.upper().startswith("CPU")), "cpu")
+        recs.append(schema.make(
+            run_id=run_id, utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), status="ok",
+            quant=model[2], weights=WEIGHTS, weights_ref=src.url, model_desc=" ".join(model[:2]) + " " +
+            info.get("file type", ""), model_n_params=parse_params(info.get("model params", "")), test="mem",
+            n_ctx=_int(kv.get("n_ctx")), n_ubatch=_int(kv.get("n_ubatch")), n_batch=_int(kv.get("n_batch")),
+            flash_attn=kv.get("flash_attn"), device=backend or src.backend, gpu_name=dev.name,
+            model_buffers=weights, kv_buffers=b.kv, compute_buffers=b.compute, output_buffers=b.output,
+            weights_bytes=sum(weights.values()) or None, kv_bytes=sum(b.kv.values()),
+            compute_bytes=sum(b.compute.values()), output_bytes=sum(b.output.values()),
+            cache_type_k=types["k"] if types else None, cache_type_v=types["v"] if types else None,
+            extra={"source": src.url, "date": src.date, "build": src.build, "quote": src.quote, "file": src.path,
+                   "context": i, "lines": [x.strip() for x in ctx if "buffer size" in x or _CTX_RE.match(x)],
+                   "architecture": model[0], "size_label": model[1], "device_as_printed": src.device},
+        ))
+    return recs, []
 
 
 def read_source(path: Path, meta: dict[str, Any] | None = None) -> Source:
@@ -274,7 +372,8 @@ def read_source(path: Path, meta: dict[str, Any] | None = None) -> Source:
         meta = {**(yaml.safe_load(side.read_text()) or {}), **{k: v for k, v in meta.items() if v}}
     if not meta.get("url"):
         raise ImportError_(f"{path}: no source URL (a {side.name} beside it with url:, or --url)")
-    fmt = str(meta.get("format") or {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}.get(path.suffix, "md"))
+    fmt = str(meta.get("format") or {".json": "json", ".jsonl": "jsonl", ".csv": "csv",
+                                      ".sql": "sql", ".log": "log"}.get(path.suffix, "md"))
     return Source(str(meta["url"]), str(meta["date"]) if meta.get("date") else None, meta.get("build"),
                   meta.get("device"), meta.get("backend"), fmt, meta.get("quote"), str(path))
 
@@ -283,12 +382,16 @@ def import_file(path: Path, run_id: str, meta: dict[str, Any] | None = None
                 ) -> tuple[list[schema.Record], list[Skipped], Source]:
     src = read_source(path, meta)
     text = path.read_text(encoding="utf-8")
-    if src.fmt in ("json", "jsonl", "csv"):
+    if src.fmt in ("json", "jsonl", "csv", "sql"):
         rows = json_rows(text, src.fmt)
     elif src.fmt == "md":
         rows = md_rows(text)
+    elif src.fmt == "log":
+        recs, skipped = log_records(text, src, run_id)
+        return recs, skipped, src
     else:
-        return [], [Skipped(str(path), f"format {src.fmt!r}: not a llama-bench output (md, json, jsonl, csv)")], src
+        why = f"format {src.fmt!r}: not a llama-bench output (md, json, jsonl, csv, sql) or a load log (log)"
+        return [], [Skipped(str(path), why)], src
     if not rows:
         return [], [Skipped(str(path), "no llama-bench table found")], src
     recs, skipped = rows_to_records(rows, src, run_id)
