@@ -32,7 +32,8 @@ def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), check=check, capture_output=True, text=True, **kw)
 
 
-def ray_start(work: Path, name: str, resource: str, head: bool = False, nm_port: int | None = None) -> None:
+def ray_start(work: Path, name: str, resource: str, head: bool = False, nm_port: int | None = None,
+              client_port: int | None = None) -> None:
     args = [str(BIN / "ray"), "start", "--num-cpus=1", f"--resources={json.dumps({resource: 1})}",
             "--disable-usage-stats"]
     if head:
@@ -44,6 +45,8 @@ def ray_start(work: Path, name: str, resource: str, head: bool = False, nm_port:
         args += [f"--address=127.0.0.1:{PORT}"]
     if nm_port:
         args.append(f"--node-manager-port={nm_port}")
+    if client_port:  # Ray Client's server on the head (ray://), off Ray's worker ports (10002 and up)
+        args.append(f"--ray-client-server-port={client_port}")
     for _ in range(3):  # a node joining right after another died can be refused once: try again
         r = sh(*args, check=False, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
         (work / f"ray-{name}.log").write_text(r.stdout + r.stderr)
@@ -111,6 +114,8 @@ def main() -> int:
     quants = ["IQ3_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
     if scenario == "kill":
         cfg = write_config(work, quants)
+    elif scenario == "client":  # through Ray Client (ray://): no streaming tasks there
+        cfg = write_config(work, quants[:2], groups=("kind-a",))
     elif scenario == "interrupt":  # Ctrl-C once a record is in, then --resume
         cfg = write_config(work, quants[:3], groups=("kind-a",))
     elif scenario == "hang":  # every repetition outlasts the time limit: the node's child is cut
@@ -121,7 +126,8 @@ def main() -> int:
     out = work / "out"
     report: dict = {"scenario": scenario}
     try:
-        ray_start(work, "head", "harness:kind-a", head=True, nm_port=6801)
+        ray_start(work, "head", "harness:kind-a", head=True, nm_port=6801,
+                  client_port=10001 if scenario == "client" else None)
         ids = {"head": node_id_of(6801)}
         if scenario == "kill":
             ray_start(work, "B", "harness:kind-a", nm_port=6802)
@@ -129,7 +135,8 @@ def main() -> int:
             ids.update(B=node_id_of(6802), C=node_id_of(6803))
         report["nodes"] = ids
         t0 = time.monotonic()
-        p = harness("run", str(cfg), "--cluster", f"127.0.0.1:{PORT}", "--out", str(out), "--no-report")
+        address = "ray://127.0.0.1:10001" if scenario == "client" else f"127.0.0.1:{PORT}"
+        p = harness("run", str(cfg), "--cluster", address, "--out", str(out), "--no-report")
         if scenario == "kill":
             killed: dict[str, int] = {}
             deadline = time.monotonic() + 300

@@ -118,3 +118,14 @@ def test_ctrl_c_leaves_a_folder_that_resume_completes(tmp_path):
     ok = Counter((r["quant"], r["test"], r["rep"]) for r in recs if r["status"] == "ok")
     assert len(ok) == 3 * 2 * 4 and max(ok.values()) == 1
     assert "cells already measured" in sc["resume"]["stderr"]
+
+
+def test_through_ray_client(tmp_path):
+    """`--cluster ray://HOST:10001` (Ray Client, which has no streaming tasks): every cell measured on the
+    node, records marked with its group and node."""
+    work, sc = scenario("client", tmp_path)
+    assert sc["rc"] == 0, sc["stderr"]
+    recs = [json.loads(x) for x in (work / "out" / "records.jsonl").read_text().splitlines()]
+    ok = Counter((r["quant"], r["test"], r["rep"]) for r in recs if r["status"] == "ok")
+    assert len(ok) == 2 * 2 * 4 and max(ok.values()) == 1
+    assert {node_of(r) for r in recs} == {sc["nodes"]["head"]} and {group_of(r) for r in recs} == {"kind-a"}

@@ -131,6 +131,21 @@ def measure_on_node(cfg_yaml: str, quant: str, run_id: str, skip: list, skip_mem
         t.join()
 
 
+def _is_client() -> bool:
+    """Whether this driver is connected through Ray Client (ray://), which runs no streaming tasks."""
+    try:
+        from ray.util.client import ray as client_ray
+
+        return bool(client_ray.is_connected())
+    except Exception:  # noqa: BLE001 - an older or minimal Ray: not a client
+        return False
+
+
+def measure_all_on_node(*args) -> list:
+    """measure_on_node's items as one list: for Ray Client, which runs no streaming tasks."""
+    return list(measure_on_node(*args))
+
+
 # --- the driver ---------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -208,6 +223,7 @@ class Driver:
         self.bench = runner_mod.resolved_bench(cfg)
         self.cfg_yaml = config_mod.dump_yaml(cfg)
         self.stop = threading.Event()
+        self.client = _is_client()
 
     def cells(self, quant: str) -> list[tuple[str, int, int]]:
         return [(t, d, r) for (q, t, d, r) in runner_mod.all_cells(self.cfg, self.bench) if q == quant]
@@ -257,17 +273,24 @@ class Driver:
                 cq = self.bench.get("context_quants") or self.cfg.quants
                 skip_mem = [] if quant in cq and attempt == 0 else [list(m.key) for m in mem_cells(self.bench)]
                 node: dict[str, Any] = {}
-                gen = ray.remote(num_returns="streaming")(measure_on_node).options(
-                    **_options(ray, target, dead)).remote(self.cfg_yaml, quant, self.run_dir.name, skip, skip_mem,
-                                                          target.group)
-                self.gens[(target.group, quant)] = gen
+                args = (self.cfg_yaml, quant, self.run_dir.name, skip, skip_mem, target.group)
                 try:
-                    error = self._stream(gen, target, quant, head, node, got)
+                    if self.client:  # Ray Client has no streaming tasks: the items come when the task ends
+                        ref = ray.remote(measure_all_on_node).options(**_options(ray, target, dead)).remote(*args)
+                        self.gens[(target.group, quant)] = ref
+                        error = self._collect(ref, target, quant, head, node, got, dead)
+                    else:
+                        gen = ray.remote(num_returns="streaming")(measure_on_node).options(
+                            **_options(ray, target, dead)).remote(*args)
+                        self.gens[(target.group, quant)] = gen
+                        error = self._stream(gen, target, quant, head, node, got)
                 except Exception as e:  # noqa: BLE001 - the node died, or the task broke: decided below
                     nid = node.get("node_id")
                     lost = tuple(getattr(ray.exceptions, n) for n in LOST if hasattr(ray.exceptions, n))
                     if isinstance(e, (NodeLost, *lost)):
                         gone = True  # Ray's own word that the node (or its worker) is gone
+                    elif not isinstance(e, ray.exceptions.RayError):
+                        gone = False  # not Ray's: a task that could not even be submitted
                     elif isinstance(e, ray.exceptions.RayTaskError) and not isinstance(
                             e, ray.exceptions.WorkerCrashedError):
                         gone = False  # the task's own exception: its node is fine, the quant is not
@@ -336,20 +359,43 @@ class Driver:
                 return "the task ended without saying it was done"
             item = ray.get(ref)
             last = time.monotonic()
-            if item[0] == "node":
-                info, env = item[1], item[2]
-                node.update(info)
-                self.events.put(("env", f"env-{slug(target.group)}-{info['node_id'][:8]}.json", env))
-                self.events.put(("say", f"{head} measuring on node {info['node_id'][:8]} ({info['host']})"))
-            elif item[0] == "record":
-                rec = schema.from_dict(item[1])
-                rec = dataclasses.replace(rec, extra={**rec.extra, "cluster": {
-                    "group": target.group, "node_id": node.get("node_id"), "host": node.get("host")}})
-                if rec.status == "ok" and rec.test != "mem":
-                    got.add((rec.test, rec.n_depth, rec.rep))
-                self.events.put(("record", rec))
-            elif item[0] == "done":
+            if item[0] == "done":
                 return item[1]
+            self._take(item, target, head, node, got)
+
+    def _collect(self, ref, target: Target, quant: str, head: str, node: dict, got: set, dead: set) -> str | None:
+        """Ray Client's way: wait for the whole task (while an alive node of its kind exists), then take its
+        items. A node that dies takes the task's unsent records with it."""
+        ray = self.ray
+        while True:
+            ready, _ = ray.wait([ref], timeout=POLL_S)
+            if self.stop.is_set():
+                return None
+            if ready:
+                break
+            if not [n for n in nodes_of(ray, target) if n not in dead]:
+                ray.cancel(ref, force=True)
+                return f"no alive node of {target.group} left to measure it"
+        for item in ray.get(ref):
+            if item[0] == "done":
+                return item[1]
+            self._take(item, target, head, node, got)
+        return "the task ended without saying it was done"
+
+    def _take(self, item: tuple, target: Target, head: str, node: dict, got: set) -> None:
+        """One item a task sent: its node (and the node's environment), or a record, marked with group and node."""
+        if item[0] == "node":
+            info, env = item[1], item[2]
+            node.update(info)
+            self.events.put(("env", f"env-{slug(target.group)}-{info['node_id'][:8]}.json", env))
+            self.events.put(("say", f"{head} measuring on node {info['node_id'][:8]} ({info['host']})"))
+        elif item[0] == "record":
+            rec = schema.from_dict(item[1])
+            rec = dataclasses.replace(rec, extra={**rec.extra, "cluster": {
+                "group": target.group, "node_id": node.get("node_id"), "host": node.get("host")}})
+            if rec.status == "ok" and rec.test != "mem":
+                got.add((rec.test, rec.n_depth, rec.rep))
+            self.events.put(("record", rec))
 
     def _error(self, target: Target, quant: str, error: str, node: dict) -> None:
         self.errors[f"{target.group}/{quant}"] = error
@@ -368,11 +414,17 @@ def run(cfg: Config, address: str, out: Path | None = None, resume: Path | None 
     echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
     ray = import_ray()
     cfg = runner_mod.label_globbed(cfg)
-    try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ConfigError(f"--cluster {address}: cannot connect to a Ray cluster there: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    for attempt in range(3):
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            break
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            # a Ray Client server just started can refuse its first session ("Initialization failure")
+            if attempt < 2 and address.startswith("ray://") and "Initialization failure" in str(e):
+                time.sleep(3)
+                continue
+            raise ConfigError(f"--cluster {address}: cannot connect to a Ray cluster there: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     try:
         targets = plan_targets(ray, cfg.cluster.devices)
         run_dir, previous = runner_mod.prepare(cfg, out, resume)
