@@ -325,6 +325,8 @@ class Driver:
                 else:
                     self.events.put(("say", f"{head} done on {node.get('host')} ({len(got)} cells)"))
                 return
+        except Exception as e:  # noqa: BLE001 - whatever breaks the driver's side of a quant ends that quant only
+            self._error(target, quant, f"the driver failed: {type(e).__name__}: {e}", {})
         finally:
             self.gens.pop((target.group, quant), None)
             self.events.put(("end",))
