@@ -114,6 +114,9 @@ def main() -> int:
     quants = ["IQ3_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
     if scenario == "kill":
         cfg = write_config(work, quants)
+    elif scenario == "all":  # cluster.devices: all: every node once, its quants one after another
+        cfg = write_config(work, quants[:3], groups=("kind-a",))
+        cfg.write_text(cfg.read_text().replace('"devices": [{"name": "kind-a"}]', '"devices": "all"'))
     elif scenario == "client":  # through Ray Client (ray://): no streaming tasks there
         cfg = write_config(work, quants[:2], groups=("kind-a",))
     elif scenario == "interrupt":  # Ctrl-C once a record is in, then --resume
@@ -129,6 +132,9 @@ def main() -> int:
         ray_start(work, "head", "harness:kind-a", head=True, nm_port=6801,
                   client_port=10001 if scenario == "client" else None)
         ids = {"head": node_id_of(6801)}
+        if scenario == "all":
+            ray_start(work, "B", "harness:kind-a", nm_port=6802)
+            ids.update(B=node_id_of(6802))
         if scenario == "kill":
             ray_start(work, "B", "harness:kind-a", nm_port=6802)
             ray_start(work, "C", "harness:kind-b", nm_port=6803)

@@ -129,3 +129,19 @@ def test_through_ray_client(tmp_path):
     ok = Counter((r["quant"], r["test"], r["rep"]) for r in recs if r["status"] == "ok")
     assert len(ok) == 2 * 2 * 4 and max(ok.values()) == 1
     assert {node_of(r) for r in recs} == {sc["nodes"]["head"]} and {group_of(r) for r in recs} == {"kind-a"}
+
+
+def test_all_nodes_each_measure_every_quant_one_at_a_time(tmp_path):
+    """`cluster.devices: all`: each alive node is a group of its own and measures every quant; its quants run
+    one after another (never two measurements at once on a node)."""
+    work, sc = scenario("all", tmp_path)
+    assert sc["rc"] == 0, sc["stderr"]
+    recs = [json.loads(x) for x in (work / "out" / "records.jsonl").read_text().splitlines()]
+    ids = sc["nodes"]
+    assert {node_of(r) for r in recs} == {ids["head"], ids["B"]}
+    assert {group_of(r) for r in recs} == {f"node-{ids['head'][:8]}", f"node-{ids['B'][:8]}"}
+    for nid in (ids["head"], ids["B"]):
+        mine = [r for r in recs if node_of(r) == nid]
+        assert len({(r["quant"], r["test"], r["rep"]) for r in mine if r["status"] == "ok"}) == 3 * 2 * 4
+        order = [r["quant"] for r in mine]  # in arrival order: one quant's records together, never interleaved
+        assert len([q for i, q in enumerate(order) if i == 0 or order[i - 1] != q]) == 3

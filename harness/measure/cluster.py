@@ -229,17 +229,21 @@ class Driver:
         return [(t, d, r) for (q, t, d, r) in runner_mod.all_cells(self.cfg, self.bench) if q == quant]
 
     def run(self, writer: schema.RecordWriter, mem_writer: schema.RecordWriter | None) -> None:
-        jobs = [(t, q) for q in self.cfg.quants for t in self.targets]
-        threads = []
-        for target, quant in jobs:
-            todo = [c for c in self.cells(quant) if (target.group, quant, *c) not in self.done]
-            if not todo:
-                self.echo(f"[{target.group}] {quant}: already measured (resume)")
-                continue
-            th = threading.Thread(target=self._drive, args=(target, quant), daemon=True)
-            th.start()
-            threads.append(th)
-        live = len(threads)
+        todo: dict[int, list[str]] = {}
+        for i, target in enumerate(self.targets):
+            for quant in self.cfg.quants:
+                if any((target.group, quant, *c) not in self.done for c in self.cells(quant)):
+                    todo.setdefault(i, []).append(quant)
+                else:
+                    self.echo(f"[{target.group}] {quant}: already measured (resume)")
+        live = 0
+        for i, quants in todo.items():
+            target = self.targets[i]
+            # A group's tasks all go to Ray at once: its resource (capacity 1 a node) lets one run at a time on
+            # each node. A pinned node has no such resource: its quants go one after another from one thread.
+            for chain in ([quants] if target.node_id else [[q] for q in quants]):
+                threading.Thread(target=self._drive_each, args=(target, chain), daemon=True).start()
+                live += len(chain)
         while live:
             kind, *rest = self.events.get()
             if kind == "record":
@@ -258,6 +262,13 @@ class Driver:
         for gen in list(self.gens.values()):
             with contextlib.suppress(Exception):
                 self.ray.cancel(gen, force=True)
+
+    def _drive_each(self, target: Target, quants: list[str]) -> None:
+        for quant in quants:
+            if self.stop.is_set():
+                self.events.put(("end",))
+                continue
+            self._drive(target, quant)
 
     def _drive(self, target: Target, quant: str) -> None:
         """One (group, quant): its task, retried on another node of the group when its node dies."""
