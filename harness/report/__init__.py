@@ -214,6 +214,7 @@ def _page_on_gpus() -> list[tuple]:
                    "shape-faithful files; ± is its GPU family's leave-one-device-out error. Of the published "
                    f"measurements on the page's GPUs, {n_in} of {n_pub} fall inside ±20% of the page's rule "
                    "applied to their own model's size."))
+    s.append(("list", [x.strip() for x in crossgpu.lines(xcal)[1:]]))
     s.append(("table", PAGE_GPU_HEAD, page_gpu_rows(gpus)))
     pub = page_gpu_published_rows(gpus)
     if pub:
