@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = ""
         if args.command == "run":
-            hint = (f"; resume with: python -m harness run {args.config} --resume RESULTS_DIR "
+            cluster = f" --cluster {args.cluster}" if getattr(args, "cluster", None) else ""
+            hint = (f"; resume with: python -m harness run {args.config}{cluster} --resume RESULTS_DIR "
                     "(the results folder printed at the start)")
         print(f"\ninterrupted: every finished measurement is on disk{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -331,6 +331,8 @@ class Driver:
                                     f"retries exhausted ({self.cfg.cluster.retries})"))
                     else:
                         error = f"{where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if self.stop.is_set():  # interrupted: what came is written, the rest is for --resume
+                    return
                 if error:
                     self._error(target, quant, error, node)
                 else:
