@@ -33,20 +33,25 @@ def resolve_device(name: str, bandwidth_gb_s: float | None = None, cals: list[di
     "cpu" is this machine's CPU: its bandwidth from --bandwidth, else from a CPU calibration given, else
     measured now (about 2 s). Any other name is looked up in the catalog (UnknownDevice says "did you mean")."""
     if name.strip().lower() in ("cpu", "this cpu", "host"):
-        from harness.measure import bandwidth, env
+        from harness.measure import env
 
-        cpu_cals = [c for c in cals or [] if (c.get("device") or {}).get("kind") == "cpu"]
+        here = env.cpu_model()
+        # a calibration's bandwidth is this machine's only if it was measured on this CPU
+        cpu_cals = [c for c in cals or [] if (c.get("device") or {}).get("kind") == "cpu"
+                    and ((c["device"].get("reported_name") or c["device"].get("name")) == here)]
         if bandwidth_gb_s:
             bw, src = bandwidth_gb_s, "given with --bandwidth"
         elif cpu_cals and cpu_cals[0]["device"].get("bandwidth_gb_s"):
             bw = cpu_cals[0]["device"]["bandwidth_gb_s"]
             src = f"from {cpu_cals[0].get('source_path', 'the calibration')}"
-        else:
-            d = bandwidth.measure_cpu_bandwidth_detail()
-            bw, src = d["gb_s"], f"measured now: {d['method']}"
+        else:  # the probe the runs use (compiled STREAM, numpy's without a compiler), so the two agree
+            d = env.memory_bandwidth()
+            if d is None:
+                raise devices.UnknownDevice("cpu: its memory bandwidth could not be measured; give --bandwidth")
+            bw, src = d["measured_gb_s"], f"measured now: {d['method']}"
         import psutil
 
-        return {"name": env.cpu_model(), "kind": "cpu", "vendor": "cpu", "bandwidth_gb_s": float(bw),
+        return {"name": here, "kind": "cpu", "vendor": "cpu", "bandwidth_gb_s": float(bw),
                 "memory_bytes": psutil.virtual_memory().total, "source": src}
     d = devices.lookup(name)
     out = {"name": d.name, "kind": "gpu", "vendor": d.vendor, "bandwidth_gb_s": float(d.bandwidth_gb_s),
@@ -105,6 +110,16 @@ def calibrated_estimate(cal: dict, device: dict, quant: str, context: int) -> di
     notes = list(notes) + [n for n in ctx_notes if n not in notes]
     out: dict[str, Any] = {"tok_s": rate0, "tok_s_at_context": rate_ctx, "tok_s_rel": rel, "notes": notes,
                            "context_extrapolated": any("extrapolated, not calibrated" in n for n in ctx_notes)}
+    if not same and device["kind"] == "cpu":  # one CPU's kernels are not another's: carry the measured error
+        xfer = crossgpu.load_shipped().get("cpu_transfer") or {}
+        err = xfer.get("all")
+        out["tok_s_rel"] = err["median_ape"] if err else math.nan
+        out["rel_what"] = "the median error of carrying a calibration from one CPU to another (see the note)"
+        out["notes"].insert(0, f"this CPU was not measured: {cal['device']['name']}'s calibration is carried by "
+                               "the bandwidth ratio, which between the CPUs measured here is off by "
+                               + (f"median {err['median_ape']:.0%}, worst {err['worst_ape']:.0%} ({xfer['n']} "
+                                  f"quants, {len(xfer['pairs'])} directions)" if err else "an unknown amount")
+                               + "; ± is that error. Measure this CPU: `make run`")
     try:
         mem, mem_rel, mem_notes = predict.predict_memory_bytes(cal, quant, context)
         out.update(memory_bytes=mem, memory_rel=mem_rel)
@@ -209,9 +224,11 @@ def render(device: dict, quant: str, context: int, pg: dict | None, cal: dict | 
     run = cal.get("run") or {}
     tg = cal.get("tg") or {}
     worst = (tg.get("nested") or {}).get("worst_ape") or (tg.get("loqo") or {}).get("worst_ape")
+    pm = (est["rel_what"] if est.get("rel_what") else
+          f"the held-out (LOQO) RMS error, worst {'-' if worst is None else f'{worst:.1%}'}")
     lines.append(f"            factors from {d.get('name')} ({why}); run {run.get('run_id')}, llama-cpp-python "
-                 f"{cal.get('llama_cpp_version') or '-'}, model {tg.get('chosen')}; ± is the held-out (LOQO) RMS "
-                 f"error, worst {'-' if worst is None else f'{worst:.1%}'}; {cal.get('source_path', '')}")
+                 f"{cal.get('llama_cpp_version') or '-'}, model {tg.get('chosen')}; ± is {pm}; "
+                 f"{cal.get('source_path', '')}")
     for n in est["notes"]:
         lines.append(f"            note: {n}")
     if mem and est.get("memory_bytes"):

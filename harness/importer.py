@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from harness import schema
 from harness.sources.published import ImportError_, import_file
 
@@ -104,7 +106,45 @@ def quality_rows(folder: Path) -> list[dict]:
     return out
 
 
-def build_shipped(folder: Path, sizes_calibration: Path) -> dict:
+def cpu_transfer(calibrations: list[Path]) -> dict:
+    """How far one CPU's calibration carries to another CPU: each measured run's calibration (its report folder,
+    with summary.csv beside it) predicts every other CPU's measured tg per quant, scaled by the bandwidth ratio as
+    `estimate` would; |predicted / measured - 1| per quant, per ordered pair of different CPUs, and over all."""
+    import csv
+
+    from harness.analysis import calibration, predict
+    from harness.analysis.fit import error_stats
+
+    runs = []
+    for p in calibrations:
+        cal = calibration.load(p)
+        with open(p.parent / "summary.csv") as f:
+            tg = {r["quant"]: float(r["tg_tok_s"]) for r in csv.DictReader(f)
+                  if r["tg_tok_s"] and int(float(r["n_depth"] or 0)) == 0}
+        runs.append((p.parent.name, cal, tg))
+    pairs, every = [], []
+    for name_a, cal_a, _ in runs:
+        for name_b, cal_b, tg_b in runs:
+            if cal_a["device"]["name"] == cal_b["device"]["name"]:
+                continue
+            apes = []
+            for q, measured in tg_b.items():
+                try:
+                    rate, _, _ = predict.predict_tg_tok_s(cal_a, q, 0, cal_b["device"]["bandwidth_gb_s"])
+                except calibration.CalibrationError:
+                    continue
+                apes.append(abs(rate / measured - 1))
+            if apes:
+                every += apes
+                pairs.append({"from": f"{cal_a['device']['name']} ({name_a})",
+                              "to": f"{cal_b['device']['name']} ({name_b})", "n": len(apes),
+                              **error_stats(np.array(apes))})
+    return {"what": "a CPU calibration carried to another CPU by the bandwidth ratio: |predicted / measured - 1| "
+                    "of tg per quant", "pairs": pairs,
+            "all": error_stats(np.array(every)) if every else None, "n": len(every)}
+
+
+def build_shipped(folder: Path, sizes_calibration: Path, cpu_calibrations: list[Path] | None = None) -> dict:
     """The cross-device calibration that ships with the package (`estimate` on a GPU uses it by default): the fit
     on every published tg row of `folder`, Llama 3.2 1B's model size per quant from a measured run's
     calibration.json (llama.cpp's own count on the shape-faithful files, whose tensor types are the Hub's), and
@@ -127,5 +167,6 @@ def build_shipped(folder: Path, sizes_calibration: Path) -> dict:
         {k: r[k] for k in ("device", "family", "model", "quant", "bytes", "tok_s", "size_b", "source")}
         for _, r in rows[rows.device.isin(page_gpus)].iterrows()]
     cal["quality"] = quality_rows(folder)
+    cal["cpu_transfer"] = cpu_transfer(cpu_calibrations or [])
     cal["built_from"] = f"{folder.name}/ ({len(recs)} records)"
     return cal

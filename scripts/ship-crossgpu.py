@@ -15,6 +15,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 SIZES = REPO / "reports" / "20261128T055841Z-llama-3.2-1b-synthetic" / "calibration.json"
+# the latest committed run of each CPU: how far a calibration carries from one CPU to another
+CPUS = [REPO / "reports" / f"{r}-llama-3.2-1b-synthetic" / "calibration.json"
+        for r in ("20261128T005750Z", "20261128T055841Z")]
 
 
 def main() -> int:
@@ -24,7 +27,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=Path, default=SIZES)
     a = p.parse_args()
-    cal = importer.build_shipped(REPO / "data" / "published", a.sizes)
+    cal = importer.build_shipped(REPO / "data" / "published", a.sizes, CPUS)
     crossgpu.SHIPPED.parent.mkdir(exist_ok=True)
     crossgpu.SHIPPED.write_text(json.dumps(cal, indent=1, default=float, sort_keys=True) + "\n")
     print("\n".join(crossgpu.lines(cal)))

@@ -94,9 +94,15 @@ def test_nearest_bandwidth_wins_among_other_devices(capsys, cpu_cal, h100_cal):
     assert rc == 0 and "factors from NVIDIA H100 SXM (nearest bandwidth" in out
 
 
-def test_cpu_device_takes_the_calibrations_bandwidth(capsys, cpu_cal):
-    rc, out, _ = run(capsys, "--device", "cpu", "--quant", "IQ3_M", "--calibration", str(cpu_cal))
+def test_cpu_device_takes_the_bandwidth_of_a_calibration_of_this_cpu(capsys, tmp_path):
+    from harness.measure import env
+
+    here = {**ENV_CPU, "cpu": {"model": env.cpu_model()}}  # measured on this machine's CPU
+    cal = calibration.write(calibration.calibrate(frame(make_records(noise=0.002)), here, run_id="here"),
+                            tmp_path / "here.json")
+    rc, out, _ = run(capsys, "--device", "cpu", "--quant", "IQ3_M", "--calibration", str(cal))
     assert rc == 0 and "(20.0 GB/s" in out and "~17 tok/s" in out  # the page: 20 / 0.64 x 0.55 = 17.2
+    assert "(measured on this device)" in out and "this CPU was not measured" not in out
 
 
 def test_quant_not_on_the_page(capsys, cpu_cal):
@@ -106,3 +112,17 @@ def test_quant_not_on_the_page(capsys, cpu_cal):
     assert rc == 0 and "calibrated: none (Q2_K: no measured size of Llama 3.2 1B" in out
     rc, out, _ = run(capsys, "--device", "cpu", "--quant", "Q2_K", "--calibration", str(cpu_cal))
     assert rc == 0 and "calibrated: none (Q2_K was not measured" in out
+
+
+def test_another_cpus_calibration_says_so_and_carries_the_cross_cpu_error(capsys, cpu_cal):
+    """A calibration of another CPU ("Test CPU", not this machine's) neither lends this machine its bandwidth nor
+    its same-device ±: the ± is the shipped cross-CPU error, and the output says this CPU was not measured."""
+    from harness.analysis import crossgpu
+
+    rc, out, _ = run(capsys, "--device", "cpu", "--quant", "Q4_K_M", "--bandwidth", "50",
+                     "--calibration", str(cpu_cal))
+    assert rc == 0
+    err = crossgpu.load_shipped()["cpu_transfer"]["all"]
+    assert f"±{err['median_ape']:.0%}" in out and "this CPU was not measured" in out
+    assert "carrying a calibration from one CPU to another" in out and "(LOQO)" not in out
+    assert "(50.0 GB/s" in out and "from " not in out.splitlines()[0]  # the bandwidth given, not the calibration's

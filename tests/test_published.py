@@ -197,7 +197,9 @@ def test_the_shipped_cross_device_calibration_is_what_the_data_builds():
     from harness import importer
 
     sizes = REPO / "reports" / "20261128T055841Z-llama-3.2-1b-synthetic" / "calibration.json"
-    built = json.loads(json.dumps(importer.build_shipped(DATA, sizes), default=float, sort_keys=True))
+    cpus = [REPO / "reports" / f"{r}-llama-3.2-1b-synthetic" / "calibration.json"
+            for r in ("20261128T005750Z", "20261128T055841Z")]
+    built = json.loads(json.dumps(importer.build_shipped(DATA, sizes, cpus), default=float, sort_keys=True))
     shipped = json.loads(crossgpu.SHIPPED.read_text())
     assert built.keys() == shipped.keys()
     for f, fam in built["families"].items():
@@ -205,6 +207,8 @@ def test_the_shipped_cross_device_calibration_is_what_the_data_builds():
         assert fam["n_rows"] == shipped["families"][f]["n_rows"]
     assert built["held_out"] == shipped["held_out"]
     assert built["llama_3_2_1b"] == shipped["llama_3_2_1b"] and built["page_gpu_rows"] == shipped["page_gpu_rows"]
+    assert [p["n"] for p in built["cpu_transfer"]["pairs"]] == [p["n"] for p in shipped["cpu_transfer"]["pairs"]]
+    assert built["cpu_transfer"]["all"]["median_ape"] == pytest.approx(shipped["cpu_transfer"]["all"]["median_ape"])
 
 
 def test_the_page_on_its_gpus():

@@ -118,6 +118,15 @@ CATALOG: tuple[Device, ...] = (
            "https://www.hardwaredb.net/radeon-rx-7900-xt-benchmark prints \"20 GiB of GDDR6 memory, with a total "
            "memory bandwidth of 781 GB/s\" (781 = 800 / 1.024: GiB/s, it seems). No AMD page in the stored corpora",
            ("rx 7900 xt", "radeon rx 7900 xt")),
+    Device("AMD Radeon RX 7900 XTX", "amd", 24 * GIB, 960,
+           "https://sezonuyakala.com/amd-radeon-rx-7900-xtx-and-7900-xt-graphics-cards-revealed/ (a pre-launch "
+           "leak's table: \"Memory bandwidth 960 GB/s 800 GB/s\" for the XTX and XT, \"24GB G6\"); "
+           "https://pcspecchart.com/pc_parts/gpu/5: \"delivers a total memory bandwidth of 960 GB/s\". No AMD page "
+           "in the stored corpora", ("rx 7900 xtx", "radeon rx 7900 xtx")),
+    Device("AMD Radeon PRO W7900", "amd", 48 * GIB, 864,
+           "https://www.itcreations.com/amd-gpu/amd-radeon-pro-w7900-gpu (a reseller: \"The bandwidth on this card "
+           "delivers a blazing fast speed of 864 GB/s and a memory interface of 384-bit\"). No AMD page in the "
+           "stored corpora", ("w7900", "radeon pro w7900", "pro w7900")),
     # --- AMD Instinct
     Device("AMD Instinct MI250X", "amd", 128 * GIB, 3277, _AMD + "mi200/mi250x.html (128GB HBM2e, 3.2768 TB/s)",
            ("mi250x",)),
