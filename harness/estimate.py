@@ -153,13 +153,14 @@ def cross_device_estimate(xcal: dict, device: dict, quant: str, context: int, ba
         size = page.page_file_bytes(quant, printed=False)
         out["size_source"] = "the page's file size (not measured)"
     kvt = kv_bytes_per_token()
-    rate0, fam, family = crossgpu.predict_tok_s(xcal, device["vendor"], device["bandwidth_gb_s"], size, backend)
+    rate0, fam, family = crossgpu.predict_tok_s(xcal, device["vendor"], device["bandwidth_gb_s"], size, backend,
+                                                device=device["name"])
     out.update(family=family, fam=fam, weights_bytes=size, kv_bytes=kvt * kv_cells(max(context, 1)))
     if rate0 is None:
         out["why"] = family
         return out
     rate_ctx, _, _ = crossgpu.predict_tok_s(xcal, device["vendor"], device["bandwidth_gb_s"],
-                                            size + kvt * context, backend)
+                                            size + kvt * context, backend, device=device["name"])
     out.update(tok_s=rate0, tok_s_at_context=rate_ctx)
     return out
 
@@ -180,11 +181,18 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
                  f"at {context:,} tokens (the KV cache read added); cross-device: efficiency {fam['efficiency']:.2f}"
                  + (f", overhead {fam['overhead_s'] * 1e3:.2f} ms/token" if fam.get("overhead_s") else "")
                  + f" of the spec bandwidth for {x['family']}")
-    lines.append(f"            held-out error (leave one device out) of {x['family']}: 1B-3B rows "
-                 f"{err(small, held.get('n_small', 0))}; all its rows {err(every, held.get('n_all', 0))}; "
-                 f"rests on {fam['n_rows']} published rows on {len(fam['devices'])} devices "
-                 f"({', '.join(fam['devices'][:6])}{', ...' if len(fam['devices']) > 6 else ''}); model "
-                 f"{xcal.get('chosen')} ({why}; harness/data/crossgpu.json, from {xcal.get('built_from')})")
+    if " on " in x["family"]:  # this device's own published rows
+        models = "; ".join(fam["models"][:4])
+        lines.append(f"            from this device's own {fam['n_rows']} published rows ({models}"
+                     f"): held-out error (leave one row out) {err(every, held.get('n_all', 0))}; they are of "
+                     f"other models, whose size is scaled ({why}; harness/data/crossgpu.json, from "
+                     f"{xcal.get('built_from')})")
+    else:
+        lines.append(f"            held-out error (leave one device out) of {x['family']}: 1B-3B rows "
+                     f"{err(small, held.get('n_small', 0))}; all its rows {err(every, held.get('n_all', 0))}; "
+                     f"rests on {fam['n_rows']} published rows on {len(fam['devices'])} devices "
+                     f"({', '.join(fam['devices'][:6])}{', ...' if len(fam['devices']) > 6 else ''}); model "
+                     f"{xcal.get('chosen')} ({why}; harness/data/crossgpu.json, from {xcal.get('built_from')})")
     mem = x["weights_bytes"] + x["kv_bytes"]
     lines.append(f"memory:     at least {mem / GB:.2f} GB = weights {x['weights_bytes'] / GB:.2f} GB as stored "
                  f"({x['size_source']}) + KV {x['kv_bytes'] / GB:.3f} GB (f16, {kv_cells(max(context, 1)):,} "

@@ -222,10 +222,32 @@ def test_the_page_on_its_gpus():
     g = gpus["NVIDIA GeForce RTX 4090"]
     assert [q["quant"] for q in g["quants"]] == list(crossgpu_page_quants())
     q = next(q for q in g["quants"] if q["quant"] == "Q4_K_M")
-    assert round(q["page_tok_s"]) == 799 and q["family"] == "nvidia-cuda" and q["estimate_tok_s"] > 0
+    assert round(q["page_tok_s"]) == 799 and q["estimate_tok_s"] > 0
+    assert q["family"] == "nvidia-cuda on NVIDIA GeForce RTX 4090"  # its own published CUDA rows
     tiny = next(r for r in g["published"] if r["model"] == "llama 1B Q4_K - Medium")  # geerlingguy issue 43
     assert tiny["tok_s"] == 762.37 and tiny["inside"] == (abs(762.37 / tiny["page_rule_tok_s"] - 1) <= 0.2)
-    assert all(q["estimate_tok_s"] is None and "amd-rocm" in q["family"] for q in gpus["AMD Instinct MI300X"]["quants"])
+    mi = gpus["AMD Instinct MI300X"]
+    # llm-tracker's MI300X ROCm rows (llama 7B Q4_0, 183.18 and 157.84 t/s): far below the page's rule
+    assert {r["tok_s"] for r in mi["published"]} == {183.18, 157.84} and not any(r["inside"] for r in mi["published"])
+    assert all(q["family"] == "amd-rocm on AMD Instinct MI300X" for q in mi["quants"])
+    h100 = next(q for q in gpus["NVIDIA H100 SXM"]["quants"] if q["quant"] == "Q4_K_M")
+    assert h100["family"] == "nvidia-cuda"  # no rows of its own: its family
+
+
+def test_a_device_with_rows_of_its_own_uses_them():
+    """Per-device terms on fixed rows with exact answers: efficiency = the median of bytes / (bandwidth x
+    time); leave-one-row-out error from the others' median."""
+    pts = pd.DataFrame({"device": ["A"] * 3, "family": ["x-cuda"] * 3, "bytes": [1e9, 2e9, 4e9],
+                        "bandwidth_b_s": [1e12] * 3, "t_s": [1e-3 / 0.5, 2e-3 / 0.6, 4e-3 / 0.7],
+                        "model": ["m1", "m2", "m4"]})
+    own = crossgpu.per_device(pts)["A"]["x-cuda"]
+    assert own["efficiency"] == pytest.approx(0.6) and own["n_rows"] == 3
+    # row 0 (0.5) from the others' median (0.65): |0.5 / 0.65 - 1|; row 1 (0.6) from 0.6: 0.0 ...
+    want = sorted([abs(0.5 / 0.65 - 1), abs(0.6 / 0.6 - 1), abs(0.7 / 0.55 - 1)])
+    assert own["held_out"]["all"]["worst_ape"] == pytest.approx(want[-1])
+    rate, terms, what = crossgpu.predict_tok_s({"per_device": {"A": {"x-cuda": own}}}, "x", 1000, 1e9,
+                                               backend="cuda", device="A")
+    assert what == "x-cuda on A" and rate == pytest.approx(0.6 * 1000e9 / 1e9)
 
 
 def crossgpu_page_quants():

@@ -165,6 +165,37 @@ def calibrate(df: pd.DataFrame) -> dict[str, Any]:
         out["families"][f] = {**p, "n_rows": int(len(d)), "devices": sorted(d.device.unique()), "held_out": {
             "all": error_stats(ape[m]) if m.any() else None, "n_all": int(m.sum()),
             "small": error_stats(ape[m & small]) if (m & small).any() else None, "n_small": int((m & small).sum())}}
+    out["per_device"] = per_device(pts)
+    # where a device has rows of its own, which predicts them better: its other rows or its family without it?
+    loro = np.full(len(pts), np.nan)
+    for _, d in pts.groupby(["device", "family"]):
+        eff = (d.bytes / d.bandwidth_b_s / d.t_s).to_numpy()
+        for k, i in enumerate(d.index.to_numpy() if len(eff) > 1 else []):
+            loro[i] = abs(eff[k] / float(np.median(np.delete(eff, k))) - 1)
+    both = ~np.isnan(loro) & ~np.isnan(ape)
+    out["per_device_check"] = {
+        "n": int(both.sum()), "own rows (leave one row out)": error_stats(loro[both]) if both.any() else None,
+        f"family, {chosen} (leave one device out)": error_stats(ape[both]) if both.any() else None}
+    return out
+
+
+def per_device(pts: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """{device: {family: terms}}: a device's own efficiency from its own published rows of a family (the median
+    of bytes / (spec bandwidth x time) over them), and its leave-one-row-out error where it has two rows or
+    more. A device that llama.cpp drives far from its spec bandwidth (the MI300X's ROCm rows) keeps its own
+    figure instead of its family's."""
+    out: dict[str, dict[str, Any]] = {}
+    for (dev, fam), d in pts.groupby(["device", "family"]):
+        eff = (d.bytes / d.bandwidth_b_s / d.t_s).to_numpy()
+        apes = []
+        for i in range(len(eff)) if len(eff) > 1 else []:
+            e = float(np.median(np.delete(eff, i)))
+            apes.append(abs(eff[i] / e - 1))  # measured rate / predicted rate - 1
+        out.setdefault(dev, {})[fam] = {
+            "efficiency": float(np.median(eff)), "n_rows": int(len(d)), "overhead_s": 0.0,
+            "models": sorted(set(map(str, d.model))),
+            "held_out": {"method": "leave one row out", "n_all": len(apes),
+                         "all": error_stats(np.array(apes)) if apes else None}}
     return out
 
 
@@ -182,10 +213,17 @@ DEFAULT_BACKEND = {"nvidia": "cuda", "amd": "rocm", "apple": "metal"}
 
 
 def predict_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes_per_token: float,
-                  backend: str | None = None) -> tuple[float | None, dict[str, Any] | None, str]:
-    """tg tok/s on a device of `vendor` and spec bandwidth from the cross-device calibration: (tok/s, the family's
-    terms and held-out error, the family used or why none). None where no published row is of that family."""
+                  backend: str | None = None, device: str | None = None
+                  ) -> tuple[float | None, dict[str, Any] | None, str]:
+    """tg tok/s on a device of `vendor` and spec bandwidth from the cross-device calibration: (tok/s, the terms
+    used with their held-out error, what they are or why none). A `device` with two or more published rows of
+    the family has its own terms ("<family> on <device>"); else the family's; None where no published row is of
+    that family."""
     family = f"{vendor}-{backend or DEFAULT_BACKEND.get(vendor, 'cpu')}"
+    own = ((cal.get("per_device") or {}).get(device or "") or {}).get(family)
+    if own and own["n_rows"] >= 2 and own["efficiency"] > 0:
+        t = bytes_per_token / (own["efficiency"] * bandwidth_gb_s * 1e9)
+        return 1.0 / t, {**own, "devices": [device], "held_out": own["held_out"]}, f"{family} on {device}"
     fam = (cal.get("families") or {}).get(family)
     if not fam or not fam.get("efficiency") or math.isinf(fam["efficiency"]):
         have = ", ".join(sorted(cal.get("families") or {})) or "none"
@@ -213,6 +251,11 @@ def lines(cal: dict[str, Any]) -> list[str]:
         how = "its own 0.65 / 0.55, nothing fitted" if name == "page formula" else h["method"]
         out.append(f"  {name}, {how}: all rows {fmt(e['all'], e['n_all'])}; 1B-3B rows "
                    f"{fmt(e['small'], e['n_small'])}")
+    chk = cal.get("per_device_check") or {}
+    if chk.get("n"):
+        parts = [f"{k} {fmt(v, chk['n'])}" for k, v in chk.items() if k != "n"]
+        out.append("  a device with two rows or more is estimated from its own rows: on those rows, "
+                   + "; ".join(parts))
     return out
 
 
@@ -248,8 +291,8 @@ def page_gpus(xcal: dict[str, Any]) -> list[dict[str, Any]]:
         quants = []
         for q in page.BY_QUANT:
             size = sizes.get(q)
-            est, fam, family = (predict_tok_s(xcal, d.vendor, d.bandwidth_gb_s, size) if size else
-                                (None, None, "no measured size"))
+            est, fam, family = (predict_tok_s(xcal, d.vendor, d.bandwidth_gb_s, size, device=d.name) if size
+                                else (None, None, "no measured size"))
             held = ((fam or {}).get("held_out") or {})
             err = held.get("small") or held.get("all")
             quants.append({"quant": q, "model_size_bytes": size,
