@@ -72,7 +72,7 @@ def _run(args) -> int:
     from harness import config, schema
     from harness.analysis import summary
     from harness.measure import runner
-    from harness.report import cluster_groups
+    from harness.report import cluster_groups, of_group
 
     overrides = {}
     if args.quants:
@@ -110,8 +110,7 @@ def _run(args) -> int:
     frame = summary.records_frame(records)
     groups = cluster_groups(frame)
     for g in groups or [None]:
-        part = frame if g is None else frame[[((e or {}).get("cluster") or {}).get("group") == g
-                                              for e in frame.extra]]
+        part = frame if g is None else of_group(frame, g)
         if g is not None:
             print(f"device group {g}:")
         print(summary.text_table(summary.per_quant(part)))

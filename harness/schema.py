@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,15 @@ def read_records(path: str | os.PathLike) -> list[Record]:
         except (SchemaError, TypeError) as e:
             raise SchemaError(f"{path}:{i}: {e}") from None
     return out
+
+
+# --- cluster runs: which device group a record was measured by (extra.cluster, written by measure.cluster) ---
+
+def cluster_group(extra: Any) -> str | None:
+    """The device group of a cluster run's record (its extra.cluster.group); None for a local run's."""
+    return ((extra.get("cluster") or {}).get("group")) if isinstance(extra, dict) else None
+
+
+def group_slug(group: str) -> str:
+    """A device group's name as it stands in file names (env-<slug>-<node>.json, reports/<run>/<slug>/)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", group).strip("-") or "group"

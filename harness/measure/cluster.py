@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import queue
-import re
 import sys
 import tempfile
 import threading
@@ -158,10 +157,6 @@ class Target:
     node_id: str | None = None
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "node"
-
-
 def alive_nodes(ray) -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
@@ -206,10 +201,10 @@ def _options(ray, target: Target, exclude: set[str]) -> dict[str, Any]:
 
 def done_key(rec: schema.Record) -> tuple | None:
     """(group, quant, test, depth, rep) of an ok record of a cluster run."""
-    c = (rec.extra or {}).get("cluster") or {}
-    if rec.status != "ok" or "group" not in c:
+    group = schema.cluster_group(rec.extra)
+    if rec.status != "ok" or group is None:
         return None
-    return (c["group"], rec.quant, rec.test, rec.n_depth, rec.rep)
+    return (group, rec.quant, rec.test, rec.n_depth, rec.rep)
 
 
 class Driver:
@@ -402,7 +397,7 @@ class Driver:
         if item[0] == "node":
             info, env = item[1], item[2]
             node.update(info)
-            self.events.put(("env", f"env-{slug(target.group)}-{info['node_id'][:8]}.json", env))
+            self.events.put(("env", f"env-{schema.group_slug(target.group)}-{info['node_id'][:8]}.json", env))
             self.events.put(("say", f"{head} measuring on node {info['node_id'][:8]} ({info['host']})"))
         elif item[0] == "record":
             rec = schema.from_dict(item[1])

@@ -296,15 +296,14 @@ def cluster_groups(df: pd.DataFrame) -> list[str]:
     """The device groups of a cluster run's records (extra.cluster.group), in order; [] for a local run."""
     if "extra" not in df or not len(df):
         return []
-    groups = [((e or {}).get("cluster") or {}).get("group") if isinstance(e, dict) else None for e in df.extra]
-    return list(dict.fromkeys(g for g in groups if g))
+    return list(dict.fromkeys(g for g in map(schema.cluster_group, df.extra) if g))
 
 
-def _of_group(df: pd.DataFrame | None, group: str) -> pd.DataFrame | None:
+def of_group(df: pd.DataFrame | None, group: str) -> pd.DataFrame | None:
+    """The records of one device group of a cluster run."""
     if df is None or "extra" not in df:
         return df
-    keep = [isinstance(e, dict) and ((e.get("cluster") or {}).get("group") == group) for e in df.extra]
-    return df[keep]
+    return df[[schema.cluster_group(e) == group for e in df.extra]]
 
 
 def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -320,14 +319,12 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     out = Path(out)
     groups = cluster_groups(df)
     if groups:
-        import re
-
         for g in groups:
-            slug = re.sub(r"[^A-Za-z0-9._-]+", "-", g).strip("-") or "group"
+            slug = schema.group_slug(g)
             node_envs = sorted(results_dir.glob(f"env-{slug}-*.json"))
             genv = json.loads(node_envs[0].read_text()) if node_envs else env
-            _write_one(_of_group(df, g), genv, f"{run_id} [{g}]", results_dir, out / slug,
-                       _of_group(load_contexts(results_dir), g))
+            _write_one(of_group(df, g), genv, f"{run_id} [{g}]", results_dir, out / slug,
+                       of_group(load_contexts(results_dir), g))
         return out
     return _write_one(df, env, run_id, results_dir, out, load_contexts(results_dir), load_probes(results_dir))
 
