@@ -167,11 +167,7 @@ def calibrate(df: pd.DataFrame) -> dict[str, Any]:
             "small": error_stats(ape[m & small]) if (m & small).any() else None, "n_small": int((m & small).sum())}}
     out["per_device"] = per_device(pts)
     # where a device has rows of its own, which predicts them better: its other rows or its family without it?
-    loro = np.full(len(pts), np.nan)
-    for _, d in pts.groupby(["device", "family"]):
-        eff = (d.bytes / d.bandwidth_b_s / d.t_s).to_numpy()
-        for k, i in enumerate(d.index.to_numpy() if len(eff) > 1 else []):
-            loro[i] = abs(eff[k] / float(np.median(np.delete(eff, k))) - 1)
+    loro = leave_one_row_out(pts)
     both = ~np.isnan(loro) & ~np.isnan(ape)
     out["per_device_check"] = {
         "n": int(both.sum()), "own rows (leave one row out)": error_stats(loro[both]) if both.any() else None,
@@ -185,17 +181,32 @@ def per_device(pts: pd.DataFrame) -> dict[str, dict[str, Any]]:
     more. A device that llama.cpp drives far from its spec bandwidth (the MI300X's ROCm rows) keeps its own
     figure instead of its family's."""
     out: dict[str, dict[str, Any]] = {}
+    loro = leave_one_row_out(pts)
     for (dev, fam), d in pts.groupby(["device", "family"]):
-        eff = (d.bytes / d.bandwidth_b_s / d.t_s).to_numpy()
-        apes = []
-        for i in range(len(eff)) if len(eff) > 1 else []:
-            e = float(np.median(np.delete(eff, i)))
-            apes.append(abs(eff[i] / e - 1))  # measured rate / predicted rate - 1
+        apes = loro[pts.index.get_indexer(d.index)]
+        apes = apes[~np.isnan(apes)]
         out.setdefault(dev, {})[fam] = {
-            "efficiency": float(np.median(eff)), "n_rows": int(len(d)), "overhead_s": 0.0,
+            "efficiency": float(np.median(_efficiency(d))), "n_rows": int(len(d)), "overhead_s": 0.0,
             "models": sorted(set(map(str, d.model))),
             "held_out": {"method": "leave one row out", "n_all": len(apes),
-                         "all": error_stats(np.array(apes)) if apes else None}}
+                         "all": error_stats(apes) if len(apes) else None}}
+    return out
+
+
+def _efficiency(pts: pd.DataFrame) -> np.ndarray:
+    """Each row's share of its spec bandwidth: bytes / (spec bandwidth x time per token)."""
+    return (pts.bytes / pts.bandwidth_b_s / pts.t_s).to_numpy()
+
+
+def leave_one_row_out(pts: pd.DataFrame) -> np.ndarray:
+    """Per row, |its rate / the rate its device's other rows of its family predict - 1| (the others' median
+    efficiency); NaN where the device has no other row of that family."""
+    out = np.full(len(pts), np.nan)
+    for _, d in pts.groupby(["device", "family"]):
+        eff = _efficiency(d)
+        pos = pts.index.get_indexer(d.index)
+        for k in range(len(eff)) if len(eff) > 1 else []:
+            out[pos[k]] = abs(eff[k] / float(np.median(np.delete(eff, k))) - 1)
     return out
 
 
