@@ -46,17 +46,7 @@ def main(args) -> int:
     if out.exists() and any(x.name not in ("records.jsonl", "import.log") for x in out.iterdir()):
         raise ConfigError(f"--out {out} holds more than an import: choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    all_recs: list[schema.Record] = []
-    log_lines: list[str] = []
-    for f in files:
-        try:
-            recs, skipped, src = import_file(f, out.name, meta)
-        except (ImportError_, ValueError, OSError) as e:
-            log_lines.append(f"{f}: not imported: {e}")
-            continue
-        all_recs += recs
-        log_lines.append(f"{f}: {len(recs)} records, {len(skipped)} rows skipped ({src.url})")
-        log_lines += [f"  skipped: {s.why}: {s.line.strip()[:140]}" for s in skipped]
+    all_recs, log_lines = import_files(files, out.name, meta)
     tmp = out / "records.jsonl.tmp"
     tmp.write_text("".join(r.to_json() + "\n" for r in all_recs))
     tmp.replace(out / "records.jsonl")
@@ -75,19 +65,26 @@ def main(args) -> int:
     return 0 if all_recs else 1
 
 
-def read_folder(folder: Path) -> tuple[list[schema.Record], list[str]]:
-    """Every source in a folder of published output (data/published/): its records and a line per file."""
+def import_files(files: list[Path], run_id: str, meta: dict) -> tuple[list[schema.Record], list[str]]:
+    """The records of published output files, and the import's log: a line per file (a source that cannot be
+    read at all says why), then a line per skipped row with its reason."""
     recs: list[schema.Record] = []
     lines: list[str] = []
-    for f in sorted(x for x in folder.iterdir() if x.suffix in SUFFIXES):
+    for f in files:
         try:
-            got, skipped, src = import_file(f, "published", {})
+            got, skipped, src = import_file(f, run_id, meta)
         except (ImportError_, ValueError, OSError) as e:
-            lines.append(f"{f.name}: not imported: {e}")
+            lines.append(f"{f}: not imported: {e}")
             continue
         recs += got
-        lines.append(f"{f.name}: {len(got)} records, {len(skipped)} skipped")
+        lines.append(f"{f}: {len(got)} records, {len(skipped)} rows skipped ({src.url})")
+        lines += [f"  skipped: {s.why}: {s.line.strip()[:140]}" for s in skipped]
     return recs, lines
+
+
+def read_folder(folder: Path) -> tuple[list[schema.Record], list[str]]:
+    """Every source in a folder of published output (data/published/): its records and the import's log."""
+    return import_files(sorted(x for x in folder.iterdir() if x.suffix in SUFFIXES), "published", {})
 
 
 def quality_rows(folder: Path) -> list[dict]:
