@@ -93,7 +93,8 @@ def load_probes(results_dir: str | Path) -> pd.DataFrame | None:
 
 
 def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: dict, run_id: str,
-              probe_df: pd.DataFrame | None = None, ctxp: pd.DataFrame | None = None) -> list[tuple]:
+              probe_df: pd.DataFrame | None = None, ctxp: pd.DataFrame | None = None,
+              gpus: tuple[dict, list[dict]] | None = None) -> list[tuple]:
     """The report as (kind, payload) blocks, rendered to markdown or HTML: ("h", text), ("p", markdown-ish
     text), ("list", [lines]), ("table", head, rows), ("fig", name), ("raw-md", text)."""
     ok = df[df.status == "ok"] if len(df) else df
@@ -182,8 +183,8 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
                        "it over each file's tensors, so a held-out quant's kernels are known without its own "
                        "measurement."))
         s.append(("table", PROBE_HEAD, prows))
-    if points.is_page_model(df):
-        s += _page_on_gpus()
+    if gpus is not None:
+        s += _page_on_gpus(*gpus)
     s.append(("h2", "Calibration"))
     s.append(("raw-md", "\n".join(calibration_lines(cal))))
     if cal.get("tg"):
@@ -198,11 +199,9 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
     return s
 
 
-def _page_on_gpus() -> list[tuple]:
+def _page_on_gpus(xcal: dict, gpus: list[dict]) -> list[tuple]:
     """The page's four GPUs: its tok/s beside the shipped cross-device estimate and the published measurements
     on them (each against the page's rule at its own size), and its quality claims beside published figures."""
-    xcal = crossgpu.load_shipped()
-    gpus = crossgpu.page_gpus(xcal)
     s: list[tuple] = [("h2", "The page on GPUs")]
     n_pub = sum(len(g["published"]) for g in gpus)
     n_in = sum(r["inside"] for g in gpus for r in g["published"])
@@ -285,9 +284,12 @@ def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = No
     t = quant_table(df, device, cal, ctxp)
     ctx = context_table(df, device)
     figs = figures(t, ctx, cal, device, ctxp)
+    gpus = None  # the page on its GPUs: the shipped cross-device calibration, for the page's model only
     if points.is_page_model(df):
-        figs["page_gpus.png"] = fig_page_gpus(crossgpu.page_gpus(crossgpu.load_shipped()))
-    sections = _sections(df, env, t, cal, device, run_id, probe_df, ctxp)
+        xcal = crossgpu.load_shipped()
+        gpus = (xcal, crossgpu.page_gpus(xcal))
+        figs["page_gpus.png"] = fig_page_gpus(gpus[1])
+    sections = _sections(df, env, t, cal, device, run_id, probe_df, ctxp, gpus)
     title = f"{'Llama 3.2 1B quants' if points.is_page_model(df) else 'GGUF files'} - run {run_id}"
     return t, cal, figs, render_markdown(sections, figs), render_html(sections, figs, title)
 
