@@ -181,7 +181,7 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
                  f"at {context:,} tokens (the KV cache read added); cross-device: efficiency {fam['efficiency']:.2f}"
                  + (f", overhead {fam['overhead_s'] * 1e3:.2f} ms/token" if fam.get("overhead_s") else "")
                  + f" of the spec bandwidth for {x['family']}")
-    if " on " in x["family"]:  # this device's own published rows
+    if fam.get("basis") == "device":  # this device's own published rows
         models = "; ".join(fam["models"][:4])
         lines.append(f"            from this device's own {fam['n_rows']} published rows ({models}"
                      f"): held-out error (leave one row out) {err(every, held.get('n_all', 0))}; they are of "

@@ -228,13 +228,13 @@ def predict_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes
                   ) -> tuple[float | None, dict[str, Any] | None, str]:
     """tg tok/s on a device of `vendor` and spec bandwidth from the cross-device calibration: (tok/s, the terms
     used with their held-out error, what they are or why none). A `device` with two or more published rows of
-    the family has its own terms ("<family> on <device>"); else the family's; None where no published row is of
-    that family."""
+    the family has its own terms ("<family> on <device>", basis "device"); else the family's; None where no
+    published row is of that family."""
     family = f"{vendor}-{backend or DEFAULT_BACKEND.get(vendor, 'cpu')}"
     own = ((cal.get("per_device") or {}).get(device or "") or {}).get(family)
     if own and own["n_rows"] >= 2 and own["efficiency"] > 0:
         t = bytes_per_token / (own["efficiency"] * bandwidth_gb_s * 1e9)
-        return 1.0 / t, {**own, "devices": [device], "held_out": own["held_out"]}, f"{family} on {device}"
+        return 1.0 / t, {**own, "devices": [device], "basis": "device"}, f"{family} on {device}"
     fam = (cal.get("families") or {}).get(family)
     if not fam or not fam.get("efficiency") or math.isinf(fam["efficiency"]):
         have = ", ".join(sorted(cal.get("families") or {})) or "none"
