@@ -239,14 +239,15 @@ class Driver:
             for chain in ([quants] if target.node_id else [[q] for q in quants]):
                 threading.Thread(target=self._drive_each, args=(target, chain), daemon=True).start()
                 live += len(chain)
+        envs: set[str] = set()
         while live:
             kind, *rest = self.events.get()
             if kind == "record":
                 rec = rest[0]
                 (mem_writer if rec.test == "mem" and mem_writer is not None else writer).write(rec)
-            elif kind == "env":
-                name, env = rest
-                (self.run_dir / name).write_text(json.dumps(env, indent=2))
+            elif kind == "env" and rest[0] not in envs:  # a node's environment: once per node and group
+                envs.add(rest[0])
+                (self.run_dir / rest[0]).write_text(json.dumps(rest[1], indent=2))
             elif kind == "say":
                 self.echo(rest[0])
             elif kind == "end":
