@@ -58,10 +58,22 @@ def ray_start(work: Path, name: str, resource: str, head: bool = False, nm_port:
 
 
 def node_id_of(nm_port: int) -> str:
+    """The id of the alive node on this node manager port, waiting for it to register (up to 60 s).
+
+    Ray can print its own lines on stdout (a warning at shutdown), so the answer is the line after a marker.
+    """
     code = (f"import ray, json; ray.init(address='127.0.0.1:{PORT}', log_to_driver=False, logging_level='ERROR'); "
-            "print(json.dumps([n['NodeID'] for n in ray.nodes() "
+            "print('NODE-IDS ' + json.dumps([n['NodeID'] for n in ray.nodes() "
             f"if n['Alive'] and n['NodeManagerPort'] == {nm_port}]))")
-    return json.loads(sh(str(BIN / "python"), "-c", code).stdout.strip().splitlines()[-1])[0]
+    deadline = time.monotonic() + 60
+    while True:
+        out = sh(str(BIN / "python"), "-c", code, check=False).stdout
+        ids = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("NODE-IDS ")]
+        if ids and ids[-1]:
+            return ids[-1][0]
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no alive node with node_manager_port={nm_port} after 60 s; last answer: {out[-2000:]!r}")
+        time.sleep(1)
 
 
 def kill_raylet(nm_port: int) -> None:
