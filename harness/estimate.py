@@ -55,7 +55,7 @@ def resolve_device(name: str, bandwidth_gb_s: float | None = None, cals: list[di
                 "memory_bytes": psutil.virtual_memory().total, "source": src}
     d = devices.lookup(name)
     out = {"name": d.name, "kind": "gpu", "vendor": d.vendor, "bandwidth_gb_s": float(d.bandwidth_gb_s),
-           "memory_bytes": d.memory_bytes, "source": f"catalog: {d.source}"}
+           "memory_bytes": d.memory_bytes, "hbm": d.hbm, "source": f"catalog: {d.source}"}
     if d.vendor == "apple":
         out["kind"] = "apple"
     if bandwidth_gb_s:
@@ -153,23 +153,23 @@ def cross_device_estimate(xcal: dict, device: dict, quant: str, context: int, ba
         size = page.page_file_bytes(quant, printed=False)
         out["size_source"] = "the page's file size (not measured)"
     kvt = kv_bytes_per_token()
-    rate0, fam, family = crossgpu.predict_tok_s(xcal, device["vendor"], device["bandwidth_gb_s"], size, backend,
-                                                device=device["name"])
+    hbm = bool(device.get("hbm"))
+    rate0, fam, family = crossgpu.predict_tok_s(xcal, device["vendor"], device["bandwidth_gb_s"], size, quant,
+                                                backend, device=device["name"], hbm=hbm)
     out.update(family=family, fam=fam, weights_bytes=size, kv_bytes=kvt * kv_cells(max(context, 1)))
     if rate0 is None:
         out["why"] = family
         return out
     rate_ctx, _, _ = crossgpu.predict_tok_s(xcal, device["vendor"], device["bandwidth_gb_s"],
-                                            size + kvt * context, backend, device=device["name"])
-    out.update(tok_s=rate0, tok_s_at_context=rate_ctx)
+                                            size + kvt * context, quant, backend, device=device["name"], hbm=hbm)
+    other = crossgpu.other_tok_s(xcal, device["vendor"], device["bandwidth_gb_s"], size, quant, backend, hbm=hbm)
+    out.update(tok_s=rate0, tok_s_at_context=rate_ctx, other_tok_s=other)
     return out
 
 
 def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: dict, why: str) -> None:
     if "tok_s" not in x:
-        lines.append(f"calibrated: none ({x.get('why')}; the page's GPUs MI300X and MI250X have no published "
-                     "llama.cpp ROCm rows in data/published yet)" if x.get("family", "").startswith("amd") else
-                     f"calibrated: none ({x.get('why')})")
+        lines.append(f"calibrated: none ({x.get('why')})")
         return
     fam = x["fam"]
     held = (fam.get("held_out") or {})
@@ -179,8 +179,14 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
         return f"median {e['median_ape']:.0%}, worst {e['worst_ape']:.0%} over {n} rows" if e else f"none ({n} rows)"
     lines.append(f"calibrated: tg ~{x['tok_s']:,.0f} tok/s with an empty cache, ~{x['tok_s_at_context']:,.0f} tok/s "
                  f"at {context:,} tokens (the KV cache read added); cross-device: efficiency {fam['efficiency']:.2f}"
+                 f" x {fam['kind_factor']:.2f} ({fam['kind']})"
                  + (f", overhead {fam['overhead_s'] * 1e3:.2f} ms/token" if fam.get("overhead_s") else "")
                  + f" of the spec bandwidth for {x['family']}")
+    other = x.get("other_tok_s")
+    if other and abs(other / x["tok_s"] - 1) > 0.25:
+        lines.append(f"            the other model that fits the published rows ({xcal.get('other')}) says "
+                     f"~{other:,.0f} tok/s here: no published row of a model this small on a device this fast "
+                     "tells them apart; a measurement on this GPU does")
     if fam.get("basis") == "device":  # this device's own published rows
         models = "; ".join(fam["models"][:4])
         lines.append(f"            from this device's own {fam['n_rows']} published rows ({models}"
@@ -190,7 +196,8 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
     else:
         lines.append(f"            held-out error (leave one device out) of {x['family']}: 1B-3B rows "
                      f"{err(small, held.get('n_small', 0))}; all its rows {err(every, held.get('n_all', 0))}; "
-                     f"rests on {fam['n_rows']} published rows on {len(fam['devices'])} devices "
+                     f"rests on {fam['n_rows']} published rows on {len(fam['devices'])} "
+                     f"device{'s' if len(fam['devices']) != 1 else ''} "
                      f"({', '.join(fam['devices'][:6])}{', ...' if len(fam['devices']) > 6 else ''}); model "
                      f"{xcal.get('chosen')} ({why}; harness/data/crossgpu.json, from {xcal.get('built_from')})")
     mem = x["weights_bytes"] + x["kv_bytes"]

@@ -74,12 +74,15 @@ def test_a_cpu_calibration_is_never_carried_to_a_gpu(capsys, cpu_cal):
     assert "the calibrations given are of CPUs" in out and "factors from Test CPU" not in out
     xcal = crossgpu.load_shipped()
     size = xcal["llama_3_2_1b"]["model_size_bytes"]["Q4_K_M"]
-    expected, fam, family = crossgpu.predict_tok_s(xcal, "nvidia", 1008, size, device="NVIDIA GeForce RTX 4090")
+    expected, fam, family = crossgpu.predict_tok_s(xcal, "nvidia", 1008, size, "Q4_K_M",
+                                                   device="NVIDIA GeForce RTX 4090")
     assert family == "nvidia-cuda on NVIDIA GeForce RTX 4090"  # the 4090's own published CUDA rows
     m = re.search(r"tg ~([\d,.]+) tok/s with an empty cache", out)
     assert float(m[1].replace(",", "")) == pytest.approx(expected, abs=0.5)
-    # by hand: time per token = overhead + bytes / (efficiency x bandwidth)
-    assert expected == pytest.approx(1 / (fam["overhead_s"] + size / (fam["efficiency"] * 1008e9)))
+    # by hand: time per token = overhead + bytes / (efficiency x the k/i-quants' factor x bandwidth)
+    k = xcal["kinds"]["k/i-quants"]["factor"]
+    assert fam["kind_factor"] == k < 1
+    assert expected == pytest.approx(1 / (fam["overhead_s"] + size / (fam["efficiency"] * k * 1008e9)))
     assert "at 8,192 tokens" in out and "KV 0.268 GB" in out  # 8,192 cells x 32 KiB
 
 

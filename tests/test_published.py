@@ -11,6 +11,8 @@ import pytest
 from conftest import REPO, run_cli
 
 from harness.analysis import crossgpu, summary
+from harness.analysis.fit import rate_ape
+from harness.catalog import devices
 from harness.sources import published
 
 DATA = REPO / "data" / "published"
@@ -141,8 +143,8 @@ def _rows(spec):
     from harness import schema
 
     out = []
-    for dev, backend, nbytes, tok_s in spec:
-        out.append(schema.make(run_id="t", utc="u", status="ok", quant="Q4_0", weights="published",
+    for dev, backend, nbytes, tok_s, *quant in spec:
+        out.append(schema.make(run_id="t", utc="u", status="ok", quant=(quant or ["Q4_0"])[0], weights="published",
                                weights_ref="https://example.org", test="tg", n_prompt=0, n_gen=128, n_depth=0, rep=0,
                                tokens_per_s=tok_s, model_size_bytes=nbytes, model_n_params=1_000_000_000,
                                gpu_name=dev, device=backend, model_desc="llama 1B Q4_0"))
@@ -155,20 +157,60 @@ def test_cross_gpu_fit_recovers_exact_terms_and_never_sees_the_held_out_device()
     spec = [(d, "cuda", b, 1 / (2e-3 + b / (0.8 * bw[d]))) for d in bw for b in (7e8, 1.4e9, 4.2e9)]
     df = _rows(spec)
     pts = crossgpu.tg_rows(df)
-    p = crossgpu.fit(pts)["nvidia-cuda"]
+    p = crossgpu.fit(pts, crossgpu.OVERHEAD)["families"]["nvidia-cuda"]
     assert p["efficiency"] == pytest.approx(0.8) and p["overhead_s"] == pytest.approx(2e-3)
-    pred = crossgpu.leave_one_device_out(pts)
+    pred = crossgpu.leave_one_device_out(pts, crossgpu.OVERHEAD)
     assert np.allclose(pred, pts.t_s)  # exact data: every device predicted exactly from the others
     # a device that disagrees is predicted from the others only: its own rows never enter its fit
     spec_bad = [(d, b, tok * (0.5 if d == "NVIDIA L40S" else 1)) for d, _, b, tok in spec]
     pts2 = crossgpu.tg_rows(_rows([(d, "cuda", b, t) for d, b, t in spec_bad]))
-    pred2 = crossgpu.leave_one_device_out(pts2)
+    pred2 = crossgpu.leave_one_device_out(pts2, crossgpu.OVERHEAD)
     l40s = (pts2.device == "NVIDIA L40S").to_numpy()
     assert np.allclose(pred2[l40s], pts.t_s[l40s])  # predicted as the clean model would, not as it measured
     cal = crossgpu.calibrate(df)
-    assert cal["held_out"]["overhead+bandwidth"]["all"]["worst_ape"] == pytest.approx(0, abs=1e-9)
+    assert cal["held_out"][crossgpu.OVERHEAD]["all"]["worst_ape"] == pytest.approx(0, abs=1e-9)
+    assert cal["chosen"] == crossgpu.OVERHEAD  # the candidate without overhead cannot fit a floor
     page = cal["held_out"]["page formula"]["all"]["median_ape"]
     assert page > 0.1 and not math.isnan(page)  # the page's formula has no overhead term
+
+
+def test_quant_kinds_and_hbm_parts_get_terms_of_their_own():
+    """Rows made exactly as efficiency[family] x factor[kind] x spec bandwidth, GDDR cards at 0.8 and HBM
+    parts at 0.4, F16 at 1, Q4_0 at 0.85, Q4_K_M at 0.7: the kind model recovers every term and predicts each
+    held-out device exactly; the plain fit (one efficiency per vendor x backend) cannot."""
+    eff = {"NVIDIA GeForce RTX 4090": 0.8, "NVIDIA GeForce RTX 3090": 0.8, "NVIDIA A100 80GB": 0.4,
+           "NVIDIA H100 PCIe": 0.4}
+    kind = {"F16": 1.0, "Q4_0": 0.85, "Q4_K_M": 0.7}
+    spec = []
+    for d, e in eff.items():
+        bw = devices.lookup(d).bandwidth_gb_s * 1e9
+        for q, k in kind.items():
+            b = {"F16": 2.4e9, "Q4_0": 7e8, "Q4_K_M": 8e8}[q]
+            spec.append((d, "cuda", b, e * k * bw / b, q))
+    pts = crossgpu.tg_rows(_rows(spec))
+    assert set(pts.family) == {"nvidia-cuda", "nvidia-cuda-hbm"} and set(pts.base_family) == {"nvidia-cuda"}
+    fams, kinds = crossgpu.fit_kinds(pts)
+    assert fams == pytest.approx({"nvidia-cuda": 0.8, "nvidia-cuda-hbm": 0.4})
+    assert kinds == pytest.approx({"f16": 1.0, "q4_0-q5_1": 0.85, "k/i-quants": 0.7})
+    assert np.allclose(crossgpu.leave_one_device_out(pts, crossgpu.KINDS), pts.t_s)
+    plain = rate_ape(pts, crossgpu.leave_one_device_out(pts, crossgpu.PLAIN))
+    assert np.nanmax(plain) > 0.3  # HBM and GDDR averaged together, and every quant at one efficiency
+    cal = crossgpu.calibrate(_rows(spec))
+    assert cal["chosen"] == crossgpu.KINDS and cal["kinds"]["k/i-quants"]["factor"] == pytest.approx(0.7)
+    # a device's own rows are brought to F16 terms: the H100 PCIe's own efficiency is 0.4, whatever the quant
+    assert cal["per_device"]["NVIDIA H100 PCIe"]["nvidia-cuda-hbm"]["efficiency"] == pytest.approx(0.4)
+    # the H100 SXM (no rows of its own) from its HBM family, at an IQ quant (a k/i-quant) of 1 GB
+    rate, terms, what = crossgpu.predict_tok_s(cal, "nvidia", 3352, 1e9, "IQ4_XS", device="NVIDIA H100 SXM",
+                                               hbm=True)
+    assert what == "nvidia-cuda-hbm" and rate == pytest.approx(0.4 * 0.7 * 3352)
+    assert crossgpu.predict_tok_s(cal, "nvidia", 3352, 1e9, "F16")[2] == "nvidia-cuda"
+
+
+def test_quant_kinds():
+    assert [crossgpu.quant_kind(q) for q in ("BF16", "Q8_0", "Q4_1", "Q5_0", "Q6_K", "Q4_K_M", "IQ3_M", "Q2_K_L",
+                                             None, "TQ1_0")] == [
+        "f16", "q8_0", "q4_0-q5_1", "q4_0-q5_1", "k/i-quants", "k/i-quants", "k/i-quants", "k/i-quants", "other",
+        "other"]
 
 
 def test_rows_that_cannot_be_a_dense_read_are_left_out():
@@ -213,8 +255,8 @@ def test_the_shipped_cross_device_calibration_is_what_the_data_builds():
 
 def test_the_page_on_its_gpus():
     """The page's rule at a file's size is its own printed arithmetic (RTX 4090, Q4_K_M: 1008 / 0.82 x 0.65 =
-    799); every published row on a page GPU gets that rule at its own size and a verdict; the page's AMD GPUs
-    get no estimate while no ROCm row is published, and say so."""
+    799); every published row on a page GPU gets that rule at its own size and a verdict; the MI300X is
+    estimated from its own published ROCm rows, the H100 SXM (none of its own) from the HBM parts' family."""
     xcal = crossgpu.load_shipped()
     assert crossgpu.page_rule_tok_s(1008, "nvidia", 1.2e9 * 4.8 / 8) == pytest.approx(1008 / 0.82 * 0.65)
     gpus = {g["device"]: g for g in crossgpu.page_gpus(xcal)}
@@ -229,9 +271,9 @@ def test_the_page_on_its_gpus():
     mi = gpus["AMD Instinct MI300X"]
     # llm-tracker's MI300X ROCm rows (llama 7B Q4_0, 183.18 and 157.84 t/s): far below the page's rule
     assert {r["tok_s"] for r in mi["published"]} == {183.18, 157.84} and not any(r["inside"] for r in mi["published"])
-    assert all(q["family"] == "amd-rocm on AMD Instinct MI300X" for q in mi["quants"])
+    assert all(q["family"] == "amd-rocm-hbm on AMD Instinct MI300X" for q in mi["quants"])
     h100 = next(q for q in gpus["NVIDIA H100 SXM"]["quants"] if q["quant"] == "Q4_K_M")
-    assert h100["family"] == "nvidia-cuda"  # no rows of its own: its family
+    assert h100["family"] == "nvidia-cuda-hbm"  # no rows of its own: its family, HBM parts apart
 
 
 def test_a_device_with_rows_of_its_own_uses_them():
@@ -239,7 +281,7 @@ def test_a_device_with_rows_of_its_own_uses_them():
     time); leave-one-row-out error from the others' median."""
     pts = pd.DataFrame({"device": ["A"] * 3, "family": ["x-cuda"] * 3, "bytes": [1e9, 2e9, 4e9],
                         "bandwidth_b_s": [1e12] * 3, "t_s": [1e-3 / 0.5, 2e-3 / 0.6, 4e-3 / 0.7],
-                        "model": ["m1", "m2", "m4"]})
+                        "model": ["m1", "m2", "m4"], "kind": ["f16"] * 3})
     own = crossgpu.per_device(pts)["A"]["x-cuda"]
     assert own["efficiency"] == pytest.approx(0.6) and own["n_rows"] == 3
     # row 0 (0.5) from the others' median (0.65): |0.5 / 0.65 - 1|; row 1 (0.6) from 0.6: 0.0 ...

@@ -1,14 +1,18 @@
 """A cross-device model of generation speed, fitted on many devices' tg rows (published llama-bench rows and
 measured runs alike):
 
-    time per generated token = overhead[family] + bytes read per token / (efficiency[family] x spec bandwidth)
+    time per generated token = overhead[family]
+                               + bytes read per token / (efficiency[family] x kind[quant kind] x spec bandwidth)
 
 with bytes read = the model's size as llama-bench prints it (every weight once per token; the KV cache at
-depth 0 is negligible), the spec bandwidth from the device catalog, and a family = vendor x backend (NVIDIA
-CUDA, NVIDIA Vulkan, AMD ROCm, AMD Vulkan, Apple Metal, ...): each family its own terms, never averaged
-together. Overhead and efficiency are bounded at 0 (bounded least squares in relative error). Its error is
-leave-one-device-out: the device's rows are predicted by a fit that never saw that device. Beside it, the page's
-formula (tok/s = bandwidth / size x 0.65 on NVIDIA, 0.55 on AMD) and a bandwidth-only fit (no overhead).
+depth 0 is negligible), the spec bandwidth from the device catalog, a family = vendor x backend with HBM parts
+apart (NVIDIA CUDA, NVIDIA CUDA on HBM, AMD ROCm on HBM, Apple Metal, ...: each family its own terms, never
+averaged together), and a factor per quant kind shared by all families (F16 = 1; the k-quants' dequantization
+reaches a smaller share of the bandwidth than F16's plain reads). Two candidates: without overhead, fitted in
+log space (each family's geometric mean), and with it (bounded least squares in relative error, overhead and
+efficiency bounded at 0). Their error is leave-one-device-out: the device's rows are predicted by a fit that
+never saw that device. Beside them, the page's formula (tok/s = bandwidth / size x 0.65 on NVIDIA, 0.55 on AMD)
+and a plain bandwidth-only fit (one efficiency per vendor x backend, as the page has one per vendor).
 """
 
 from __future__ import annotations
@@ -56,12 +60,18 @@ def tg_rows(df: pd.DataFrame) -> pd.DataFrame:
             continue  # faster than every weight read once at the spec bandwidth: not this model of the work
         backend = r.device if isinstance(r.device, str) else "unknown-backend"
         rows.append({"size_b": size_label_b(r.model_desc, r.model_n_params),
-                     "device": d.name, "vendor": d.vendor, "family": f"{d.vendor}-{backend}",
+                     "device": d.name, "vendor": d.vendor, "family": family_of(d.vendor, backend, d.hbm),
+                     "base_family": f"{d.vendor}-{backend}", "kind": quant_kind(r.quant),
                      "bandwidth_b_s": d.bandwidth_gb_s * 1e9, "bytes": float(r.model_size_bytes),
                      "params": float(r.model_n_params) if pd.notna(r.model_n_params) else math.nan,
                      "t_s": 1.0 / float(r.tokens_per_s), "tok_s": float(r.tokens_per_s), "quant": r.quant,
                      "model": r.model_desc, "source": r.weights_ref, "weights": r.weights})
     return pd.DataFrame(rows)
+
+
+def family_of(vendor: str, backend: str, hbm: bool) -> str:
+    """vendor x backend, HBM parts apart: "nvidia-cuda", "nvidia-cuda-hbm", "amd-rocm-hbm", "apple-metal"."""
+    return f"{vendor}-{backend}" + ("-hbm" if hbm else "")
 
 
 def size_label_b(desc: Any, n_params: Any) -> float:
@@ -73,46 +83,99 @@ def size_label_b(desc: Any, n_params: Any) -> float:
     return float(n_params) / 1e9 if n_params is not None and pd.notna(n_params) else math.nan
 
 
-def _design(pts: pd.DataFrame, families: list[str], overhead: bool) -> np.ndarray:
+def quant_kind(quant: Any) -> str:
+    """The kernel family a quant's generation runs through: "f16" (F16, BF16, F32: no dequantization),
+    "q8_0", "q4_0-q5_1" (the legacy 32-weight blocks) or "k/i-quants" (256-weight super-blocks: Q2_K..Q6_K and
+    their mixes, IQ*); "other" where the quant is not named. The published rows show each reaching a different
+    share of the spec bandwidth on the same card (RTX 4090: F16 0.87, Q8_0 0.70, Q4_K_M 0.64)."""
+    q = str(quant or "").upper()
+    if q in ("F16", "BF16", "F32"):
+        return "f16"
+    if q == "Q8_0":
+        return "q8_0"
+    if q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        return "q4_0-q5_1"
+    return "k/i-quants" if re.match(r"^I?Q\d", q) else "other"
+
+
+# The models compared by leave-one-device-out; the first is the plain baseline (one efficiency per vendor x
+# backend, as the page has one per vendor), the other two are the candidates `chosen` picks from.
+PLAIN, KINDS, OVERHEAD = "bandwidth only (plain)", "bandwidth x quant kind", "overhead + bandwidth x quant kind"
+MODELS = (PLAIN, KINDS, OVERHEAD)
+
+
+def _efficiency(pts: pd.DataFrame) -> np.ndarray:
+    """Each row's share of its spec bandwidth: bytes / (spec bandwidth x time per token)."""
+    return (pts.bytes / pts.bandwidth_b_s / pts.t_s).to_numpy()
+
+
+def _kind_factor(kinds: dict[str, float], kind: str) -> float:
+    return kinds.get(kind, 1.0)  # a kind no training row has: its family's f16 efficiency
+
+
+def fit_kinds(pts: pd.DataFrame) -> tuple[dict[str, float], dict[str, float]]:
+    """Geometric least squares: log(row efficiency) = log e[family] + log k[quant kind], k["f16"] = 1 (or the
+    first kind present where no row is F16). A geometric mean: one slow host's row moves its family's figure
+    by a factor, not by its absolute error."""
+    families = sorted(pts.family.unique())
+    kinds = sorted(pts.kind.unique())
+    ref = "f16" if "f16" in kinds else kinds[0]
+    free = [k for k in kinds if k != ref]
+    a = np.column_stack([(pts.family == f).to_numpy(float) for f in families]
+                        + [(pts.kind == k).to_numpy(float) for k in free])
+    x = np.linalg.lstsq(a, np.log(_efficiency(pts)), rcond=None)[0]
+    return ({f: float(math.exp(v)) for f, v in zip(families, x)},
+            {ref: 1.0, **{k: float(math.exp(v)) for k, v in zip(free, x[len(families):])}})
+
+
+def fit(pts: pd.DataFrame, model: str = OVERHEAD) -> dict[str, Any]:
+    """{"families": {family: {"efficiency": e, "overhead_s": o}}, "kinds": {quant kind: factor}} of `model`:
+
+    - PLAIN: one efficiency per vendor x backend (`base_family`), no kinds, bounded least squares in relative
+      error;
+    - KINDS: fit_kinds (per family, HBM parts apart, times a factor per quant kind);
+    - OVERHEAD: fit_kinds' quant-kind factors, then per family an overhead and an efficiency by bounded least
+      squares in relative error, with 0 < e <= 1 (no device reads faster than its spec bandwidth) and o >= 0:
+      written as 1/e = 1 + u, u >= 0."""
+    if model == KINDS:
+        eff, kinds = fit_kinds(pts)
+        return {"families": {f: {"efficiency": e, "overhead_s": 0.0} for f, e in eff.items()}, "kinds": kinds}
+    if model == PLAIN:
+        pts = pts.assign(family=pts.base_family)
+        kinds: dict[str, float] = {}
+    else:
+        kinds = fit_kinds(pts)[1]
+    overhead = model == OVERHEAD
+    families = sorted(pts.family.unique())
+    t = pts.t_s.to_numpy()
+    read = (pts.bytes / pts.bandwidth_b_s / pts.kind.map(lambda k: _kind_factor(kinds, k))).to_numpy()
     cols = []
     for f in families:
         m = (pts.family == f).to_numpy(float)
-        cols.append(m * (pts.bytes / pts.bandwidth_b_s).to_numpy())  # coefficient: 1 / efficiency
-        if overhead:
-            cols.append(m)  # coefficient: overhead seconds
-    return np.column_stack(cols)
-
-
-def fit(pts: pd.DataFrame, overhead: bool = True) -> dict[str, dict[str, float]]:
-    """{family: {"efficiency": e, "overhead_s": o}}, bounded least squares in relative error, with
-    0 < e <= 1 (no device reads faster than its spec bandwidth) and o >= 0: written as 1/e = 1 + u, u >= 0."""
-    families = sorted(pts.family.unique())
-    t = pts.t_s.to_numpy()
-    a = _design(pts, families, overhead) / t[:, None]
-    floor = (pts.bytes / pts.bandwidth_b_s).to_numpy() / t  # every byte read once at the spec bandwidth
-    x = nnls(a, np.ones(len(pts)) - floor, np.ones(a.shape[1], dtype=bool))
+        cols += [m * read, m] if overhead else [m * read]  # coefficients: 1 / efficiency, overhead seconds
+    a = np.column_stack(cols) / t[:, None]
+    x = nnls(a, np.ones(len(pts)) - read / t, np.ones(a.shape[1], dtype=bool))
     out, k = {}, 0
     for f in families:
         inv_e = 1.0 + x[k]
-        k += 1
-        o = 0.0
-        if overhead:
-            o = x[k]
-            k += 1
-        out[f] = {"efficiency": 1.0 / inv_e if inv_e > 0 else math.inf, "overhead_s": float(o)}
-    return out
+        o = float(x[k + 1]) if overhead else 0.0
+        k += 2 if overhead else 1
+        out[f] = {"efficiency": 1.0 / inv_e if inv_e > 0 else math.inf, "overhead_s": o}
+    return {"families": out, "kinds": kinds}
 
 
-def predict_t(pts: pd.DataFrame, params: dict[str, dict[str, float]]) -> np.ndarray:
+def predict_t(pts: pd.DataFrame, params: dict[str, Any], model: str = OVERHEAD) -> np.ndarray:
     out = np.full(len(pts), np.nan)
-    for i, r in enumerate(pts.itertuples()):
-        p = params.get(r.family)
+    fams = pts.base_family if model == PLAIN else pts.family
+    for i, (f, r) in enumerate(zip(fams, pts.itertuples())):
+        p = params["families"].get(f)
         if p and p["efficiency"] not in (0, math.inf):
-            out[i] = p["overhead_s"] + r.bytes / r.bandwidth_b_s / p["efficiency"]
+            k = _kind_factor(params["kinds"], r.kind)
+            out[i] = p["overhead_s"] + r.bytes / r.bandwidth_b_s / (p["efficiency"] * k)
     return out
 
 
-def leave_one_device_out(pts: pd.DataFrame, overhead: bool = True) -> np.ndarray:
+def leave_one_device_out(pts: pd.DataFrame, model: str = OVERHEAD) -> np.ndarray:
     """Predicted time per token of each row by a fit without its device's rows (NaN where its family has no
     other device)."""
     pred = np.full(len(pts), np.nan)
@@ -121,7 +184,7 @@ def leave_one_device_out(pts: pd.DataFrame, overhead: bool = True) -> np.ndarray
         train = pts[~held]
         if not len(train):
             continue
-        pred[held] = predict_t(pts[held], fit(train, overhead))
+        pred[held] = predict_t(pts[held], fit(train, model), model)
     return pred
 
 
@@ -131,8 +194,8 @@ def page_t(pts: pd.DataFrame) -> np.ndarray:
 
 
 def calibrate(df: pd.DataFrame) -> dict[str, Any]:
-    """The cross-device calibration document: the fit on every row, and the leave-one-device-out error of the
-    model, of a bandwidth-only fit and of the page's formula, on all rows and on 1B-3B models."""
+    """The cross-device calibration document: the chosen model's fit on every row, and the leave-one-device-out
+    error of each model and of the page's formula, on all rows and on 1B-3B models."""
     pts = tg_rows(df)
     if pts.empty:
         return {"n_rows": 0}
@@ -140,8 +203,7 @@ def calibrate(df: pd.DataFrame) -> dict[str, Any]:
                            "devices": sorted(pts.device.unique()), "families": {}}
     small = (pts.size_b <= SMALL_MAX_B).to_numpy()
     errs, preds = {}, {}
-    for name, pred in (("overhead+bandwidth", leave_one_device_out(pts, True)),
-                       ("bandwidth only", leave_one_device_out(pts, False)), ("page formula", page_t(pts))):
+    for name, pred in [*((m, leave_one_device_out(pts, m)) for m in MODELS), ("page formula", page_t(pts))]:
         ape = rate_ape(pts, pred)
         preds[name] = ape
         ok = ~np.isnan(ape)
@@ -153,21 +215,25 @@ def calibrate(df: pd.DataFrame) -> dict[str, Any]:
     def score(name: str) -> float:  # the page is about a 1B model: its rows decide, all rows where it has none
         e = errs[name]["small"] or errs[name]["all"]
         return e["median_ape"] if e else math.inf
-    chosen = min(("bandwidth only", "overhead+bandwidth"), key=score)  # the simpler one on a tie
+    chosen = OVERHEAD if score(OVERHEAD) < score(KINDS) - 1e-9 else KINDS  # the simpler one on a tie
     out["chosen"] = chosen
-    out["chosen_by"] = "the lower leave-one-device-out median error on 1B-3B rows (all rows where none)"
-    full = fit(pts, overhead=chosen == "overhead+bandwidth")
+    out["chosen_by"] = ("the lower leave-one-device-out median error on 1B-3B rows (all rows where none), of "
+                        f"'{KINDS}' and '{OVERHEAD}'")
+    out["other"] = other = OVERHEAD if chosen == KINDS else KINDS
+    full = fit(pts, chosen)
+    out["kinds"] = {k: {"factor": v, "n_rows": int((pts.kind == k).sum())} for k, v in full["kinds"].items()}
+    out["other_fit"] = fit(pts, other)  # the candidate not chosen: shown beside, where the two disagree
     ape = preds[chosen]
-    for f, p in full.items():
+    for f, p in full["families"].items():
         in_f = (pts.family == f).to_numpy()
         m = in_f & ~np.isnan(ape)
         d = pts[in_f]
         out["families"][f] = {**p, "n_rows": int(len(d)), "devices": sorted(d.device.unique()), "held_out": {
             "all": error_stats(ape[m]) if m.any() else None, "n_all": int(m.sum()),
             "small": error_stats(ape[m & small]) if (m & small).any() else None, "n_small": int((m & small).sum())}}
-    out["per_device"] = per_device(pts)
+    out["per_device"] = per_device(pts, full["kinds"])
     # where a device has rows of its own, which predicts them better: its other rows or its family without it?
-    loro = leave_one_row_out(pts)
+    loro = leave_one_row_out(pts, full["kinds"])
     both = ~np.isnan(loro) & ~np.isnan(ape)
     out["per_device_check"] = {
         "n": int(both.sum()), "own rows (leave one row out)": error_stats(loro[both]) if both.any() else None,
@@ -175,35 +241,38 @@ def calibrate(df: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def per_device(pts: pd.DataFrame) -> dict[str, dict[str, Any]]:
+def _own_efficiency(pts: pd.DataFrame, kinds: dict[str, float]) -> np.ndarray:
+    """Each row's efficiency brought to its family's F16 terms (divided by its quant kind's factor)."""
+    return _efficiency(pts) / pts.kind.map(lambda k: _kind_factor(kinds, k)).to_numpy()
+
+
+def per_device(pts: pd.DataFrame, kinds: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
     """{device: {family: terms}}: a device's own efficiency from its own published rows of a family (the median
-    of bytes / (spec bandwidth x time) over them), and its leave-one-row-out error where it has two rows or
-    more. A device that llama.cpp drives far from its spec bandwidth (the MI300X's ROCm rows) keeps its own
-    figure instead of its family's."""
+    of bytes / (spec bandwidth x time), each row divided by its quant kind's factor), and its leave-one-row-out
+    error where it has two rows or more. A device that llama.cpp drives far from its spec bandwidth (the
+    MI300X's ROCm rows) keeps its own figure instead of its family's."""
+    kinds = kinds or {}
     out: dict[str, dict[str, Any]] = {}
-    loro = leave_one_row_out(pts)
+    loro = leave_one_row_out(pts, kinds)
     for (dev, fam), d in pts.groupby(["device", "family"]):
         apes = loro[pts.index.get_indexer(d.index)]
         apes = apes[~np.isnan(apes)]
         out.setdefault(dev, {})[fam] = {
-            "efficiency": float(np.median(_efficiency(d))), "n_rows": int(len(d)), "overhead_s": 0.0,
+            "efficiency": float(np.median(_own_efficiency(d, kinds))), "n_rows": int(len(d)), "overhead_s": 0.0,
             "models": sorted(set(map(str, d.model))),
             "held_out": {"method": "leave one row out", "n_all": len(apes),
                          "all": error_stats(apes) if len(apes) else None}}
     return out
 
 
-def _efficiency(pts: pd.DataFrame) -> np.ndarray:
-    """Each row's share of its spec bandwidth: bytes / (spec bandwidth x time per token)."""
-    return (pts.bytes / pts.bandwidth_b_s / pts.t_s).to_numpy()
-
-
-def leave_one_row_out(pts: pd.DataFrame) -> np.ndarray:
+def leave_one_row_out(pts: pd.DataFrame, kinds: dict[str, float] | None = None) -> np.ndarray:
     """Per row, |its rate / the rate its device's other rows of its family predict - 1| (the others' median
-    efficiency); NaN where the device has no other row of that family."""
+    efficiency, in F16 terms, times the row's quant kind factor); NaN where the device has no other row of
+    that family."""
+    kinds = kinds or {}
     out = np.full(len(pts), np.nan)
     for _, d in pts.groupby(["device", "family"]):
-        eff = _efficiency(d)
+        eff = _own_efficiency(d, kinds)
         pos = pts.index.get_indexer(d.index)
         for k in range(len(eff)) if len(eff) > 1 else []:
             out[pos[k]] = abs(eff[k] / float(np.median(np.delete(eff, k))) - 1)
@@ -224,23 +293,39 @@ DEFAULT_BACKEND = {"nvidia": "cuda", "amd": "rocm", "apple": "metal"}
 
 
 def predict_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes_per_token: float,
-                  backend: str | None = None, device: str | None = None
-                  ) -> tuple[float | None, dict[str, Any] | None, str]:
-    """tg tok/s on a device of `vendor` and spec bandwidth from the cross-device calibration: (tok/s, the terms
-    used with their held-out error, what they are or why none). A `device` with two or more published rows of
-    the family has its own terms ("<family> on <device>", basis "device"); else the family's; None where no
-    published row is of that family."""
-    family = f"{vendor}-{backend or DEFAULT_BACKEND.get(vendor, 'cpu')}"
+                  quant: str | None = None, backend: str | None = None, device: str | None = None,
+                  hbm: bool = False) -> tuple[float | None, dict[str, Any] | None, str]:
+    """tg tok/s of a `quant` file of `bytes_per_token` on a device of `vendor`, spec bandwidth and memory from
+    the cross-device calibration: (tok/s, the terms used with their held-out error and the quant kind's
+    factor, what they are or why none). A `device` with two or more published rows of the family has its own
+    terms ("<family> on <device>", basis "device"); else the family's; None where no published row is of that
+    family."""
+    family = family_of(vendor, backend or DEFAULT_BACKEND.get(vendor, "cpu"), hbm)
+    kind = quant_kind(quant)
+    factor = (cal.get("kinds") or {}).get(kind, {}).get("factor", 1.0)
     own = ((cal.get("per_device") or {}).get(device or "") or {}).get(family)
     if own and own["n_rows"] >= 2 and own["efficiency"] > 0:
-        t = bytes_per_token / (own["efficiency"] * bandwidth_gb_s * 1e9)
-        return 1.0 / t, {**own, "devices": [device], "basis": "device"}, f"{family} on {device}"
+        t = bytes_per_token / (own["efficiency"] * factor * bandwidth_gb_s * 1e9)
+        return 1.0 / t, {**own, "devices": [device], "basis": "device", "kind": kind, "kind_factor": factor}, \
+            f"{family} on {device}"
     fam = (cal.get("families") or {}).get(family)
     if not fam or not fam.get("efficiency") or math.isinf(fam["efficiency"]):
         have = ", ".join(sorted(cal.get("families") or {})) or "none"
         return None, None, f"no published rows of {family} (families with rows: {have})"
-    t = fam["overhead_s"] + bytes_per_token / (fam["efficiency"] * bandwidth_gb_s * 1e9)
-    return 1.0 / t, fam, family
+    t = fam["overhead_s"] + bytes_per_token / (fam["efficiency"] * factor * bandwidth_gb_s * 1e9)
+    return 1.0 / t, {**fam, "kind": kind, "kind_factor": factor}, family
+
+
+def other_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes_per_token: float,
+                quant: str | None = None, backend: str | None = None, hbm: bool = False) -> float | None:
+    """The same from the candidate model not chosen (its family terms): where the two disagree, the published
+    rows could not tell them apart there."""
+    o = cal.get("other_fit") or {}
+    fam = (o.get("families") or {}).get(family_of(vendor, backend or DEFAULT_BACKEND.get(vendor, "cpu"), hbm))
+    if not fam or not fam.get("efficiency") or math.isinf(fam["efficiency"]):
+        return None
+    factor = (o.get("kinds") or {}).get(quant_kind(quant), 1.0)
+    return 1.0 / (fam["overhead_s"] + bytes_per_token / (fam["efficiency"] * factor * bandwidth_gb_s * 1e9))
 
 
 def lines(cal: dict[str, Any]) -> list[str]:
@@ -248,17 +333,23 @@ def lines(cal: dict[str, Any]) -> list[str]:
     if not cal.get("n_rows"):
         return ["cross-device calibration: no tg rows with a size and a catalogued device"]
     out = [f"cross-device calibration: {cal['n_rows']} tg rows on {cal['n_devices']} devices; "
-           "time per token = overhead + size / (efficiency x spec bandwidth), per vendor x backend; "
-           f"chosen: {cal.get('chosen')} ({cal.get('chosen_by')})"]
+           "time per token = overhead + size / (efficiency x quant kind's factor x spec bandwidth), per vendor x "
+           f"backend, HBM parts apart; chosen: {cal.get('chosen')} ({cal.get('chosen_by')})"]
     for f, p in cal["families"].items():
-        out.append(f"  {f}: efficiency {p['efficiency']:.2f}, overhead {p['overhead_s'] * 1e3:.2f} ms/token "
-                   f"({p['n_rows']} rows, {len(p['devices'])} devices)")
-    h = cal["held_out"]
-    for name in ("overhead+bandwidth", "bandwidth only", "page formula"):
-        e = h[name]
+        ndev = len(p["devices"])
+        out.append(f"  {f}: efficiency {p['efficiency']:.2f}"
+                   + (f", overhead {p['overhead_s'] * 1e3:.2f} ms/token" if cal.get("chosen") == OVERHEAD else "")
+                   + f" ({p['n_rows']} rows, {ndev} device{'s' if ndev != 1 else ''})")
+    out.append("  quant kinds (share of the family's F16 efficiency): "
+               + ", ".join(f"{k} {v['factor']:.2f} ({v['n_rows']} rows)" for k, v in (cal.get("kinds") or {}).items()))
 
-        def fmt(x, n):
-            return f"median {x['median_ape']:.1%}, worst {x['worst_ape']:.1%} (n={n})" if x else f"- (n={n})"
+    def fmt(x, n):
+        return f"median {x['median_ape']:.1%}, worst {x['worst_ape']:.1%} (n={n})" if x else f"- (n={n})"
+    h = cal["held_out"]
+    for name in (*MODELS, "page formula"):
+        e = h.get(name)
+        if e is None:
+            continue
         how = "its own 0.65 / 0.55, nothing fitted" if name == "page formula" else h["method"]
         out.append(f"  {name}, {how}: all rows {fmt(e['all'], e['n_all'])}; 1B-3B rows "
                    f"{fmt(e['small'], e['n_small'])}")
@@ -268,7 +359,6 @@ def lines(cal: dict[str, Any]) -> list[str]:
         out.append("  a device with two rows or more is estimated from its own rows: on those rows, "
                    + "; ".join(parts))
     return out
-
 
 
 # --- the page on its own GPUs --------------------------------------------------------------------------------
@@ -284,7 +374,7 @@ def page_rule_tok_s(bandwidth_gb_s: float, vendor: str, model_bytes: float) -> f
 def page_gpus(xcal: dict[str, Any]) -> list[dict[str, Any]]:
     """For each GPU the page prints a speed for and each of its 12 quants: the page's tok/s (its rule), the
     cross-device estimate (None where no published row is of the GPU's family) with the family's held-out
-    error, and the published rows measured on that GPU, each with the page's rule at that row's size and
+    error, the other candidate model's estimate, and the published rows measured on that GPU, each with the page's rule at that row's size and
     whether the measurement is inside the page's ±20%."""
     from harness.catalog import page
 
@@ -302,13 +392,14 @@ def page_gpus(xcal: dict[str, Any]) -> list[dict[str, Any]]:
         quants = []
         for q in page.BY_QUANT:
             size = sizes.get(q)
-            est, fam, family = (predict_tok_s(xcal, d.vendor, d.bandwidth_gb_s, size, device=d.name) if size
-                                else (None, None, "no measured size"))
+            est, fam, family = (predict_tok_s(xcal, d.vendor, d.bandwidth_gb_s, size, q, device=d.name,
+                                              hbm=d.hbm) if size else (None, None, "no measured size"))
+            other = other_tok_s(xcal, d.vendor, d.bandwidth_gb_s, size, q, hbm=d.hbm) if size else None
             held = ((fam or {}).get("held_out") or {})
             err = held.get("small") or held.get("all")
             quants.append({"quant": q, "model_size_bytes": size,
                            "page_tok_s": page.page_tok_s(d.bandwidth_gb_s, d.vendor, q),
-                           "estimate_tok_s": est, "family": family,
+                           "estimate_tok_s": est, "family": family, "other_model_tok_s": other,
                            "held_out_median": err["median_ape"] if err else None,
                            "held_out_worst": err["worst_ape"] if err else None})
         out.append({"device": d.name, "vendor": d.vendor, "bandwidth_gb_s": d.bandwidth_gb_s,

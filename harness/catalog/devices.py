@@ -27,10 +27,18 @@ class Device(NamedTuple):
     bandwidth_gb_s: float  # spec-sheet peak memory bandwidth, 1e9 bytes/s (CPU: measured)
     source: str  # where the numbers come from
     aliases: tuple[str, ...] = ()  # other names it goes by (NVML's, short forms); matched after normalizing
+    hbm_stated: bool = False  # HBM where `source` does not print it (the NVL cards: the SXM part's memory)
+
+    @property
+    def hbm(self) -> bool:
+        """Stacked high-bandwidth memory (HBM2/HBM2e/HBM3/HBM3e), as the spec source prints it. llama.cpp's
+        batch-1 kernels reach a much smaller share of an HBM part's spec bandwidth than of a GDDR card's (the
+        published A100 / H100 / MI300X rows), so the cross-device fit gives HBM parts terms of their own."""
+        return self.hbm_stated or "hbm" in self.source.lower()
 
     def as_dict(self) -> dict:
         return {"name": self.name, "vendor": self.vendor, "memory_bytes": self.memory_bytes,
-                "bandwidth_gb_s": self.bandwidth_gb_s, "source": self.source}
+                "bandwidth_gb_s": self.bandwidth_gb_s, "hbm": self.hbm, "source": self.source}
 
 
 _NV = "https://www.nvidia.com/en-us/"
@@ -44,11 +52,11 @@ CATALOG: tuple[Device, ...] = (
     Device("NVIDIA H100 PCIe", "nvidia", 80 * GIB, 2039, _NV + "data-center/h100/ (PCIe 80GB HBM2e, 2.0 TB/s)",
            ("h100 pcie", "h100 80gb pcie")),
     Device("NVIDIA H100 NVL", "nvidia", 94 * GIB, 3938, _NV + "data-center/h100/ (NVL 94GB, 3.9 TB/s)",
-           ("h100 nvl",)),
+           ("h100 nvl",), hbm_stated=True),
     Device("NVIDIA H200", "nvidia", 141 * GIB, 4800, _NV + "data-center/h200/ (141GB HBM3e, 4.8 TB/s)",
            ("h200", "h200 sxm", "h200 141gb hbm3e")),
     Device("NVIDIA H200 NVL", "nvidia", 141 * GIB, 4800, _NV + "data-center/h200/ (NVL, 4.8 TB/s)",
-           ("h200 nvl",)),
+           ("h200 nvl",), hbm_stated=True),
     Device("NVIDIA A100 40GB", "nvidia", 40 * GIB, 1555, _NV + "data-center/a100/ (40GB HBM2, 1,555 GB/s)",
            ("a100 40gb", "a100 sxm4 40gb", "a100 pcie 40gb", "a100")),
     Device("NVIDIA A100 80GB", "nvidia", 80 * GIB, 2039, _NV + "data-center/a100/ (80GB SXM HBM2e, 2,039 GB/s)",

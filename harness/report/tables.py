@@ -402,7 +402,7 @@ def html_table(head: list[str], rows: list[list[str]]) -> str:
 # --- the page on its GPUs (from the shipped cross-device calibration) -------------------------------------------
 
 PAGE_GPU_HEAD = ["GPU", "quant", "page tok/s (its ±20%)", "cross-device estimate tok/s", "held-out error (median, "
-                 "worst)", "family"]
+                 "worst)", "family", "other candidate model tok/s"]
 PAGE_GPU_PUBLISHED_HEAD = ["GPU", "model (as published)", "backend", "measured tok/s", "page's rule at its size",
                            "measured / rule", "verdict (page ±20%)", "source"]
 QUALITY_HEAD = ["quant", "page's quality claim", "published figure", "metric", "source"]
@@ -418,7 +418,8 @@ def page_gpu_rows(gpus: list[dict]) -> list[list[str]]:
                    f"{q['held_out_median']:.0%}, {q['held_out_worst']:.0%}")
             rows.append([g["device"], q["quant"], f"{p:,.0f} ({p * 0.8:,.0f}-{p * 1.2:,.0f})",
                          f"{est:,.0f}" if est else "none", err if est else "-",
-                         q["family"] if est else q["family"].split(" (")[0]])
+                         q["family"] if est else q["family"].split(" (")[0],
+                         f"{q['other_model_tok_s']:,.0f}" if q.get("other_model_tok_s") else "-"])
     return rows
 
 
