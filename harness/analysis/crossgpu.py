@@ -374,8 +374,8 @@ def page_rule_tok_s(bandwidth_gb_s: float, vendor: str, model_bytes: float) -> f
 def page_gpus(xcal: dict[str, Any]) -> list[dict[str, Any]]:
     """For each GPU the page prints a speed for and each of its 12 quants: the page's tok/s (its rule), the
     cross-device estimate (None where no published row is of the GPU's family) with the family's held-out
-    error, the other candidate model's estimate, and the published rows measured on that GPU, each with the page's rule at that row's size and
-    whether the measurement is inside the page's ±20%."""
+    error, the other candidate model's estimate, and the published rows measured on that GPU, each with the
+    page's rule at that row's size and whether the measurement is inside the page's ±20%."""
     from harness.catalog import page
 
     sizes = (xcal.get("llama_3_2_1b") or {}).get("model_size_bytes") or {}
