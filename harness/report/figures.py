@@ -215,6 +215,10 @@ def fig_page_gpus(gpus: list[dict]) -> bytes:
             ax.errorbar([q["model_size_bytes"] / GB for q in est], [q["estimate_tok_s"] for q in est],
                         yerr=[err, err], fmt="o", color="#55a868", ms=3, capsize=2,
                         label=f"estimate, 12 quants ({est[0]['family']})")
+        other = [q for q in est if q.get("other_model_tok_s")]
+        if other:
+            ax.plot([q["model_size_bytes"] / GB for q in other], [q["other_model_tok_s"] for q in other], "x",
+                    color="#8c8c8c", ms=4, label="the other candidate model")
         if g["published"]:
             ax.plot([r["bytes"] / GB for r in g["published"]], [r["tok_s"] for r in g["published"]], "*",
                     color="#4c72b0", ms=9, label="published measurement")
@@ -223,7 +227,7 @@ def fig_page_gpus(gpus: list[dict]) -> bytes:
         ax.set_xlabel("model size, GB")
         ax.set_title(g["device"].replace("NVIDIA GeForce ", "").replace("AMD Instinct ", ""), fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper right")  # the rule falls to the right: the measurements sit below it
     axes[0][0].set_ylabel("tokens/s (generation)")
     return _png(fig)
 
@@ -255,6 +259,8 @@ CAPTIONS = {
     "roofline.png": "Speed against bytes read per token, with the bandwidth roofline and the fitted model.",
     "context.png": "Memory and speed against the context length.",
     "page_gpus.png": "The page's GPUs: its speed rule with its ±20% band against the model's size, the "
-                     "cross-device estimate for Llama 3.2 1B's 12 quants (± the held-out median error), and every "
-                     "published llama.cpp measurement on that GPU (blue stars).",
+                     "cross-device estimate for Llama 3.2 1B's 12 quants (± the held-out median error), the other "
+                     "candidate model's (grey crosses: where they part, no published row of a small model on a "
+                     "device this fast decides), and every published llama.cpp measurement on that GPU (blue "
+                     "stars).",
 }
