@@ -57,7 +57,17 @@ def test_catalog_is_consistent():
         assert d.vendor in ("nvidia", "amd", "apple")
         assert d.memory_bytes > 0 and d.bandwidth_gb_s > 0 and d.source
         assert devices.lookup(d.name) is d
-        assert set(d.as_dict()) == {"name", "vendor", "memory_bytes", "bandwidth_gb_s", "source"}
+        assert set(d.as_dict()) == {"name", "vendor", "memory_bytes", "bandwidth_gb_s", "hbm", "source"}
+
+
+def test_hbm_parts_are_the_ones_whose_spec_prints_hbm():
+    """HBM as the spec source prints it, or stated (the NVL cards); never a GDDR card or Apple's unified memory."""
+    hbm = {d.name for d in devices.CATALOG if d.hbm}
+    assert {"NVIDIA H100 SXM", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA A100 80GB", "AMD Instinct MI300X",
+            "AMD Instinct MI250X"} <= hbm
+    assert not hbm & {"NVIDIA GeForce RTX 4090", "NVIDIA L40S", "AMD Radeon RX 7900 XTX", "Apple M2 Ultra"}
+    for d in devices.CATALOG:
+        assert d.hbm == (d.hbm_stated or "hbm" in d.source.lower())
 
 
 def test_catalog_has_the_pages_gpus_with_the_pages_bandwidths():

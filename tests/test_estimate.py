@@ -133,3 +133,12 @@ def test_another_cpus_calibration_says_so_and_carries_the_cross_cpu_error(capsys
     assert f"±{err['median_ape']:.0%}" in out and "this CPU was not measured" in out
     assert "carrying a calibration from one CPU to another" in out and "(LOQO)" not in out
     assert "(50.0 GB/s" in out and "from " not in out.splitlines()[0]  # the bandwidth given, not the calibration's
+
+
+def test_an_estimate_from_rows_of_large_models_only_says_it_is_an_upper_bound(capsys):
+    """The H100 SXM's family (A100 / H100 PCIe rows, 8B models) has no 1B-3B row: no per-token floor is in its
+    fit, and the estimate says so; the M2 Max's own rows include 1B and 3B models, and it does not."""
+    rc, out, _ = run(capsys, "--device", "H100", "--quant", "Q4_K_M")
+    assert rc == 0 and "nvidia-cuda-hbm" in out and "upper bound" in out
+    rc, out, _ = run(capsys, "--device", "M2 Max", "--quant", "Q4_K_M")
+    assert rc == 0 and "apple-metal on Apple M2 Max" in out and "upper bound" not in out
