@@ -167,15 +167,6 @@ def cross_device_estimate(xcal: dict, device: dict, quant: str, context: int, ba
     return out
 
 
-def _has_small_rows(fam: dict) -> bool:
-    """Whether the terms rest on any row of a 1B-3B model (by llama.cpp's size label)."""
-    from harness.analysis import crossgpu
-
-    if fam.get("basis") == "device":
-        return any(crossgpu.size_label_b(m, None) <= crossgpu.SMALL_MAX_B for m in fam.get("models") or [])
-    return bool((fam.get("held_out") or {}).get("n_small"))
-
-
 def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: dict, why: str) -> None:
     if "tok_s" not in x:
         lines.append(f"calibrated: none ({x.get('why')})")
@@ -209,7 +200,7 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
                      f"device{'s' if len(fam['devices']) != 1 else ''} "
                      f"({', '.join(fam['devices'][:6])}{', ...' if len(fam['devices']) > 6 else ''}); model "
                      f"{xcal.get('chosen')} ({why}; harness/data/crossgpu.json, from {xcal.get('built_from')})")
-    if not _has_small_rows(fam):
+    if not crossgpu.rests_on_small_rows(fam):
         lines.append("            none of these rows is of a 1B-3B model: the per-token floor (kernel launches, "
                      "synchronisation) that a 1B model meets on a fast device is not in them, so read this as an "
                      "upper bound")

@@ -274,6 +274,10 @@ def test_the_page_on_its_gpus():
     assert all(q["family"] == "amd-rocm-hbm on AMD Instinct MI300X" for q in mi["quants"])
     h100 = next(q for q in gpus["NVIDIA H100 SXM"]["quants"] if q["quant"] == "Q4_K_M")
     assert h100["family"] == "nvidia-cuda-hbm"  # no rows of its own: its family, HBM parts apart
+    assert h100["rests_on_small_rows"] is False  # A100 / H100 PCIe rows of 8B models only: an upper bound
+    from harness.report import tables
+
+    assert all("upper bound" in r[5] for r in tables.page_gpu_rows([gpus["NVIDIA H100 SXM"]]))
 
 
 def test_a_device_with_rows_of_its_own_uses_them():

@@ -316,6 +316,14 @@ def predict_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes
     return 1.0 / t, {**fam, "kind": kind, "kind_factor": factor}, family
 
 
+def rests_on_small_rows(terms: dict[str, Any]) -> bool:
+    """Whether terms from predict_tok_s rest on any row of a 1B-3B model (by llama.cpp's size label): where
+    none does, the per-token floor a 1B model meets on a fast device is not in them (an upper bound)."""
+    if terms.get("basis") == "device":
+        return any(size_label_b(m, None) <= SMALL_MAX_B for m in terms.get("models") or [])
+    return bool((terms.get("held_out") or {}).get("n_small"))
+
+
 def other_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes_per_token: float,
                 quant: str | None = None, backend: str | None = None, hbm: bool = False) -> float | None:
     """The same from the candidate model not chosen (its family terms): where the two disagree, the published
@@ -400,6 +408,7 @@ def page_gpus(xcal: dict[str, Any]) -> list[dict[str, Any]]:
             quants.append({"quant": q, "model_size_bytes": size,
                            "page_tok_s": page.page_tok_s(d.bandwidth_gb_s, d.vendor, q),
                            "estimate_tok_s": est, "family": family, "other_model_tok_s": other,
+                           "rests_on_small_rows": rests_on_small_rows(fam) if fam else None,
                            "held_out_median": err["median_ape"] if err else None,
                            "held_out_worst": err["worst_ape"] if err else None})
         out.append({"device": d.name, "vendor": d.vendor, "bandwidth_gb_s": d.bandwidth_gb_s,

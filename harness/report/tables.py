@@ -418,7 +418,8 @@ def page_gpu_rows(gpus: list[dict]) -> list[list[str]]:
                    f"{q['held_out_median']:.0%}, {q['held_out_worst']:.0%}")
             rows.append([g["device"], q["quant"], f"{p:,.0f} ({p * 0.8:,.0f}-{p * 1.2:,.0f})",
                          f"{est:,.0f}" if est else "none", err if est else "-",
-                         q["family"] if est else q["family"].split(" (")[0],
+                         (q["family"] + ("" if q.get("rests_on_small_rows") else "; no 1B-3B row in it: an "
+                                         "upper bound")) if est else q["family"].split(" (")[0],
                          f"{q['other_model_tok_s']:,.0f}" if q.get("other_model_tok_s") else "-"])
     return rows
 
