@@ -185,8 +185,8 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
     other = x.get("other_tok_s")
     if other and abs(other / x["tok_s"] - 1) > 0.25:
         lines.append(f"            the other model that fits the published rows ({xcal.get('other')}) says "
-                     f"~{other:,.0f} tok/s here: no published row of a model this small on a device this fast "
-                     "tells them apart; a measurement on this GPU does")
+                     f"~{other:,.0f} tok/s here: the published rows do not tell the two apart on this device; "
+                     "a measurement on it does")
     if fam.get("basis") == "device":  # this device's own published rows
         models = "; ".join(fam["models"][:4])
         lines.append(f"            from this device's own {fam['n_rows']} published rows ({models}"

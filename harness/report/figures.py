@@ -260,7 +260,7 @@ CAPTIONS = {
     "context.png": "Memory and speed against the context length.",
     "page_gpus.png": "The page's GPUs: its speed rule with its ±20% band against the model's size, the "
                      "cross-device estimate for Llama 3.2 1B's 12 quants (± the held-out median error), the other "
-                     "candidate model's (grey crosses: where they part, no published row of a small model on a "
-                     "device this fast decides), and every published llama.cpp measurement on that GPU (blue "
+                     "candidate model's (grey crosses: where they part, the published rows do not decide between "
+                     "them on that GPU), and every published llama.cpp measurement on that GPU (blue "
                      "stars).",
 }
