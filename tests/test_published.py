@@ -197,6 +197,10 @@ def test_quant_kinds_and_hbm_parts_get_terms_of_their_own():
     assert np.nanmax(plain) > 0.3  # HBM and GDDR averaged together, and every quant at one efficiency
     cal = crossgpu.calibrate(_rows(spec))
     assert cal["chosen"] == crossgpu.KINDS and cal["kinds"]["k/i-quants"]["factor"] == pytest.approx(0.7)
+    # the models compared on the same rows: every row here has a prediction from each fitted model
+    h = cal["held_out"]
+    assert h["n_common"] == len(pts) and h[crossgpu.KINDS]["common"]["worst_ape"] == pytest.approx(0, abs=1e-9)
+    assert h[crossgpu.PLAIN]["common"]["worst_ape"] == pytest.approx(np.nanmax(plain))
     # a device's own rows are brought to F16 terms: the H100 PCIe's own efficiency is 0.4, whatever the quant
     assert cal["per_device"]["NVIDIA H100 PCIe"]["nvidia-cuda-hbm"]["efficiency"] == pytest.approx(0.4)
     # the H100 SXM (no rows of its own) from its HBM family, at an IQ quant (a k/i-quant) of 1 GB
