@@ -109,8 +109,9 @@ def _efficiency(pts: pd.DataFrame) -> np.ndarray:
     return (pts.bytes / pts.bandwidth_b_s / pts.t_s).to_numpy()
 
 
-def _kind_factor(kinds: dict[str, float], kind: str) -> float:
-    return kinds.get(kind, 1.0)  # a kind no training row has: its family's f16 efficiency
+def _factors(pts: pd.DataFrame, kinds: dict[str, float]) -> np.ndarray:
+    """Each row's quant kind factor; 1 for a kind no training row has (its family's F16 efficiency)."""
+    return pts.kind.map(lambda k: kinds.get(k, 1.0)).to_numpy(float)
 
 
 def fit_kinds(pts: pd.DataFrame) -> tuple[dict[str, float], dict[str, float]]:
@@ -148,7 +149,7 @@ def fit(pts: pd.DataFrame, model: str = OVERHEAD) -> dict[str, Any]:
     overhead = model == OVERHEAD
     families = sorted(pts.family.unique())
     t = pts.t_s.to_numpy()
-    read = (pts.bytes / pts.bandwidth_b_s / pts.kind.map(lambda k: _kind_factor(kinds, k))).to_numpy()
+    read = (pts.bytes / pts.bandwidth_b_s).to_numpy() / _factors(pts, kinds)
     cols = []
     for f in families:
         m = (pts.family == f).to_numpy(float)
@@ -167,11 +168,11 @@ def fit(pts: pd.DataFrame, model: str = OVERHEAD) -> dict[str, Any]:
 def predict_t(pts: pd.DataFrame, params: dict[str, Any], model: str = OVERHEAD) -> np.ndarray:
     out = np.full(len(pts), np.nan)
     fams = pts.base_family if model == PLAIN else pts.family
+    factors = _factors(pts, params["kinds"])
     for i, (f, r) in enumerate(zip(fams, pts.itertuples())):
         p = params["families"].get(f)
         if p and p["efficiency"] not in (0, math.inf):
-            k = _kind_factor(params["kinds"], r.kind)
-            out[i] = p["overhead_s"] + r.bytes / r.bandwidth_b_s / (p["efficiency"] * k)
+            out[i] = p["overhead_s"] + r.bytes / r.bandwidth_b_s / (p["efficiency"] * factors[i])
     return out
 
 
@@ -250,7 +251,7 @@ def calibrate(df: pd.DataFrame) -> dict[str, Any]:
 
 def _own_efficiency(pts: pd.DataFrame, kinds: dict[str, float]) -> np.ndarray:
     """Each row's efficiency brought to its family's F16 terms (divided by its quant kind's factor)."""
-    return _efficiency(pts) / pts.kind.map(lambda k: _kind_factor(kinds, k)).to_numpy()
+    return _efficiency(pts) / _factors(pts, kinds)
 
 
 def per_device(pts: pd.DataFrame, kinds: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
@@ -312,15 +313,23 @@ def predict_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes
     factor = (cal.get("kinds") or {}).get(kind, {}).get("factor", 1.0)
     own = ((cal.get("per_device") or {}).get(device or "") or {}).get(family)
     if own and own["n_rows"] >= 2 and own["efficiency"] > 0:
-        t = bytes_per_token / (own["efficiency"] * factor * bandwidth_gb_s * 1e9)
-        return 1.0 / t, {**own, "devices": [device], "basis": "device", "kind": kind, "kind_factor": factor}, \
+        return _rate(own, factor, bandwidth_gb_s, bytes_per_token), \
+            {**own, "devices": [device], "basis": "device", "kind": kind, "kind_factor": factor}, \
             f"{family} on {device}"
     fam = (cal.get("families") or {}).get(family)
-    if not fam or not fam.get("efficiency") or math.isinf(fam["efficiency"]):
+    rate = _rate(fam, factor, bandwidth_gb_s, bytes_per_token)
+    if rate is None:
         have = ", ".join(sorted(cal.get("families") or {})) or "none"
         return None, None, f"no published rows of {family} (families with rows: {have})"
-    t = fam["overhead_s"] + bytes_per_token / (fam["efficiency"] * factor * bandwidth_gb_s * 1e9)
-    return 1.0 / t, {**fam, "kind": kind, "kind_factor": factor}, family
+    return rate, {**fam, "kind": kind, "kind_factor": factor}, family
+
+
+def _rate(terms: dict[str, Any] | None, factor: float, bandwidth_gb_s: float, bytes_per_token: float
+          ) -> float | None:
+    """tok/s = 1 / (overhead + bytes / (efficiency x kind factor x bandwidth)); None without usable terms."""
+    if not terms or not terms.get("efficiency") or math.isinf(terms["efficiency"]):
+        return None
+    return 1.0 / (terms["overhead_s"] + bytes_per_token / (terms["efficiency"] * factor * bandwidth_gb_s * 1e9))
 
 
 def rests_on_small_rows(terms: dict[str, Any]) -> bool:
@@ -337,10 +346,7 @@ def other_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes_p
     rows could not tell them apart there."""
     o = cal.get("other_fit") or {}
     fam = (o.get("families") or {}).get(family_of(vendor, backend or DEFAULT_BACKEND.get(vendor, "cpu"), hbm))
-    if not fam or not fam.get("efficiency") or math.isinf(fam["efficiency"]):
-        return None
-    factor = (o.get("kinds") or {}).get(quant_kind(quant), 1.0)
-    return 1.0 / (fam["overhead_s"] + bytes_per_token / (fam["efficiency"] * factor * bandwidth_gb_s * 1e9))
+    return _rate(fam, (o.get("kinds") or {}).get(quant_kind(quant), 1.0), bandwidth_gb_s, bytes_per_token)
 
 
 def lines(cal: dict[str, Any]) -> list[str]:
