@@ -55,6 +55,9 @@ def _add_run(sub) -> None:
     p.add_argument("--rounds", type=int, help="override bench.rounds (passes of the sweep sharing the repetitions)")
     p.add_argument("--threads", type=int, help="override bench.threads")
     p.add_argument("--n-gpu-layers", type=int, dest="n_gpu_layers", help="override bench.n_gpu_layers")
+    p.add_argument("--rpc", metavar="HOST:PORT[,...]|local",
+                   help="override bench.rpc: offload to llama.cpp RPC servers (as llama-bench's --rpc), or 'local' "
+                        "for one the harness starts on loopback (the offload path without a GPU; not a GPU's speed)")
     p.add_argument("--timeout", type=float, dest="timeout_s", help="override bench.timeout_s (per model file)")
     p.add_argument("--contexts", help="override bench.contexts (the memory test), e.g. 2048,8192,32768")
     p.add_argument("--cache-type-k", dest="cache_type_k", help="override bench.cache_type_k, e.g. f16,q8_0,q4_0")
@@ -77,7 +80,7 @@ def _run(args) -> int:
     overrides = {}
     if args.quants:
         overrides["quants"] = args.quants
-    for key in ("repetitions", "rounds", "threads", "n_gpu_layers", "timeout_s"):
+    for key in ("repetitions", "rounds", "threads", "n_gpu_layers", "timeout_s", "rpc"):
         if getattr(args, key) is not None:
             overrides[f"bench.{key}"] = getattr(args, key)
     if args.contexts is not None:

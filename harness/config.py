@@ -92,6 +92,9 @@ class BenchSpec:
     cache_type_k: tuple[str, ...] = ("f16",)  # KV cache K types (f16, q8_0, q4_0, ...)
     cache_type_v: tuple[str, ...] = ("f16",)  # ... V types (quantized V needs flash attention)
     context_flash_attn: tuple[str, ...] = ()  # the memory test's flash-attention axis; () = [bench.flash_attn]
+    rpc: str = ""  # llama.cpp's RPC device: "" none; "local" a server the harness starts on loopback (its CPU
+    # served as a device: the offload path runs without a GPU; its speed is not a GPU's); "HOST:PORT[,HOST:PORT]"
+    # servers the user runs (ggml-rpc-server), as llama-bench's --rpc: layers are split over them
     context_quants: tuple[str, ...] = ()  # the quants that run the memory test; () = all (KV and compute buffers do
     # not depend on the weights' type, so two quants tell them; each quant's own weights are measured anyway)
 
@@ -363,10 +366,23 @@ def _bench(data: Any) -> BenchSpec:
         raise ConfigError(f"bench.timeout_s must be > 0, got {timeout}")
     kw["timeout_s"] = timeout
     kw["mmap"] = _typed("bench.mmap", data.get("mmap", d.mmap), bool)
+    kw["rpc"] = _rpc(_typed("bench.rpc", data.get("rpc", d.rpc) or "", str))
     kw["shuffle"] = _typed("bench.shuffle", data.get("shuffle", d.shuffle), bool)
     mem = _typed("bench.memory_limit_mb", data.get("memory_limit_mb", d.memory_limit_mb), int, allow_none=True)
     kw["memory_limit_mb"] = None if mem is None else _positive("bench.memory_limit_mb", mem)
     return BenchSpec(**kw)
+
+
+def _rpc(value: str) -> str:
+    value = value.strip()
+    if value in ("", "local"):
+        return value
+    for ep in value.split(","):
+        host, _, port = ep.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"bench.rpc {value!r}: {ep.strip()!r} is not HOST:PORT (e.g. 127.0.0.1:50052); "
+                              "or 'local' for a server the harness starts on loopback")
+    return ",".join(ep.strip() for ep in value.split(","))
 
 
 def _int_list(where: str, value: Any, minimum: int) -> tuple[int, ...]:

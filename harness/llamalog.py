@@ -46,6 +46,19 @@ def parse_buffers(lines: Iterable[str]) -> Buffers:
     return out
 
 
+_OFFLOAD_RE = re.compile(r"offloaded (?P<n>\d+)/(?P<m>\d+) layers to GPU")
+
+
+def offloaded_layers(lines: Iterable[str]) -> tuple[int, int] | None:
+    """(N, M) from the load log's "offloaded N/M layers to GPU" (M counts the output layer too); None where the
+    build cannot offload (the line is not logged)."""
+    for line in lines:
+        m = _OFFLOAD_RE.search(line)
+        if m:
+            return int(m["n"]), int(m["m"])
+    return None
+
+
 _FA_RE = re.compile(r"Flash Attention (?:was auto, set to )?(?P<val>enabled|disabled)"
                     r"|flash_attn\s+=\s+(?P<val2>enabled|disabled)")
 

@@ -89,6 +89,17 @@ class Record:
     rss_file_bytes: int | None = None  # ... resident file-backed pages (the mmap'd model; clean, reclaimable)
     tensor_types: dict[str, dict[str, int]] | None = None  # the file's tensors per ggml type, from its header:
     # {"Q4_K": {"n_weights": ..., "n_bytes": ...}, ...} (what the analysis needs; no report reopens the file)
+    n_layers_offloaded: int | None = None  # N of llama.cpp's "offloaded N/M layers to GPU"; null where the build
+    # cannot offload (a CPU-only build logs no such line)
+    n_layers_offloadable: int | None = None  # its M: the repeating layers plus the output layer
+    device_memory: dict[str, Any] | None = None  # readings by stage (before_load, after_load, after_context,
+    # after_test or, for "mem", after_decode), each {"devices": {ggml device name: {"free_bytes", "total_bytes"}},
+    # "process_bytes": the device-holding process's own memory (NVML per process; the harness's RPC server's
+    # anonymous resident memory), "process": "nvml" | "rpc-server"}; the CPU device is the host (see rss_*)
+    device_used_bytes: int | None = None  # what this run holds on its devices at the highest stage reading:
+    # the holding process's growth since before load, else the devices' free-memory drop
+    device_used_source: str | None = None  # "process" (this run's own) or "device" (a whole device's difference:
+    # includes every other tenant's allocations)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=False)

@@ -1,12 +1,30 @@
 #!/usr/bin/env bash
-# One-time (and idempotent) set-up: a virtualenv in .venv with the harness and its dependencies.
-# The first run compiles llama.cpp through llama-cpp-python (~7-10 min on 2 cores); pip caches the wheel,
-# so later runs take seconds.
+# Set-up (idempotent): a virtualenv in .venv with the harness, its dependencies, and llama-cpp-python built for
+# this machine's accelerator (scripts/detect-backend.sh: CUDA, HIP, Vulkan, Metal, else the CPU; every build also
+# has llama.cpp's RPC back end).
+#
+#   scripts/setup.sh [run|test]    # test (and CI) also installs Ray and DuckDB (--cluster, db, compare)
+#
+# The first build compiles llama.cpp (CPU: ~7-10 min on 2 cores). Each back end's wheel is kept in its own folder
+# (${HARNESS_CACHE:-~/.cache/harness}/wheels/<backend>-<flags hash>/), never in pip's cache, where a CPU and a
+# CUDA build of one version would take each other's place: a second set-up takes seconds.
+# HARNESS_BACKEND=cpu|cuda|hip|vulkan|metal overrides the detection; HARNESS_EXTRAS=cluster adds Ray and DuckDB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=${1:-run}
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+VER=$(sed -n 's/.*"llama-cpp-python==\([0-9][0-9.]*\)".*/\1/p' pyproject.toml | head -1)
+
+DETECT=$(bash scripts/detect-backend.sh)
+DETECT_backend=$(echo "$DETECT" | sed -n 's/^backend=//p')
+DETECT_why=$(echo "$DETECT" | sed -n 's/^why=//p')
+DETECT_cmake=$(echo "$DETECT" | sed -n 's/^cmake=//p')
+BACKEND=$DETECT_backend
+# Not built: llava/mtmd (multimodal; the harness never loads it).
+CMAKE_ARGS="$DETECT_cmake -DLLAVA_BUILD=OFF ${HARNESS_CMAKE_ARGS:-}"
 # Some virtual machines advertise AMX in CPUID but fault on its instructions (SIGILL in ggml's AMX kernels,
 # seen on this project's machines). A native build would use them, so build without AMX: decode does not
 # need it. Only where the compiler knows the flags.
@@ -14,5 +32,61 @@ if [ "$(uname -m)" = x86_64 ] && echo 'int main(void){return 0;}' | ${CC:-cc} -m
   export CFLAGS="${CFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   export CXXFLAGS="${CXXFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
-.venv/bin/python -m pip install --disable-pip-version-check -q -e ".[test,cluster]"
-.venv/bin/python -c "import llama_cpp, harness; print('harness ready: llama-cpp-python', llama_cpp.__version__)"
+KEY=$(printf '%s|%s|%s|%s' "$VER" "$CMAKE_ARGS" "${CFLAGS:-}" "$(uname -m)" | sha256sum | cut -c1-12)
+WHEELS=${HARNESS_CACHE:-$HOME/.cache/harness}/wheels/$BACKEND-$KEY
+STAMP=.venv/.llama-cpp-python-build
+echo "back end: $BACKEND ($DETECT_why); llama-cpp-python $VER with $CMAKE_ARGS"
+
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$BACKEND-$KEY" ] || ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+  whl=$(ls "$WHEELS"/llama_cpp_python-"$VER"-*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$whl" ] && [ "$BACKEND" = cuda ] && ! command -v nvcc >/dev/null 2>&1; then
+    # No CUDA toolkit: CUDA's compiler and libraries from PyPI's nvidia-* wheels (scripts/build-cuda-wheel.sh).
+    arch=$(echo "$CMAKE_ARGS" | sed -n 's/.*-DCMAKE_CUDA_ARCHITECTURES=\([^ ]*\).*/\1/p')
+    echo "no nvcc: building with CUDA's compiler from PyPI (scripts/build-cuda-wheel.sh, architectures $arch)"
+    CUDA_ARCHS=$arch bash scripts/build-cuda-wheel.sh
+    PURE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    rm -rf "$PURE/llama_cpp" "$PURE"/llama_cpp_python-*.dist-info
+    tar -xJf vendor/gpu-bundle/cuda/llama_cpp_python-"$VER"-cuda"${arch//;/_}".tar.xz -C "$PURE"
+  else
+    if [ -z "$whl" ]; then
+      t0=$(date +%s)
+      echo "building llama-cpp-python $VER for $BACKEND (once; kept in $WHEELS) ..."
+      mkdir -p "$WHEELS.tmp"
+      CMAKE_ARGS="$CMAKE_ARGS" "${VPIP[@]}" wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
+        -w "$WHEELS.tmp" "llama-cpp-python==$VER"
+      rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS"
+      echo "$CMAKE_ARGS" >"$WHEELS/CMAKE_ARGS"
+      whl=$(ls "$WHEELS"/llama_cpp_python-"$VER"-*.whl | head -1)
+      echo "built $BACKEND in $(( $(date +%s) - t0 )) s: $whl"
+    fi
+    "${VPIP[@]}" install --no-deps --force-reinstall "$whl"
+  fi
+  echo "$BACKEND-$KEY" >"$STAMP"
+fi
+
+EXTRAS=test
+if [ "$MODE" = test ] || [ -n "${CI:-}" ] || [ "${HARNESS_EXTRAS:-}" = cluster ]; then
+  EXTRAS=test,cluster
+fi
+"${VPIP[@]}" install -e ".[$EXTRAS]"
+
+# The build must reach the accelerator it was built for: else say what to do, before any measuring starts.
+.venv/bin/python - "$BACKEND" <<'PYEOF'
+import sys
+
+import llama_cpp
+
+from harness.measure import devices
+
+backend = sys.argv[1]
+devs = devices.list_devices()
+gpus = [d for d in devs if d.kind == "gpu"]
+print(f"harness ready: llama-cpp-python {llama_cpp.__version__}, built for {backend};",
+      "devices: " + "; ".join(f"{d.name} ({d.description}, {d.total_bytes / 2**30:.1f} GiB)" for d in devs))
+if backend != "cpu" and not gpus:
+    print(f"setup: this build is for {backend} but llama.cpp sees no GPU device (llama_supports_gpu_offload()="
+          f"{bool(llama_cpp.llama_supports_gpu_offload())}): runs would measure the CPU. Check the driver "
+          f"(nvidia-smi / rocminfo / vulkaninfo), or build for the CPU on purpose: HARNESS_BACKEND=cpu make run",
+          file=sys.stderr)
+    sys.exit(1)
+PYEOF

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from harness.config import CACHE_TYPES
-from harness.llamalog import LogCapture, flash_attn_resolved, parse_buffers
+from harness.llamalog import LogCapture, flash_attn_resolved, offloaded_layers, parse_buffers
 from harness.measure import machine, memory
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,11 @@ def mem_cells(bench: dict[str, Any]) -> list[MemCell]:
 
 
 def device_of(model_buffers: dict[str, int]) -> str:
-    """Where the weights live, from llama.cpp's buffer names: CUDA0 -> cuda, Metal -> metal, else cpu."""
+    """Where the weights live, from llama.cpp's buffer names: CUDA0 -> cuda, Metal -> metal, RPC0[host:port] -> rpc
+    (llama.cpp's RPC device: a server's device over the network, loopback in the tests), else cpu."""
     names = [n for n, size in model_buffers.items() if size > 0]
     for prefix, dev in (("CUDA", "cuda"), ("ROCm", "rocm"), ("Metal", "metal"), ("MTL", "metal"),
-                        ("Vulkan", "vulkan"), ("SYCL", "sycl")):
+                        ("Vulkan", "vulkan"), ("SYCL", "sycl"), ("RPC", "rpc")):
         if any(n.startswith(prefix) for n in names):
             return dev
     return "cpu"
@@ -155,6 +156,7 @@ class Session:
         self.n_params = int(llama_cpp.llama_model_n_params(self.model))
         self.model_buffers = parse_buffers(self.load_log).model
         self.device = device_of(self.model_buffers)
+        self.offloaded = offloaded_layers(self.load_log)  # (N, M) of "offloaded N/M layers to GPU", or None
         self.gpu_offload_supported = bool(llama_cpp.llama_supports_gpu_offload())
 
     def tokens(self, n: int, first_bos: bool) -> np.ndarray:
@@ -236,10 +238,70 @@ class Session:
             self.model = None
 
 
+class DeviceWatch:
+    """Device memory read at the tests' boundaries (before load, after load, after a context, after its decodes),
+    never inside a timed region: each device's free and total memory as llama.cpp reports it
+    (``ggml_backend_dev_memory``), and, where the harness knows the process that holds the device's memory, that
+    process's own figure: NVML's per-process usage on an NVIDIA GPU, the resident anonymous memory of the RPC
+    server the harness started. `used` is that process's growth since before the load where there is one
+    (source "process"), else the device's free-memory drop (source "device": it includes other tenants)."""
+
+    def __init__(self, nvml, server_pid: int | None):
+        self.nvml = nvml
+        self.server_pid = server_pid
+        self.base: dict[str, Any] | None = None
+
+    def read(self) -> dict[str, Any]:
+        from harness.measure import devices
+
+        out: dict[str, Any] = {"devices": devices.memory_now()}
+        if self.server_pid:
+            rss = devices.process_rss(self.server_pid)
+            out["process_bytes"] = rss.get("anon_bytes", rss["rss_bytes"]) if rss else None
+            out["process"] = "rpc-server"
+        elif self.nvml:
+            out["process_bytes"] = self.nvml.read().process_bytes
+            out["process"] = "nvml"
+        return out
+
+    def start(self) -> dict[str, Any]:
+        self.base = self.read()
+        return self.base
+
+    def used(self, now: dict[str, Any]) -> tuple[int | None, str | None]:
+        """(bytes this run holds on its devices now, which source that figure is)."""
+        b = self.base or {}
+        if now.get("process_bytes") is not None and b.get("process_bytes") is not None:
+            return now["process_bytes"] - b["process_bytes"], "process"
+        devs = now.get("devices") or {}
+        if not devs:
+            return None, None
+        drop = sum(b.get("devices", {}).get(n, d)["free_bytes"] - d["free_bytes"] for n, d in devs.items())
+        return drop, "device"
+
+    def fields(self, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Record fields from readings by stage name: all of them, and the `used` figure at the highest one."""
+        used = [self.used(r) for r in stages.values()]
+        vals = [u for u, _ in used if u is not None]
+        return {"device_memory": {"before_load": self.base, **stages},
+                "device_used_bytes": max(vals) if vals else None,
+                "device_used_source": next((src for u, src in used if u is not None), None)}
+
+
 def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], None],
             capture: LogCapture, progress: Callable[[str], None] = lambda s: None) -> None:
     """Load `path`, run every test, and emit one dict per timed repetition (fields of schema.Record)."""
     nvml = memory.nvml_probe()
+    rpc = list(bench.get("rpc_endpoints") or ())
+    if rpc:
+        from harness.measure import devices
+
+        try:
+            devices.add_rpc_servers(rpc)
+        except devices.DeviceError as e:
+            raise BenchError(str(e)) from None
+    watch = DeviceWatch(nvml, bench.get("rpc_server_pid"))
+    watch.start()
     rss_before = memory.rss_bytes()
     gpu_before = nvml.read() if nvml else None
     with contextlib.ExitStack() as stack:
@@ -248,8 +310,10 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
         stack.callback(s.free)  # before the sampler stops, as the stack unwinds
         rss_after = memory.rss_bytes()
         gpu_after = nvml.read() if nvml else None
+        after_load = watch.read()
         if nvml and s.device == "cpu" and bench["n_gpu_layers"] != 0:
             log.warning("NVML sees %s but llama.cpp put the weights on the CPU", nvml.name)
+        n_off, n_all = s.offloaded or (None, None)
         model_fields = {
             "model_desc": s.desc, "model_size_bytes": s.size_bytes, "model_n_params": s.n_params,
             "device": s.device, "gpu_offload_supported": s.gpu_offload_supported,
@@ -260,7 +324,10 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
             "gpu_used_after_load_bytes": gpu_after.device_used_bytes if gpu_after else None,
             "n_threads": bench["threads"], "n_batch": bench["n_batch"], "n_ubatch": bench["n_ubatch"],
             "n_gpu_layers": bench["n_gpu_layers"], "flash_attn": bench["flash_attn"],
-            "extra": {"mmap": bool(bench.get("mmap", True))},
+            "n_layers_offloaded": n_off, "n_layers_offloadable": n_all,
+            "extra": {"mmap": bool(bench.get("mmap", True)),
+                      **({"rpc_endpoints": rpc} if rpc else {}),
+                      **({"partial_offload": True} if n_off is not None and 0 < n_off < n_all else {})},
         }
         kv0 = cache_types(bench)[0]
         skip = {tuple(c) for c in bench.get("skip_cells", ())}  # (test, depth, rep) done before a resume
@@ -269,11 +336,11 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
             if not reps:
                 continue
             _run_test(s, test, reps, bench, {**model_fields, "cache_type_k": kv0[0], "cache_type_v": kv0[1]},
-                      gpu_sampler, emit, progress)
+                      gpu_sampler, emit, progress, watch, after_load)
         skip_mem = {tuple(c) for c in bench.get("skip_mem", ())}
         for cell in mem_cells(bench):
             if cell.key not in skip_mem:
-                _run_mem(s, cell, model_fields, nvml, gpu_sampler, emit, progress)
+                _run_mem(s, cell, model_fields, nvml, gpu_sampler, emit, progress, watch, after_load)
 
 
 def _context_fields(ctx_log: list[str], model_fields: dict[str, Any]) -> dict[str, Any]:
@@ -289,10 +356,13 @@ def _context_fields(ctx_log: list[str], model_fields: dict[str, Any]) -> dict[st
     }
 
 
-def _run_mem(s: Session, cell: MemCell, model_fields: dict[str, Any], nvml, gpu_sampler, emit, progress) -> None:
-    """The memory test's one context: create it (no decoding), record its buffers and the memory in use, free
-    it. A context llama.cpp cannot make (too big, a V type without flash attention) is that cell's error
-    record, with what was asked; the sweep goes on."""
+def _run_mem(s: Session, cell: MemCell, model_fields: dict[str, Any], nvml, gpu_sampler, emit, progress,
+             watch: DeviceWatch, after_load: dict[str, Any]) -> None:
+    """The memory test's one context: create it, decode once (a CUDA device allocates cuBLAS and its memory pool
+    on the first decode: a context never decoded is not what a user's holds), record its buffers and the memory
+    in use, free it. The decode is one token on the CPU, one micro-batch where the weights are on a device. A
+    context llama.cpp cannot make (too big, a V type without flash attention) is that cell's error record, with
+    what was asked; the sweep goes on."""
     kv = f"{cell.type_k}/{cell.type_v}"
     progress(f"context {cell.n_ctx} KV {kv} fa {cell.flash_attn}")
     base = {**model_fields, "test": "mem", "n_prompt": 0, "n_gen": 0, "n_depth": 0, "rep": 0,
@@ -307,6 +377,20 @@ def _run_mem(s: Session, cell: MemCell, model_fields: dict[str, Any], nvml, gpu_
     wall = time.perf_counter_ns() - t0
     try:
         ctx_fields = _context_fields(ctx_log, model_fields)
+        after_ctx = watch.read()
+        n = 1 if s.device == "cpu" else max(1, min(s.bench["n_ubatch"], cell.n_ctx))
+        batch = _Batch(s.lib, n)
+        try:
+            batch.fill(s.tokens(n, first_bos=True), 0)
+            s._decode(ctx, batch)
+            s.lib.llama_synchronize(ctx)
+        except BenchError as e:
+            emit({**base, **ctx_fields, "status": "error", "error": f"the context was made but its first decode "
+                  f"failed: {e}"})
+            return
+        finally:
+            batch.free()
+        dev = watch.fields({"after_load": after_load, "after_context": after_ctx, "after_decode": watch.read()})
         g = nvml.read() if nvml else None
         peak = gpu_sampler.peak if gpu_sampler else None
         emit({
@@ -314,16 +398,18 @@ def _run_mem(s: Session, cell: MemCell, model_fields: dict[str, Any], nvml, gpu_
             "rss_bytes": memory.rss_bytes(), "rss_peak_bytes": memory.peak_rss_bytes(), **memory.rss_parts(),
             "gpu_used_bytes": g.device_used_bytes if g else None,
             "gpu_used_peak_bytes": peak.device_used_bytes if peak else None,
-            "gpu_process_bytes": g.process_bytes if g else None,
+            "gpu_process_bytes": g.process_bytes if g else None, **dev,
+            "extra": {**ctx_fields["extra"], "decoded_tokens": n},
         })
     finally:
         s.lib.llama_free(ctx)
 
 
 def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], model_fields: dict[str, Any],
-              gpu_sampler, emit, progress) -> None:
+              gpu_sampler, emit, progress, watch: DeviceWatch, after_load: dict[str, Any]) -> None:
     lib = s.lib
     ctx, ctx_log = s.context(test)
+    after_ctx = watch.read()
     batch = _Batch(lib, max(bench["n_batch"], 1))
     out: list[dict[str, Any]] = []
     try:
@@ -374,6 +460,9 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
                 "gpu_process_bytes": g.process_bytes if g else None,
                 "extra": {**ctx_fields["extra"], "machine": state},
             })
+        # the test's device memory, read once its repetitions are done (its peak at the boundaries: pp's is not tg's)
+        dev = watch.fields({"after_load": after_load, "after_context": after_ctx, "after_test": watch.read()})
+        out = [{**rec, **dev} for rec in out]
     finally:
         # sent after the test's repetitions, so that the parent's writing and progress bar never run inside a
         # timed region (a crash loses at most this visit's repetitions of this test)

@@ -284,6 +284,7 @@ class Runner:
         self.echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
         self.bench = resolved_bench(cfg)
         self.run_id = run_dir.name
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.errors: dict[str, str] = {}
         self.probed: set[tuple[str, str, int]] = set()  # (probe shape, ggml type, round) measured or tried
         self.probe_errors: set[tuple[str, str]] = set()  # (probe shape, ggml type) that failed: not tried again
@@ -570,6 +571,30 @@ def label_globbed(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, files=labelled), quants=tuple(labelled))
 
 
+def start_rpc(runner: Runner, stack: contextlib.ExitStack, env_path: Path | None = None) -> None:
+    """bench.rpc: the endpoints every measuring process registers, after starting the harness's own loopback
+    server for "local" (for the run's length; its pid lets the records read what the server holds). The devices
+    the servers give are written into env.json."""
+    rpc = runner.bench.get("rpc") or ""
+    if not rpc:
+        return
+    from harness.measure import devices
+
+    if rpc == "local":
+        server = stack.enter_context(devices.RpcServer(runner.bench["threads"],
+                                                       log_path=runner.run_dir / "logs" / "rpc-server.log"))
+        runner.bench["rpc_endpoints"] = [server.endpoint]
+        runner.bench["rpc_server_pid"] = server.pid
+        runner.echo(f"RPC server on {server.endpoint} (this machine's CPU served as llama.cpp's RPC device, on "
+                    "loopback: the offload path, not a GPU's speed)")
+    else:
+        runner.bench["rpc_endpoints"] = rpc.split(",")
+    if env_path is not None and env_path.is_file():
+        env = json.loads(env_path.read_text())
+        env["rpc"] = {"endpoints": runner.bench["rpc_endpoints"], "local_server": rpc == "local"}
+        env_path.write_text(json.dumps(env, indent=2))
+
+
 def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progress: bool = True,
         echo: Callable[[str], None] | None = None) -> tuple[Path, dict[str, str]]:
     """Run the sweep. Returns (results folder, {quant: error} for quants that failed)."""
@@ -615,6 +640,7 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
             raise RunError(f"--resume: {e}") from None
     with contextlib.ExitStack() as stack:
         stack.callback(_state_after, env_path)  # the machine's state when the sweep ends (or is interrupted)
+        start_rpc(runner, stack, env_path)
         writer = stack.enter_context(schema.RecordWriter(run_dir / "records.jsonl"))
         if runner.bench.get("contexts"):
             runner.mem_writer = stack.enter_context(schema.RecordWriter(mem_path))
