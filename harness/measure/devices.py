@@ -59,10 +59,13 @@ def ggml():
         return _ggml
     import llama_cpp  # noqa: F401 - loads libllama and with it libggml
 
-    cands = sorted(glob.glob(str(lib_dir() / "libggml.so*"))) + sorted(glob.glob(str(lib_dir() / "libggml*.dylib")))
-    cands = [c for c in cands if "ggml-" not in os.path.basename(c)] or cands
-    if not cands:
-        raise DeviceError(f"no libggml in {lib_dir()}")
+    path = _loaded("libggml.") or _loaded("libggml-base.")
+    if path is None:
+        cands = sorted(glob.glob(str(lib_dir() / "libggml.so.*")) + glob.glob(str(lib_dir() / "libggml*.dylib")))
+        if not cands:
+            raise DeviceError(f"no libggml in {lib_dir()}")
+        path = cands[0]
+    cands = [path]
     lib = ctypes.CDLL(cands[0], mode=ctypes.RTLD_GLOBAL)
     vp, sz = ctypes.c_void_p, ctypes.c_size_t
     for name, res, args in (
@@ -80,6 +83,20 @@ def ggml():
         f.restype, f.argtypes = res, args
     _ggml = lib
     return lib
+
+
+def _loaded(prefix: str) -> str | None:
+    """The path of a library of llama-cpp-python's that this process has already mapped: the one libllama linked
+    (by its soname, libggml.so.0). A wheel holds libggml.so, .so.0 and .so.0.x as three copies of one file, and
+    loading another name would load a second copy with a device registry of its own."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[5].strip() for line in f if line.count(" ") >= 5 and "/" in line}
+    except OSError:
+        return None
+    here = str(lib_dir())
+    found = sorted(p for p in paths if p.startswith(here) and os.path.basename(p).startswith(prefix))
+    return found[0] if found else None
 
 
 def _device(i: int) -> Device:
@@ -180,8 +197,8 @@ def serve(endpoint: str, threads: int) -> None:
     g = ggml()
     if not g.ggml_backend_reg_by_name(b"RPC"):
         raise DeviceError("this llama.cpp build has no RPC back end (built without -DGGML_RPC=ON)")
-    rpc = ctypes.CDLL(sorted(glob.glob(str(lib_dir() / "libggml-rpc.*")))[0]) if glob.glob(
-        str(lib_dir() / "libggml-rpc.*")) else g
+    path = _loaded("libggml-rpc.")
+    rpc = ctypes.CDLL(path) if path else g
     start = rpc.ggml_backend_rpc_start_server
     start.restype = None
     start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
@@ -193,7 +210,9 @@ def serve(endpoint: str, threads: int) -> None:
 
 class RpcServer:
     """llama.cpp's RPC server on loopback, in a child process (``python -m harness.measure.devices serve``),
-    for as long as the context lasts. Its pid is kept: the server's own resident memory is what its device holds
+    for as long as the context lasts. The measuring process starts one per model file: a fresh server holds only
+    that file's buffers (a server kept across files would reuse the last one's freed heap, and its growth would
+    understate the next). Its pid is kept: the server's own resident memory is what its device holds
     (the "process" figure of an RPC device, as NVML's per-process figure is a CUDA device's)."""
 
     def __init__(self, threads: int, host: str = "127.0.0.1", port: int | None = None,
@@ -213,7 +232,7 @@ class RpcServer:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "harness.measure.devices", "serve", self.endpoint, str(self.threads)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out)  # in its parent's process group: killed with it
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
@@ -261,6 +280,11 @@ def process_rss(pid: int | None) -> dict[str, int] | None:
 
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "serve":
+        if sys.platform.startswith("linux"):  # die with the measuring process that started it
+            import signal
+
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
         serve(argv[1], int(argv[2]))
         return 0
     for d in list_devices():

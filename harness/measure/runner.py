@@ -572,26 +572,26 @@ def label_globbed(cfg: Config) -> Config:
 
 
 def start_rpc(runner: Runner, stack: contextlib.ExitStack, env_path: Path | None = None) -> None:
-    """bench.rpc: the endpoints every measuring process registers, after starting the harness's own loopback
-    server for "local" (for the run's length; its pid lets the records read what the server holds). The devices
-    the servers give are written into env.json."""
+    """bench.rpc: the servers every measuring process registers ("local": each measuring process starts its own
+    on loopback, for its one file). User servers must answer before the sweep starts; env.json says which."""
     rpc = runner.bench.get("rpc") or ""
     if not rpc:
         return
     from harness.measure import devices
 
     if rpc == "local":
-        server = stack.enter_context(devices.RpcServer(runner.bench["threads"],
-                                                       log_path=runner.run_dir / "logs" / "rpc-server.log"))
-        runner.bench["rpc_endpoints"] = [server.endpoint]
-        runner.bench["rpc_server_pid"] = server.pid
-        runner.echo(f"RPC server on {server.endpoint} (this machine's CPU served as llama.cpp's RPC device, on "
-                    "loopback: the offload path, not a GPU's speed)")
+        runner.echo("RPC device: each measuring process starts llama.cpp's RPC server on loopback (this machine's CPU "
+                    "served as a device: the offload path runs, but its speed is not a GPU's)")
     else:
+        for ep in rpc.split(","):
+            host, port = devices.split_endpoint(ep)
+            if not devices.reachable(host, port):
+                raise RunError(f"bench.rpc: nothing answers at {ep} (start the server there: ggml-rpc-server "
+                               f"-H {host} -p {port}; or --rpc local)")
         runner.bench["rpc_endpoints"] = rpc.split(",")
     if env_path is not None and env_path.is_file():
         env = json.loads(env_path.read_text())
-        env["rpc"] = {"endpoints": runner.bench["rpc_endpoints"], "local_server": rpc == "local"}
+        env["rpc"] = {"endpoints": rpc.split(",") if rpc != "local" else [], "local_server": rpc == "local"}
         env_path.write_text(json.dumps(env, indent=2))
 
 

@@ -12,6 +12,7 @@ kept. On Linux the process is killed when its parent dies, so a killed sweep lea
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -104,9 +105,19 @@ def run_job(job: dict[str, Any], send) -> int:
         send({"kind": "record", "record": json.loads(rec.to_json())})
 
     try:
-        with LogCapture(echo=echo) as cap:
-            bench.measure(job["path"], job["bench"], emit, cap,
-                          progress=lambda msg: send({"kind": "progress", "msg": msg}))
+        with contextlib.ExitStack() as stack:
+            b = job["bench"]
+            if b.get("rpc") == "local":  # this file's own RPC server on loopback (harness.measure.devices)
+                from harness.measure import devices
+
+                try:
+                    srv = stack.enter_context(devices.RpcServer(b["threads"], log_path=(
+                        f"{job['log_path']}.rpc-server" if job.get("log_path") else None)))
+                except devices.DeviceError as e:
+                    raise bench.BenchError(str(e)) from None
+                b = {**b, "rpc_endpoints": [srv.endpoint], "rpc_server_pid": srv.pid}
+            cap = stack.enter_context(LogCapture(echo=echo))
+            bench.measure(job["path"], b, emit, cap, progress=lambda msg: send({"kind": "progress", "msg": msg}))
         return 0
     except bench.BenchError as e:
         msg = str(e)
