@@ -85,9 +85,9 @@ class BenchSpec:
     mmap: bool = True  # llama.cpp loads the weights by mmap (its default, and llama-bench's); false: read into
     # anonymous memory, so the process's resident set is what the model really holds
     # The memory test: for each context size, KV type pair and flash-attention setting, a context is created
-    # with no decoding and llama.cpp's KV and compute buffers and the process's (and device's) memory are
-    # recorded (contexts.jsonl). The lists expand like llama-bench's (every combination); pp and tg use the
-    # first cache type of each list.
+    # and decoded once (one token; a micro-batch on a device), and llama.cpp's KV and compute buffers and the
+    # process's (and device's) memory are recorded (contexts.jsonl). The lists expand like llama-bench's (every
+    # combination); pp and tg use the first cache type of each list.
     contexts: tuple[int, ...] = ()  # context sizes in tokens; () = no memory test
     cache_type_k: tuple[str, ...] = ("f16",)  # KV cache K types (f16, q8_0, q4_0, ...)
     cache_type_v: tuple[str, ...] = ("f16",)  # ... V types (quantized V needs flash attention)

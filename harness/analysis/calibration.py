@@ -91,6 +91,15 @@ def run_device(df: pd.DataFrame, env: dict | None) -> dict[str, Any]:
     if len(ok) and "gpu_name" in ok and ok.gpu_name.notna().any():
         gpu_name = str(ok.gpu_name.dropna().iloc[0])
     gpu_name = gpu_name or (env.get("gpu") or {}).get("name")
+    if dev == "rpc":
+        # llama.cpp's RPC device: a server's device over the network (loopback in the tests: this host's CPU).
+        # Offload, buffers and memory are a device's; its speed is the server's and the network's, not a GPU's, so
+        # it has no bandwidth here (no verdicts against the page's GPU rule) and never enters a GPU calibration.
+        eps = sorted({e for x in ok.extra if isinstance(x, dict) for e in x.get("rpc_endpoints") or ()})
+        return {"name": f"llama.cpp RPC device ({', '.join(eps) or 'endpoint not recorded'})",
+                "reported_name": None, "kind": "rpc", "backend": "rpc", "vendor": "rpc", "bandwidth_gb_s": None,
+                "bandwidth_source": "none: an RPC device's speed is its server's and the network's, not a GPU's",
+                "memory_bytes": None, "peak_source": "device"}
     if dev and dev != "cpu":
         name = gpu_name if dev == "cuda" else (env.get("cpu") or {}).get("model") or dev
         entry = env.get("catalog") if dev == "cuda" and env.get("catalog") else None

@@ -50,7 +50,8 @@ def per_quant(df: pd.DataFrame) -> pd.DataFrame:
             for col in ("file_bytes", "model_size_bytes", "weights_bytes", "device", "model_n_params",
                         "weights", "gpu_used_peak_bytes", "gpu_used_before_load_bytes", "gpu_name"):
                 row[col] = first[col] if first is not None and col in d else None
-            for col in ("kv_bytes", "compute_bytes", "output_bytes", "rss_peak_bytes", "gpu_process_bytes"):
+            for col in ("kv_bytes", "compute_bytes", "output_bytes", "rss_peak_bytes", "gpu_process_bytes",
+                        "device_used_bytes", "n_layers_offloaded", "n_layers_offloadable"):
                 row[col] = d[col].max() if len(d) and col in d and d[col].notna().any() else None
             row["error"] = "; ".join(sorted(set(errors.error.dropna()))) or None
             rows.append(row)
@@ -89,7 +90,7 @@ def text_table(s: pd.DataFrame) -> str:
     if s.empty:
         return "(no records)"
     head = ["quant", "depth", "tg tok/s", "pp tok/s", "file MiB", "weights MiB", "KV MiB", "compute MiB",
-            "peak RSS MiB", "GPU peak MiB", "device"]
+            "peak RSS MiB", "GPU peak MiB", "on device MiB", "device"]
     lines = []
     for _, r in s.iterrows():
         if r.tg_n == 0 and r.pp_n == 0 and r.error:
@@ -99,9 +100,28 @@ def text_table(s: pd.DataFrame) -> str:
             r.quant, "-" if pd.isna(r.n_depth) else str(int(r.n_depth)),
             mean_sd(r.tg_mean, r.tg_sd, r.tg_n), mean_sd(r.pp_mean, r.pp_sd, r.pp_n),
             _mib(r.file_bytes), _mib(r.weights_bytes), _mib(r.kv_bytes), _mib(r.compute_bytes),
-            _mib(r.rss_peak_bytes), _mib(r.gpu_used_peak_bytes), str(r.device or "-"),
+            _mib(r.rss_peak_bytes), _mib(r.gpu_used_peak_bytes), _mib1(r.get("device_used_bytes")),
+            device_label(r.device, r.get("n_layers_offloaded"), r.get("n_layers_offloadable")),
         ])
-    return "\n".join(_fixed_width(head, lines))
+    out = _fixed_width(head, lines)
+    if (s.device == "rpc").any():
+        out.append(RPC_NOTE)
+    return "\n".join(out)
+
+
+RPC_NOTE = ("rpc: llama.cpp's RPC device (a server's CPU over loopback here): the offload path and its buffers, "
+            "not a GPU's speed or memory")
+
+
+def device_label(device, n_off=None, n_all=None) -> str:
+    """Where the weights ran, with "N/M layers" where llama.cpp offloaded only part of them."""
+    d = str(device) if isinstance(device, str) and device else "-"
+    try:
+        if n_off is not None and n_all and not pd.isna(n_off) and 0 < int(n_off) < int(n_all):
+            return f"{d} ({int(n_off)}/{int(n_all)} layers)"
+    except (TypeError, ValueError):
+        pass
+    return d
 
 
 def context_table(df: pd.DataFrame) -> str:
@@ -109,15 +129,16 @@ def context_table(df: pd.DataFrame) -> str:
     setting: llama.cpp's KV and compute buffers, and the memory in use with the context created."""
     if df.empty:
         return "memory test: no records"
-    head = ["quant", "n_ctx", "KV K/V", "fa", "KV MiB", "compute MiB", "RSS MiB", "GPU used MiB", "error"]
+    head = ["quant", "n_ctx", "KV K/V", "fa", "KV MiB", "compute MiB", "RSS MiB", "GPU used MiB", "on device MiB",
+            "error"]
     lines = []
     for _, r in df.iterrows():
         fa = r.extra.get("flash_attn_resolved") if isinstance(r.extra, dict) else None
         lines.append([str(r.quant), str(int(r.n_ctx)) if pd.notna(r.n_ctx) else "-",
                       f"{r.cache_type_k}/{r.cache_type_v}", f"{r.flash_attn}" + (f" ({fa})" if fa else ""),
                       _mib1(r.kv_bytes), _mib1(r.compute_bytes), _mib(r.rss_bytes), _mib(r.gpu_used_bytes),
-                      "" if r.status == "ok" else str(r.error)[:80]])
-    return "\n".join(["memory test (contexts created with no decoding):", *_fixed_width(head, lines)])
+                      _mib1(r.get("device_used_bytes")), "" if r.status == "ok" else str(r.error)[:80]])
+    return "\n".join(["memory test (contexts created and decoded once):", *_fixed_width(head, lines)])
 
 
 def probe_line(df: pd.DataFrame) -> str:

@@ -63,7 +63,7 @@ def cache_types(bench: dict[str, Any]) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class MemCell:
-    """One context of the memory test: created with no decoding, its buffers and memory recorded."""
+    """One context of the memory test: created and decoded once, its buffers and memory recorded."""
     n_ctx: int
     type_k: str
     type_v: str

@@ -25,6 +25,7 @@ from harness.report.figures import fig_page_gpus, figures
 from harness.report.render import render_html, render_markdown
 from harness.report.tables import (
     CONTEXT_HEAD,
+    DEVICE_MEMORY_HEAD,
     KV_HEAD,
     MEMORY_HEAD,
     PAGE_GPU_HEAD,
@@ -36,6 +37,7 @@ from harness.report.tables import (
     calibration_lines,
     context_rows,
     context_table,
+    device_memory_rows,
     device_statement,
     kv_rows,
     memory_rows,
@@ -94,7 +96,7 @@ def load_probes(results_dir: str | Path) -> pd.DataFrame | None:
 
 def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: dict, run_id: str,
               probe_df: pd.DataFrame | None = None, ctxp: pd.DataFrame | None = None,
-              gpus: tuple[dict, list[dict]] | None = None) -> list[tuple]:
+              gpus: tuple[dict, list[dict]] | None = None, mem_df: pd.DataFrame | None = None) -> list[tuple]:
     """The report as (kind, payload) blocks, rendered to markdown or HTML: ("h", text), ("p", markdown-ish
     text), ("list", [lines]), ("table", head, rows), ("fig", name), ("raw-md", text)."""
     ok = df[df.status == "ok"] if len(df) else df
@@ -149,6 +151,18 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
                        "them (CPU_Mapped + CPU_REPACK count repacked weights twice)."))
         s.append(("table", MEMORY_HEAD, memory_rows(t)))
         s.append(("fig", "memory.png"))
+        dm_rows = device_memory_rows(pd.concat([x for x in (df, mem_df) if x is not None and len(x)])
+                                     if mem_df is not None and len(mem_df) else df)
+        if dm_rows:
+            s.append(("h2", "On the device"))
+            s.append(("p", "What each quant needs on the device it was offloaded to, term by term, as llama.cpp "
+                           "allocated it (its log's buffers) and as the device's memory moved (read at the tests' "
+                           "boundaries, never inside a timed region). 'device used': the growth of the process "
+                           "holding the device's memory since before the load where the harness knows it (NVML's "
+                           "per-process figure; the RPC server it started), else the device's free-memory drop, "
+                           "which includes other tenants. 'runtime fixed cost' = device used - the device's model, "
+                           "KV and compute buffers. Test 'mem' rows: the memory test's contexts, decoded once."))
+            s.append(("table", DEVICE_MEMORY_HEAD, dm_rows))
         s.append(("h2", "+ Context"))
         if ctxp is not None and len(ctxp):
             s.append(("p", "The page's VRAM column has no context term (its '+ Context' column is blank). Measured "
@@ -289,7 +303,7 @@ def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = No
         xcal = crossgpu.load_shipped()
         gpus = (xcal, crossgpu.page_gpus(xcal))
         figs["page_gpus.png"] = fig_page_gpus(gpus[1])
-    sections = _sections(df, env, t, cal, device, run_id, probe_df, ctxp, gpus)
+    sections = _sections(df, env, t, cal, device, run_id, probe_df, ctxp, gpus, mem_df)
     title = f"{'Llama 3.2 1B quants' if points.is_page_model(df) else 'GGUF files'} - run {run_id}"
     return t, cal, figs, render_markdown(sections, figs), render_html(sections, figs, title)
 

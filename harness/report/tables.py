@@ -154,6 +154,10 @@ def weights_statement(df: pd.DataFrame) -> str:
 def device_statement(device: dict) -> str:
     bw = device.get("bandwidth_gb_s")
     bw_s = f"{bw:,.1f} GB/s ({device.get('bandwidth_source')})" if bw else device.get("bandwidth_source", "unknown")
+    if device.get("kind") == "rpc":
+        return (f"Device: **{device.get('name')}**: llama.cpp offloads to it as to a GPU (layers, buffers and "
+                "device memory below are a device's), but its speed is its server's and the network's: not a GPU's "
+                "figure, no verdict against the page's GPU rule, and no part of a GPU calibration.")
     kind = "GPU" if device.get("kind") == "gpu" else "CPU"
     eff = page.efficiency(device.get("vendor"))
     eff_note = "" if (device.get("vendor") or "") in page.EFFICIENCY else \
@@ -277,6 +281,45 @@ def memory_rows(t: pd.DataFrame) -> list[list[str]]:
              _mib(r.page_vram_bytes), _x(r.mem_vs_page), r.mem_verdict, _mib(r.peak_bytes), _mib(r.rss_anon_bytes),
              _mib(r.rss_file_bytes), _mib(r.weights_bytes + r.kv_bytes + r.compute_bytes + r.output_bytes)]
             for r in t.itertuples()]
+
+
+DEVICE_MEMORY_HEAD = ["quant", "where", "layers on device", "model on device MiB", "model on host MiB",
+                      "KV on device MiB", "compute on device MiB", "compute on host MiB", "device used MiB",
+                      "runtime fixed cost MiB", "used source"]
+
+
+def _on_host(name: str) -> bool:
+    return name.startswith("CPU")  # CPU, CPU_Mapped, CPU_REPACK, CUDA_Host is not CPU but pinned host memory
+
+
+def device_memory_rows(df: pd.DataFrame) -> list[list[str]]:
+    """What a quant needs on a device, line by line: its model buffers on the device and those llama.cpp keeps on
+    the host (token_embd stays in CPU_Mapped), the KV and compute buffers on each side, the device memory this
+    run holds (its source: the holding process's own, or the whole device's drop) and what is left of it once the
+    buffers are taken away: the runtime's fixed cost (context, cuBLAS workspace, pools; for an RPC server its
+    process). One row per quant and test context: the largest reading."""
+    rows = []
+    if df is None or not len(df) or "device" not in df:
+        return rows
+    ok = df[(df.status == "ok") & df.device.notna() & (df.device != "cpu")]
+    for (quant, test), d in ok.groupby(["quant", "test"], sort=False):
+        r = d.loc[d.device_used_bytes.fillna(-1).idxmax()] if "device_used_bytes" in d else d.iloc[0]
+
+        def part(bufs, host: bool) -> float:
+            return float(sum(v for k, v in (bufs or {}).items() if _on_host(k) == host))
+
+        mdev, mhost = part(r.model_buffers, False), part(r.model_buffers, True)
+        kv, cdev, chost = part(r.kv_buffers, False), part(r.compute_buffers, False), part(r.compute_buffers, True)
+        used = r.get("device_used_bytes")
+        used = None if used is None or pd.isna(used) else float(used)
+        n_off, n_all = r.get("n_layers_offloaded"), r.get("n_layers_offloadable")
+        layers = "-" if n_off is None or pd.isna(n_off) else f"{int(n_off)}/{int(n_all)}"
+        where = f"{r.device}" + (f", {test}" if test else "")
+        rows.append([str(quant), where, layers, _f(mdev / MIB), _f(mhost / MIB), _f(kv / MIB), _f(cdev / MIB),
+                     _f(chost / MIB), _f(None if used is None else used / MIB),
+                     _f(None if used is None else (used - mdev - kv - cdev) / MIB),
+                     str(r.get("device_used_source") or "-")])
+    return rows
 
 
 def size_rows(t: pd.DataFrame) -> list[list[str]]:
