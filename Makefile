@@ -1,4 +1,5 @@
-# `make run` and `make test` do all set-up themselves (scripts/setup.sh, idempotent).
+# `make run` and `make test` do all set-up themselves (scripts/setup.sh, idempotent): llama-cpp-python built for
+# this machine's accelerator (CUDA, HIP, Vulkan, Metal, else the CPU; HARNESS_BACKEND= overrides), with RPC.
 CONFIG ?= configs/1b-synthetic.yaml
 PY := .venv/bin/python
 
@@ -9,7 +10,8 @@ setup:
 run: setup
 	$(PY) -m harness run $(CONFIG)
 
-test: setup
+test:
+	bash scripts/setup.sh test
 	$(PY) -m ruff check harness tests
 	$(PY) -m pytest -q
 

@@ -176,8 +176,10 @@ elif [ -z "$q" ]; then
 else
   GPU_OK=1
   echo "GPU: $q"
-  # compute capability 9.0 -> CUDA architecture 90; several different GPUs -> "86;90"
-  ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | tr -d ' .' | sort -u | paste -sd';')
+  # the set-up's own detection (scripts/detect-backend.sh): compute capability 9.0 -> CUDA architecture 90;
+  # several different GPUs -> "86;90"
+  DETECT=$(HARNESS_BACKEND=cuda bash scripts/detect-backend.sh)
+  ARCH=$(echo "$DETECT" | sed -n 's/.*-DCMAKE_CUDA_ARCHITECTURES=\([^ ]*\).*/\1/p')
 fi
 if [ "$GPU_OK" = 0 ]; then
   echo "no NVIDIA GPU: $GPU_WHY"
@@ -331,7 +333,7 @@ fi
 CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${ARCH:-<none>} -DCMAKE_CUDA_COMPILER=$NVCC"
 CMAKE_ARGS+=" -DGGML_CUDA_FA_ALL_QUANTS=OFF -DGGML_CUDA_FA_QUANTS=f16-f16 -DGGML_CUDA_NCCL=OFF -DLLAVA_BUILD=OFF"
 CMAKE_ARGS+=" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
-CMAKE_ARGS+=" -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF$LIB_ARGS ${GPU_CHECK_CMAKE_ARGS:-}"
+CMAKE_ARGS+=" -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_RPC=ON$LIB_ARGS ${GPU_CHECK_CMAKE_ARGS:-}"
 export CMAKE_ARGS CMAKE_GENERATOR=Ninja CMAKE_BUILD_PARALLEL_LEVEL=$NPROC
 AMX_OFF="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 if [ "$DRY" = 1 ]; then

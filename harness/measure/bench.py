@@ -250,10 +250,13 @@ class DeviceWatch:
         self.nvml = nvml
         self.server_pid = server_pid
         self.base: dict[str, Any] | None = None
+        self.sampler = None  # NVML's peak sampler, sampled here (at the boundaries) rather than by a thread
 
     def read(self) -> dict[str, Any]:
         from harness.measure import devices
 
+        if self.sampler is not None:
+            self.sampler.sample()
         out: dict[str, Any] = {"devices": devices.memory_now()}
         if self.server_pid:
             rss = devices.process_rss(self.server_pid)
@@ -305,7 +308,11 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
     rss_before = memory.rss_bytes()
     gpu_before = nvml.read() if nvml else None
     with contextlib.ExitStack() as stack:
-        gpu_sampler = stack.enter_context(memory.PeakSampler(nvml.read, interval_s=0.02)) if nvml else None
+        # NVML read at the tests' boundaries only, never by a thread inside a timed region: what a test holds on
+        # a GPU (its context's buffers, cuBLAS's workspace, the pools, which CUDA keeps once grown) is still held
+        # when its repetitions end, where it is read
+        gpu_sampler = stack.enter_context(memory.PeakSampler(nvml.read, interval_s=None)) if nvml else None
+        watch.sampler = gpu_sampler
         s = Session(path, bench, capture)
         stack.callback(s.free)  # before the sampler stops, as the stack unwinds
         rss_after = memory.rss_bytes()

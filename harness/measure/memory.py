@@ -123,7 +123,7 @@ class PeakSampler:
     ints/None); `peak` holds the field-wise maxima, `first`/`last` the first and latest readings.
     """
 
-    def __init__(self, read: Callable[[], tuple], interval_s: float = 0.01):
+    def __init__(self, read: Callable[[], tuple], interval_s: float | None = 0.01):
         self._read = read
         self.interval_s = interval_s
         self.first: tuple | None = None
@@ -155,8 +155,9 @@ class PeakSampler:
 
     def __enter__(self) -> PeakSampler:
         self.sample()
-        self._thread = threading.Thread(target=self._run, name="peak-sampler", daemon=True)
-        self._thread.start()
+        if self.interval_s is not None:  # None: no thread, sampled by whoever calls sample() (test boundaries)
+            self._thread = threading.Thread(target=self._run, name="peak-sampler", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
