@@ -28,6 +28,7 @@ COMMANDS = {
     "import": "harness.importer",
     "db": "harness.query",
     "compare": "harness.compare",
+    "simulate": "harness.simulate",
 }
 
 

@@ -22,6 +22,7 @@ from harness.catalog.quants import suggest
 
 SOURCES = ("synthetic", "hub", "local")
 ARCHITECTURES = ("llama-3.2-1b", "tiny")  # kept in step with harness.sources.synthetic.ARCHS
+FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
 FLASH_ATTN = ("auto", "on", "off")
 # KV cache types llama.cpp takes for type_k / type_v (llama-bench's -ctk / -ctv), as ggml type ids
 CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}

@@ -98,6 +98,11 @@ class Record:
     # anonymous resident memory), "process": "nvml" | "rpc-server"}; the CPU device is the host (see rss_*)
     device_used_bytes: int | None = None  # what this run holds on its devices at the highest stage reading:
     # the holding process's growth since before load, else the devices' free-memory drop
+    memory_breakdown: dict[str, dict[str, Any]] | None = None  # llama.cpp's own accounting of this context, to
+    # the byte (llama_get_memory_breakdown): {buffer type: {"model", "context" (KV), "compute" bytes, "host"}}
+    memory_breakdown_simulated: dict[str, dict[str, Any]] | None = None  # "mem": the same from a model loaded
+    # with no_alloc (nothing allocated: llama.cpp's --fit arithmetic), for the same context
+    simulate_ns: int | None = None  # "mem": wall time of that simulated context
     device_used_source: str | None = None  # "process" (this run's own) or "device" (a whole device's difference:
     # includes every other tenant's allocations)
 

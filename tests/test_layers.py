@@ -24,8 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("harness.measure",),
     ("harness.analysis",),
     ("harness.report",),
-    ("harness.estimate", "harness.importer", "harness.query", "harness.compare", "harness.cli", "harness.__main__",
-     "harness"),
+    ("harness.estimate", "harness.importer", "harness.simulate", "harness.query", "harness.compare", "harness.cli",
+     "harness.__main__", "harness"),
 ]
 
 

@@ -144,3 +144,48 @@ def test_devices_list_has_the_cpu_and_an_added_server():
     assert devices.list_devices()[0].kind == "cpu"
     with pytest.raises(devices.DeviceError, match="nothing answers"):
         devices.add_rpc_servers([f"127.0.0.1:{devices.free_port()}"])
+
+
+def test_no_alloc_simulation_matches_the_real_allocations_to_the_byte(tmp_path, tiny_file, full):
+    """llama.cpp's arithmetic with nothing allocated (a no_alloc model's contexts) against the memory test's real
+    contexts: on the RPC device, and on the CPU where weights are read rather than mapped (with mmap, llama.cpp's
+    mapped range also holds the file's copy of each repacked tensor, which the no-mmap simulation does not)."""
+    from harness.measure import runner
+    from harness.measure.breakdown import totals
+
+    _, mem_rpc, _ = full
+    cfg = config.from_dict({
+        "name": "cpu", "model": {"source": "local", "files": {q: str(tiny_file(q)) for q in ("Q4_K_M", "IQ3_M")}},
+        "bench": {"n_prompt": 0, "n_gen": 4, "repetitions": 1, "rounds": 1, "n_batch": 16, "n_ubatch": 16,
+                  "contexts": [256, 2048], "cache_type_k": ["f16", "q8_0"], "flash_attn": "on", "mmap": False,
+                  "threads": 1},
+        "probes": {"enabled": False},
+    })
+    run_dir, errors = runner.run(cfg, out=tmp_path / "cpu", progress=False, echo=lambda s: None)
+    assert errors == {}
+    mem_cpu = schema.read_records(run_dir / "contexts.jsonl")
+    assert len(mem_cpu) == 8 and len(mem_rpc) == 1
+    for r in mem_cpu + mem_rpc:
+        real, sim = totals(r.memory_breakdown), totals(r.memory_breakdown_simulated)
+        assert real == sim, (r.quant, r.n_ctx, r.cache_type_k)
+        assert real["host_context"] + real["device_context"] == sum(r.kv_buffers.values()) or \
+            abs(real["host_context"] + real["device_context"] - sum(r.kv_buffers.values())) <= LOG_ROUNDING
+        assert 0 < r.simulate_ns < 5e9
+    assert totals(mem_rpc[0].memory_breakdown)["device_model"] > 0  # the RPC one simulated on the device
+    # a bigger context needs more, by llama.cpp's own figures
+    by = {(r.quant, r.n_ctx, r.cache_type_k): totals(r.memory_breakdown_simulated) for r in mem_cpu}
+    assert by[("Q4_K_M", 2048, "f16")]["host_context"] == 8 * by[("Q4_K_M", 256, "f16")]["host_context"]
+    assert by[("Q4_K_M", 2048, "q8_0")]["host_context"] < by[("Q4_K_M", 2048, "f16")]["host_context"]
+
+
+def test_simulate_command(tiny_file):
+    from conftest import run_cli
+
+    p = run_cli("simulate", "-m", str(tiny_file("Q4_K_M")), "-c", "512,131072", "-fa", "on,off")
+    assert p.returncode == 0, p.stderr
+    lines = [x for x in p.stdout.splitlines() if x.startswith("tiny-Q4_K_M")]
+    assert len(lines) == 4 and "nothing was allocated" in p.stdout
+    kv = {(x.split()[1], x.split()[3]): float(x.split()[7].replace(",", "")) for x in lines}
+    assert kv[("131072", "on")] == 256 * kv[("512", "on")]  # f16 KV grows with the context, by the byte
+    p = run_cli("simulate", "-m", "/nonexistent.gguf")
+    assert p.returncode == 2 and "no such file" in p.stderr and "Traceback" not in p.stderr

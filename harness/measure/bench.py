@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from harness.config import CACHE_TYPES
+from harness.config import CACHE_TYPES, FLASH_ATTN_TYPES
 from harness.llamalog import LogCapture, flash_attn_resolved, offloaded_layers, parse_buffers
 from harness.measure import machine, memory
 
 log = logging.getLogger(__name__)
 
-FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
 ALL_LAYERS = 999  # n_gpu_layers -1 means all; llama.cpp clamps to the model's layer count
 
 
@@ -345,9 +344,24 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
             _run_test(s, test, reps, bench, {**model_fields, "cache_type_k": kv0[0], "cache_type_v": kv0[1]},
                       gpu_sampler, emit, progress, watch, after_load)
         skip_mem = {tuple(c) for c in bench.get("skip_mem", ())}
-        for cell in mem_cells(bench):
-            if cell.key not in skip_mem:
-                _run_mem(s, cell, model_fields, nvml, gpu_sampler, emit, progress, watch, after_load)
+        cells = [c for c in mem_cells(bench) if c.key not in skip_mem]
+        sim = None
+        if cells:  # the same contexts by llama.cpp's arithmetic alone (a no_alloc model), beside the real ones
+            from harness.measure import breakdown
+
+            try:
+                sim = breakdown.Simulator(path, bench)
+                stack.callback(sim.free)
+            except breakdown.SimulateError as e:
+                log.warning("%s", e)
+        for cell in cells:
+            _run_mem(s, cell, model_fields, nvml, gpu_sampler, emit, progress, watch, after_load, sim)
+
+
+def _breakdown(ctx) -> dict | None:
+    from harness.measure import breakdown
+
+    return breakdown.breakdown(ctx)
 
 
 def _context_fields(ctx_log: list[str], model_fields: dict[str, Any]) -> dict[str, Any]:
@@ -364,7 +378,7 @@ def _context_fields(ctx_log: list[str], model_fields: dict[str, Any]) -> dict[st
 
 
 def _run_mem(s: Session, cell: MemCell, model_fields: dict[str, Any], nvml, gpu_sampler, emit, progress,
-             watch: DeviceWatch, after_load: dict[str, Any]) -> None:
+             watch: DeviceWatch, after_load: dict[str, Any], sim=None) -> None:
     """The memory test's one context: create it, decode once (a CUDA device allocates cuBLAS and its memory pool
     on the first decode: a context never decoded is not what a user's holds), record its buffers and the memory
     in use, free it. The decode is one token on the CPU, one micro-batch where the weights are on a device. A
@@ -398,6 +412,15 @@ def _run_mem(s: Session, cell: MemCell, model_fields: dict[str, Any], nvml, gpu_
         finally:
             batch.free()
         dev = watch.fields({"after_load": after_load, "after_context": after_ctx, "after_decode": watch.read()})
+        dev["memory_breakdown"] = _breakdown(ctx)
+        if sim is not None:
+            from harness.measure import breakdown
+
+            try:
+                dev["memory_breakdown_simulated"], dev["simulate_ns"] = sim.cell(
+                    cell.n_ctx, (cell.type_k, cell.type_v), cell.flash_attn)
+            except breakdown.SimulateError as e:
+                log.warning("%s", e)
         g = nvml.read() if nvml else None
         peak = gpu_sampler.peak if gpu_sampler else None
         emit({
@@ -469,6 +492,7 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
             })
         # the test's device memory, read once its repetitions are done (its peak at the boundaries: pp's is not tg's)
         dev = watch.fields({"after_load": after_load, "after_context": after_ctx, "after_test": watch.read()})
+        dev["memory_breakdown"] = _breakdown(ctx)
         out = [{**rec, **dev} for rec in out]
     finally:
         # sent after the test's repetitions, so that the parent's writing and progress bar never run inside a

@@ -166,8 +166,8 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
         s.append(("h2", "+ Context"))
         if ctxp is not None and len(ctxp):
             s.append(("p", "The page's VRAM column has no context term (its '+ Context' column is blank). Measured "
-                           "here by the memory test (bench.contexts): a context of each size created with no "
-                           "decoding, llama.cpp's KV and compute buffers recorded. Memory needed at each context = "
+                           "here by the memory test (bench.contexts): a context of each size created and "
+                           "decoded once, llama.cpp's KV and compute buffers recorded. Memory needed at each context = "
                            "the quant's weights + that context's buffers (on a GPU: NVML's device memory with the "
                            "context made, where that quant's memory test ran). KV f16 unless named."))
             s.append(("table", CONTEXT_HEAD, context_rows(t)))
