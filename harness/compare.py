@@ -237,6 +237,9 @@ def main(args) -> int:
     if len(machines) > 1:
         print(f"note: the columns come from different machines ({', '.join(sorted(map(str, machines)))}): "
               "a speedup compares the machines as well as the runs")
+    if "backends" in df and (df.backends.astype(str) == "rpc").any():
+        print("note: backend rpc is llama.cpp's RPC device (a server's device over the network; loopback in this "
+              "harness's tests): its t/s is the server's and the network's, not a GPU's")
     if info["hidden"]:
         print(f"{info['hidden']} rows only one column has are not shown (--all shows them)")
     return 0

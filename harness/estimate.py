@@ -145,7 +145,7 @@ def cross_device_estimate(xcal: dict, device: dict, quant: str, context: int, ba
 
     sizes = (xcal.get("llama_3_2_1b") or {}).get("model_size_bytes") or {}
     size = sizes.get(quant)
-    out: dict[str, Any] = {"size_source": (xcal.get("llama_3_2_1b") or {}).get("source")}
+    out: dict[str, Any] = {"size_source": (xcal.get("llama_3_2_1b") or {}).get("source"), "quant": quant}
     if size is None:
         if quant not in page.BY_QUANT:
             out["why"] = f"{quant}: no measured size of Llama 3.2 1B in it (it has {', '.join(sizes)})"
@@ -204,11 +204,50 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
         lines.append("            none of these rows is of a 1B-3B model: the per-token floor (kernel launches, "
                      "synchronisation) that a 1B model meets on a fast device is not in them, so read this as an "
                      "upper bound")
-    mem = x["weights_bytes"] + x["kv_bytes"]
-    lines.append(f"memory:     at least {mem / GB:.2f} GB = weights {x['weights_bytes'] / GB:.2f} GB as stored "
-                 f"({x['size_source']}) + KV {x['kv_bytes'] / GB:.3f} GB (f16, {kv_cells(max(context, 1)):,} "
-                 "cells x 32 KiB); not counted: llama.cpp's compute buffer and the runtime's fixed cost (the GPU "
-                 "context), neither published for this model on a GPU nor measured here")
+    b = device_buffers(quant_of(x), context)
+    if b is None:
+        mem = x["weights_bytes"] + x["kv_bytes"]
+        lines.append(f"memory:     at least {mem / GB:.2f} GB = weights {x['weights_bytes'] / GB:.2f} GB as stored "
+                     f"({x['size_source']}) + KV {x['kv_bytes'] / GB:.3f} GB (f16, {kv_cells(max(context, 1)):,} "
+                     "cells x 32 KiB); not counted: llama.cpp's compute buffer and the runtime's fixed cost (the GPU "
+                     "context), neither published for this model on a GPU nor measured here")
+        return
+    dev = b["device_model"] + b["device_context"] + b["device_compute"]
+    lines.append(f"memory:     on the GPU {dev / GB:.2f} GB + the runtime's fixed cost = model "
+                 f"{b['device_model'] / GB:.3f} GB + KV {b['device_context'] / GB:.3f} GB (f16) + compute "
+                 f"{b['device_compute'] / GB:.3f} GB (n_ubatch {b['n_ubatch']}, flash attention on), at "
+                 f"{b['n_ctx']:,} tokens{' (the next context tabulated)' if b['n_ctx'] != max(context, 1) else ''};"
+                 f" on the host {(b['host_model'] + b['host_compute']) / GB:.3f} GB (token_embd "
+                 f"{b['host_model'] / GB:.3f} GB: llama.cpp keeps the input embeddings there, and copies them to the "
+                 f"GPU as the tied output layer; compute {b['host_compute'] / GB:.3f} GB)")
+    lines.append("            llama.cpp's own arithmetic for this quant fully offloaded (no_alloc, simulated on its "
+                 "RPC device: harness/data/buffers-1b.json, scripts/ship-buffers.py); not in it: the runtime's fixed "
+                 "cost (CUDA context, cuBLAS workspace, pools), which no run here has measured on a GPU")
+
+
+def quant_of(x: dict) -> str | None:
+    return x.get("quant")
+
+
+_BUFFERS: dict | None = None
+
+
+def device_buffers(quant: str | None, context: int, flash_attn: str = "on") -> dict[str, Any] | None:
+    """llama.cpp's breakdown of Llama 3.2 1B `quant` fully offloaded at the smallest tabulated context that holds
+    `context` (the largest where none does), from harness/data/buffers-1b.json; None where it has no such quant."""
+    global _BUFFERS
+    if _BUFFERS is None:
+        import json
+        from pathlib import Path
+
+        p = Path(__file__).resolve().parent / "data" / "buffers-1b.json"
+        _BUFFERS = json.loads(p.read_text()) if p.is_file() else {}
+    cells = (_BUFFERS.get("quants") or {}).get(quant or "")
+    if not cells:
+        return None
+    ctxs = sorted(_BUFFERS["contexts"])
+    n = next((c for c in ctxs if c >= max(context, 1)), ctxs[-1])
+    return {**cells[f"{flash_attn}:{n}"], "n_ctx": n, "n_ubatch": _BUFFERS.get("n_ubatch")}
 
 
 def _pm(rel) -> str:
@@ -293,12 +332,13 @@ def main(args) -> int:
     pg = page_estimate(device, args.quant)
     if device["kind"] != "cpu":
         # a CPU's fit is kernel-bound: never carried to a GPU; a GPU's own (or another GPU's) calibration is
-        gpu_cals = [c for c in cals if (c.get("device") or {}).get("kind") != "cpu"]
+        # an RPC device's calibration (kind "rpc") is its server's and the network's speed: never a GPU's
+        gpu_cals = [c for c in cals if (c.get("device") or {}).get("kind") == "gpu"]
         if not gpu_cals:
             xcal = crossgpu.load_shipped()
             why = ("no GPU calibration given" if not cals else
-                   "the calibrations given are of CPUs, whose generation is bound by their kernels: not carried "
-                   "to a GPU")
+                   "the calibrations given are of CPUs or of llama.cpp's RPC device, whose speed is not a GPU's: "
+                   "not carried to a GPU")
             lines = render(device, args.quant, args.context, pg, None, "", None).splitlines()[:2]
             render_cross(lines, device, args.context,
                          cross_device_estimate(xcal, device, args.quant, args.context, args.backend), xcal, why)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from test_calibrate import ENV_CPU, frame, make_records
@@ -46,7 +47,15 @@ def test_page_estimate_reproduces_the_page(capsys, device, printed):
     else:
         family = "amd-rocm" if device.startswith("MI") else "nvidia-cuda"
         assert f"held-out error (leave one device out) of {family}" in out
-    assert "memory:     at least 0.87 GB = weights 0.80 GB as stored" in out and "compute buffer" in out
+    # memory in llama.cpp's own terms (its no_alloc arithmetic, shipped): device model + KV + compute, host part
+    import json
+
+    data = json.loads((Path(__file__).resolve().parent.parent / "harness/data/buffers-1b.json").read_text())
+    cell = data["quants"]["Q4_K_M"]["on:2048"]
+    dev = (cell["device_model"] + cell["device_context"] + cell["device_compute"]) / 1e9
+    assert f"memory:     on the GPU {dev:.2f} GB + the runtime's fixed cost" in out
+    assert f"token_embd {cell['host_model'] / 1e9:.3f} GB" in out and "not in it: the runtime's fixed cost" in out
+    assert cell["device_context"] == 2048 * 32 * 1024  # 16 layers x 8 KV heads x 64 x 2 (K, V) x f16
 
 
 def test_unknown_device_and_quant(capsys):

@@ -189,3 +189,13 @@ def test_simulate_command(tiny_file):
     assert kv[("131072", "on")] == 256 * kv[("512", "on")]  # f16 KV grows with the context, by the byte
     p = run_cli("simulate", "-m", "/nonexistent.gguf")
     assert p.returncode == 2 and "no such file" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_compare_names_the_rpc_backend_and_says_it_is_not_a_gpu(full):
+    from conftest import run_cli
+
+    _, _, run_dir = full
+    r = run_cli("compare", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert "Backends rpc" in r.stdout  # one run: the backend is among what every row shares
+    assert "backend rpc is llama.cpp's RPC device" in r.stdout and "not a GPU's" in r.stdout
