@@ -69,11 +69,19 @@ def _imatrix_entries(src: Path, every_matrix: bool = False):
 
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, *, imatrix: bool = False,
-             threads: int | None = None, progress: bool = False) -> Path:
-    """Quantize `src` (F16/F32 GGUF) to recipe `quant` at `dst`, atomically."""
+             threads: int | None = None, progress: bool = False, allow_requantize: bool = False) -> Path:
+    """Quantize `src` (F16/F32 GGUF) to recipe `quant` at `dst`, atomically. `allow_requantize`: `src` may itself
+    be quantized (llama.cpp dequantizes it first)."""
     recipe = quants.get(quant)
     return _quantize(src, dst, quant, recipe.ftype, embd_type=recipe.embd_type, pure=False, imatrix=imatrix,
-                     threads=threads, progress=progress)
+                     threads=threads, progress=progress, allow_requantize=allow_requantize)
+
+
+def dequantize(src: str | os.PathLike, dst: str | os.PathLike, *, threads: int | None = None) -> Path:
+    """A quantized GGUF written back as F16 by llama.cpp's quantizer (allow_requantize): a reference of the same
+    architecture and vocabulary for the quality test, holding the source's values (not the original model's)."""
+    return _quantize(src, dst, "F16", "LLAMA_FTYPE_MOSTLY_F16", embd_type=None, pure=False, imatrix=False,
+                     threads=threads, progress=False, allow_requantize=True)
 
 
 def quantize_pure(src: str | os.PathLike, dst: str | os.PathLike, ftype: str, *, label: str, imatrix: bool = False,
@@ -85,7 +93,7 @@ def quantize_pure(src: str | os.PathLike, dst: str | os.PathLike, ftype: str, *,
 
 
 def _quantize(src: str | os.PathLike, dst: str | os.PathLike, label: str, ftype: str, *, embd_type: str | None,
-              pure: bool, imatrix: bool, threads: int | None, progress: bool) -> Path:
+              pure: bool, imatrix: bool, threads: int | None, progress: bool, allow_requantize: bool = False) -> Path:
     import gguf
     import llama_cpp
     from tqdm import tqdm
@@ -97,6 +105,7 @@ def _quantize(src: str | os.PathLike, dst: str | os.PathLike, label: str, ftype:
     params.ftype = getattr(llama_cpp, ftype)
     params.nthread = threads or os.cpu_count() or 1
     params.pure = pure
+    params.allow_requantize = allow_requantize
     if embd_type:
         t = int(gguf.GGMLQuantizationType[embd_type])
         params.token_embedding_type = t
