@@ -68,6 +68,10 @@ def _add_run(sub) -> None:
     p.add_argument("--cluster", metavar="ADDRESS", help="run the sweep on a Ray cluster (auto, ray://host:port or "
                    "host:port): every quant on a node of each of the config's cluster.devices (or every node); "
                    "needs " + "pip install -e '.[cluster]'")
+    p.add_argument("--quality", action="store_true", help="also the quality test (quality.enabled): every quant's KL "
+                   "divergence and perplexity against the reference, llama-perplexity's protocol (real weights only)")
+    p.add_argument("--text", help="quality.text: the text to score on (e.g. wikitext-2's wiki.test.raw)")
+    p.add_argument("--quality-chunks", type=int, dest="quality_chunks", help="quality.chunks: at most this many")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
 
@@ -94,6 +98,12 @@ def _run(args) -> int:
             overrides[f"bench.{key}"] = getattr(args, key)
     if args.cache_dir:
         overrides["cache_dir"] = args.cache_dir
+    if args.quality or args.text or args.quality_chunks:
+        overrides["quality.enabled"] = True
+    if args.text:
+        overrides["quality.text"] = args.text
+    if args.quality_chunks:
+        overrides["quality.chunks"] = args.quality_chunks
     if args.out and args.resume:
         raise ConfigError("--out and --resume exclude each other: --resume continues the folder it names")
     if args.model:

@@ -101,6 +101,19 @@ class BenchSpec:
 
 
 @dataclass(frozen=True)
+class QualitySpec:
+    # The quality test (harness.measure.quality): every quant's KL divergence and perplexity against a reference
+    # model on one text, by llama-perplexity's protocol. Real weights only: refused on synthetic ones.
+    enabled: bool = False  # run it after the sweep (records in quality.jsonl)
+    text: str | None = None  # the text file (wikitext-2's wiki.test.raw as usual); None = the GPL-3 text Debian
+    # ships (/usr/share/common-licenses/GPL-3)
+    n_ctx: int = 512  # tokens per chunk; the second half of each is scored
+    chunks: int | None = None  # at most this many chunks; None = all the text gives
+    reference: str = "auto"  # a label of the run's files, or a path; auto: F16/BF16/F32 where the run has one,
+    # else its largest file (named as the reference in every record)
+
+
+@dataclass(frozen=True)
 class ProbeSpec:
     # Kernel probes (harness.sources.probes): for each tensor type in the quants, a few-layer model of the same layer
     # shapes, all in that type, measured with the tg test; calibration uses them as the per-type kernel costs.
@@ -137,6 +150,7 @@ class Config:
     quants: tuple[str, ...] = quants.PAGE_QUANTS
     bench: BenchSpec = field(default_factory=BenchSpec)
     probes: ProbeSpec = field(default_factory=ProbeSpec)
+    quality: QualitySpec = field(default_factory=QualitySpec)
     cache_dir: str | None = None  # where synthetic models are built; None = $HARNESS_CACHE or ~/.cache/harness
     cluster: ClusterSpec = field(default_factory=ClusterSpec)  # used by `run --cluster` only
 
@@ -435,6 +449,27 @@ def _probes(data: Any) -> ProbeSpec:
     return ProbeSpec(**kw)
 
 
+def _quality(data: Any) -> QualitySpec:
+    if isinstance(data, bool):
+        return QualitySpec(enabled=data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"quality must be a mapping (or true/false), got {type(data).__name__}")
+    _check_keys("quality", data, _field_names(QualitySpec))
+    d = QualitySpec()
+    kw: dict[str, Any] = {"enabled": _typed("quality.enabled", data.get("enabled", d.enabled), bool)}
+    kw["text"] = _typed("quality.text", data.get("text", d.text), str, allow_none=True)
+    if kw["text"] is not None and not Path(kw["text"]).expanduser().is_file():
+        raise ConfigError(f"quality.text {kw['text']!r}: no such file")
+    n = _positive("quality.n_ctx", _typed("quality.n_ctx", data.get("n_ctx", d.n_ctx), int))
+    if n < 16 or n % 2:
+        raise ConfigError(f"quality.n_ctx must be an even number >= 16, got {n}")
+    kw["n_ctx"] = n
+    ch = _typed("quality.chunks", data.get("chunks", d.chunks), int, allow_none=True)
+    kw["chunks"] = None if ch is None else _positive("quality.chunks", ch)
+    kw["reference"] = _typed("quality.reference", data.get("reference", d.reference), str)
+    return QualitySpec(**kw)
+
+
 def _cluster(data: Any) -> ClusterSpec:
     if not isinstance(data, dict):
         raise ConfigError(f"cluster must be a mapping, got {type(data).__name__}")
@@ -494,10 +529,15 @@ def from_dict(data: Any, overrides: dict[str, Any] | None = None) -> Config:
         qs = _quants(data.get("quants", list(quants.PAGE_QUANTS)))
     bench = _bench(data.get("bench", {}))
     probes = _probes(data.get("probes", {}))
+    quality = _quality(data.get("quality", {}))
+    if quality.enabled and model.source == "synthetic":
+        raise ConfigError("quality: refused on shape-faithful synthetic weights (seeded random values: their KL "
+                          "divergence says nothing of the real model's); run it on real files: model.source hub "
+                          "or local, or run --model FILE.gguf ...")
     cache_dir = _typed("cache_dir", data.get("cache_dir"), str, allow_none=True)
     cluster = _cluster(data.get("cluster", {}))
-    return Config(name=name, model=model, quants=qs, bench=bench, probes=probes, cache_dir=cache_dir,
-                  cluster=cluster)
+    return Config(name=name, model=model, quants=qs, bench=bench, probes=probes, quality=quality,
+                  cache_dir=cache_dir, cluster=cluster)
 
 
 def load(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install -e '.[cluster]'"
 
 # View name -> the file each run folder holds for it (all three in the record schema).
-RECORD_FILES = {"records": "records.jsonl", "probes": "probes.jsonl", "contexts": "contexts.jsonl"}
-VIEWS = ("records", "probes", "contexts", "runs", "bench", "env")
+RECORD_FILES = {"records": "records.jsonl", "probes": "probes.jsonl", "contexts": "contexts.jsonl",
+                "quality": "quality.jsonl"}
+VIEWS = ("records", "probes", "contexts", "quality", "runs", "bench", "env")
 
 # Nested fields (buffers per name, tensor types, `extra` with keys that differ between runs) are read as JSON,
 # so runs whose nested keys differ never fail to read together; DuckDB queries them with ->, ->> and json_*.

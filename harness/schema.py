@@ -103,6 +103,9 @@ class Record:
     memory_breakdown_simulated: dict[str, dict[str, Any]] | None = None  # "mem": the same from a model loaded
     # with no_alloc (nothing allocated: llama.cpp's --fit arithmetic), for the same context
     simulate_ns: int | None = None  # "mem": wall time of that simulated context
+    quality: dict[str, Any] | None = None  # test "quality": llama-perplexity's statistics of this quant against
+    # the reference (ppl, ppl_base, ln_ppl_ratio, kld_mean, kld_median, kld_p99, same_top, dp_rms, ... with
+    # their uncertainties; harness.measure.quality), the text and the reference in `extra`
     device_used_source: str | None = None  # "process" (this run's own) or "device" (a whole device's difference:
     # includes every other tenant's allocations)
 
@@ -116,7 +119,7 @@ REQUIRED = [f.name for f in dataclasses.fields(Record) if f.default is dataclass
 
 # Measurement fields that must be present (non-null) in an "ok" record.
 OK_REQUIRED = ("test", "n_prompt", "n_gen", "n_depth", "rep", "wall_ns", "file_sha256")
-TESTS = ("pp", "tg", "mem")
+TESTS = ("pp", "tg", "mem", "quality")
 
 
 class SchemaError(ValueError):
@@ -154,6 +157,9 @@ def from_dict(d: dict[str, Any]) -> Record:
         if d["test"] == "mem":
             if not d["wall_ns"] > 0 or not d.get("n_ctx"):
                 raise SchemaError("ok mem record needs positive wall_ns and n_ctx")
+        elif d["test"] == "quality":
+            if not d["wall_ns"] > 0 or not d.get("quality"):
+                raise SchemaError("ok quality record needs positive wall_ns and its statistics")
         elif not d["wall_ns"] > 0 or not d.get("tokens_per_s") or not d["tokens_per_s"] > 0:
             raise SchemaError("ok record needs positive wall_ns and tokens_per_s")
     elif not d.get("error"):

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-bench from the sources inside the pinned llama-cpp-python source package, with the
-# same flags scripts/setup.sh gives the wheel, for benchmarks/vs_llama_bench.py. Output: build/llama-bench/bin.
+# Build llama.cpp's tools (llama-bench, llama-perplexity) from the sources inside the pinned llama-cpp-python
+# source package, with the same flags scripts/setup.sh gives the wheel: llama-bench for benchmarks/vs_llama_bench.py,
+# llama-perplexity for the quality test's agreement check (tests/test_quality.py). Output: build/llama-bench/bin.
+#   TARGETS="llama-perplexity" scripts/build-llama-bench.sh    # default: llama-bench llama-perplexity
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VER=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))")
@@ -15,5 +17,6 @@ fi
 CFLAGS="$FLAGS" CXXFLAGS="$FLAGS" cmake -S "$SRC/llama_cpp_python-$VER/vendor/llama.cpp" -B build/llama-bench \
   -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF "$@"
-cmake --build build/llama-bench --target llama-bench -j"$(nproc)"
-echo "built: build/llama-bench/bin/llama-bench"
+# shellcheck disable=SC2086
+cmake --build build/llama-bench --target ${TARGETS:-llama-bench llama-perplexity} -j"$(nproc)"
+echo "built: $(ls build/llama-bench/bin/ | tr '\n' ' ')"

@@ -292,6 +292,7 @@ class Runner:
         self.visit: dict | None = None  # the visit being measured (round, position, order), into each record
         self.no_probe_archs: set[str | None] = set()  # architectures already said to have no probes
         self.mem_done: set[tuple] = set()  # (quant, "mem", n_ctx, type_k, type_v, flash_attn) recorded
+        self.resolved: dict[str, ModelFile] = {}  # the files got so far, by label (the quality test reuses them)
 
     def _error_record(self, quant: str, error: str, mf: ModelFile | None) -> schema.Record:
         return schema.make(
@@ -315,7 +316,7 @@ class Runner:
         cfg = self.cfg
         (self.run_dir / "logs").mkdir(exist_ok=True)
         n_q, rounds = len(cfg.quants), self.bench["rounds"]
-        resolved: dict[str, ModelFile] = {}
+        resolved: dict[str, ModelFile] = self.resolved
         paths: dict[str, Path] = {q: Path(p) for q, p in (known_files or {}).items()}  # for the probes
         for v in range(rounds):
             mine = set(visit_reps(self.bench["repetitions"], rounds, v))
@@ -360,6 +361,45 @@ class Runner:
             self.mem_done.update((quant, *k) for k in mem_todo)  # tried: errors are not retried
         elif v == 0:
             self.echo(f"{head} already measured (resume): skipped")
+
+    def quality(self, writer: schema.RecordWriter, done: set[str]) -> None:
+        """The quality test after the sweep: every quant not yet scored (`done`) against the reference, in one
+        measuring process (harness.measure.quality: both loaded, the text walked chunk by chunk)."""
+        q = self.cfg.quality
+        files: dict[str, ModelFile] = {}
+        for label in self.cfg.quants:
+            mf = self.resolved.get(label) or self._resolve(writer, f"[quality] {label}", label)
+            if mf is not None:
+                files[label] = mf
+        ref_label, ref_path = pick_reference(q.reference, {k: v.path for k, v in files.items()})
+        todo = {k: v for k, v in files.items() if k != ref_label and k not in done}
+        if not todo:
+            self.echo("[quality] nothing to score" + (" (resume: all done)" if done else ""))
+            return
+        from harness.measure import quality as quality_mod
+
+        text = Path(q.text).expanduser() if q.text else quality_mod.DEFAULT_TEXT
+        if not text.is_file():
+            raise RunError(f"quality: no text: {text} does not exist on this machine; give one with --text FILE "
+                           "(wikitext-2's wiki.test.raw, as llama-perplexity users do)")
+        info = quality_mod.text_info(text)
+        ref_sha = sha256_file(ref_path)
+        extra = {**info, "reference_label": ref_label, "reference_file": str(ref_path), "reference_sha256": ref_sha,
+                 "protocol": "llama-perplexity --kl-divergence (second half of each chunk scored; 16-bit reference "
+                             "log-probabilities)"}
+        bases = {k: {"run_id": self.run_id, "quant": k, "weights": mf.weights, "weights_ref": mf.weights_ref,
+                     "file_path": str(mf.path), "file_bytes": mf.path.stat().st_size, "file_sha256": mf.sha256,
+                     "llama_cpp_version": quantize.llama_cpp_version()} for k, mf in todo.items()}
+        job = {"kind": "quality", "reference": str(ref_path), "quants": {k: str(v.path) for k, v in todo.items()},
+               "text_path": str(text), "n_ctx": q.n_ctx, "chunks": q.chunks, "threads": self.bench["threads"],
+               "n_gpu_layers": self.bench["n_gpu_layers"], "bases": bases, "extra": extra,
+               "log_path": str(self.run_dir / "logs" / "quality.llama.log")}
+        self.echo(f"[quality] {len(todo)} quants against {ref_label} ({ref_path.name}) on {info['text_name']}, "
+                  f"n_ctx {q.n_ctx}" + (f", at most {q.chunks} chunks" if q.chunks else ""))
+        res = self._child(job, writer, "quality", len(todo), self.run_dir / "logs" / "quality.stderr")
+        if res.error:
+            self.errors["quality"] = res.error
+            self.echo(f"[quality] ERROR: {res.error}")
 
     def _resolve(self, writer, head: str, quant: str) -> ModelFile | None:
         try:
@@ -571,6 +611,30 @@ def label_globbed(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, files=labelled), quants=tuple(labelled))
 
 
+REFERENCE_TYPES = ("F32", "BF16", "F16")  # preferred references, best first
+
+
+def pick_reference(choice: str, files: dict[str, Path]) -> tuple[str, Path]:
+    """The quality test's reference: a label of the run's files or a path; "auto": an F32/BF16/F16 file of the
+    run (by label), else its largest file."""
+    if choice != "auto":
+        if choice in files:
+            return choice, files[choice]
+        p = Path(choice).expanduser()
+        if p.is_file():
+            return p.stem, p
+        raise RunError(f"quality.reference {choice!r} is neither a label of this run's files "
+                       f"({', '.join(files)}) nor a file")
+    if not files:
+        raise RunError("quality: no model files to score")
+    for t in REFERENCE_TYPES:
+        for label, p in files.items():
+            if label.upper() == t or label.upper().endswith("-" + t):
+                return label, p
+    label = max(files, key=lambda k: files[k].stat().st_size)
+    return label, files[label]
+
+
 def start_rpc(runner: Runner, stack: contextlib.ExitStack, env_path: Path | None = None) -> None:
     """bench.rpc: the servers every measuring process registers ("local": each measuring process starts its own
     on loopback, for its one file). User servers must answer before the sweep starts; env.json says which."""
@@ -649,4 +713,9 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
             runner.run(writer, done, probe_writer, probes_done, known)
         else:
             runner.run(writer, done)
+        if cfg.quality.enabled:
+            qpath = run_dir / "quality.jsonl"
+            qdone = ({r.quant for r in schema.read_records(qpath) if r.status == "ok"}
+                     if resume and qpath.is_file() else set())
+            runner.quality(stack.enter_context(schema.RecordWriter(qpath)), qdone)
     return run_dir, runner.errors

@@ -68,8 +68,55 @@ def make_job(path: str | os.PathLike, bench: dict[str, Any], record_base: dict[s
     }
 
 
+def run_quality_job(job: dict[str, Any], send) -> int:
+    """The quality test: every quant against the reference on the job's text (harness.measure.quality), one
+    record per quant, sent when all chunks are scored."""
+    from harness import schema
+    from harness.gguf import validate
+    from harness.llamalog import LogCapture
+    from harness.measure import quality
+
+    files = {"reference": job["reference"], **job["quants"]}
+    for label, path in files.items():
+        try:
+            validate.check(path, None)
+        except validate.InvalidGGUF as e:
+            send({"kind": "error", "error": f"{label}: invalid GGUF, not loaded: {e}"})
+            return 3
+    text = open(job["text_path"], encoding="utf-8", errors="replace").read()
+    log_file = open(job["log_path"], "a", encoding="utf-8") if job.get("log_path") else None  # noqa: SIM115
+
+    def emit(label: str, fields: dict[str, Any]) -> None:
+        base = job["bases"][label]
+        stats = {k: v for k, v in fields.items() if k not in ("wall_ns", "n_ctx", "n_tokens_text", "n_chunks",
+                                                               "n_chunks_max", "reference_wall_ns")}
+        rec = schema.make(**{**base, "status": "ok", "test": "quality", "n_prompt": fields["n_ctx"], "n_gen": 0,
+                             "n_depth": 0, "rep": 0, "wall_ns": fields["wall_ns"], "n_ctx": fields["n_ctx"],
+                             "n_threads": job["threads"], "n_gpu_layers": job["n_gpu_layers"], "quality": stats,
+                             "extra": {**job["extra"], "n_tokens_text": fields["n_tokens_text"],
+                                       "n_chunks": fields["n_chunks"], "n_chunks_max": fields["n_chunks_max"],
+                                       "reference_wall_ns": fields["reference_wall_ns"]},
+                             "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+        send({"kind": "record", "record": json.loads(rec.to_json())})
+
+    try:
+        with LogCapture(echo=(lambda line: log_file.write(line + "\n")) if log_file else None):
+            quality.measure(job["reference"], job["quants"], text, job["n_ctx"], job.get("chunks"), job["threads"],
+                            job["n_gpu_layers"], emit, progress=lambda m: send({"kind": "progress", "msg": m}))
+        return 0
+    except quality.QualityError as e:
+        send({"kind": "error", "error": str(e)})
+        return 3
+    finally:
+        if log_file:
+            log_file.close()
+
+
 def run_job(job: dict[str, Any], send) -> int:
     from harness.gguf import validate
+
+    if job.get("kind") == "quality":
+        return run_quality_job(job, send)
 
     # Check the header in Python before llama.cpp is even imported: a hostile or damaged file must not reach
     # its parser (absurd allocations, assertion aborts, reads past the mapping).
@@ -147,7 +194,7 @@ def main() -> int:
 
     try:
         job = json.loads(sys.stdin.read())
-        _limit_memory(job["bench"].get("memory_limit_mb"))
+        _limit_memory((job.get("bench") or {}).get("memory_limit_mb"))
         return run_job(job, send)
     except Exception as e:  # noqa: BLE001 - every failure must reach the parent as one line
         traceback.print_exc()
