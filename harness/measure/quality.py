@@ -86,7 +86,8 @@ class Model:
         raw = text.encode("utf-8")
         cap = len(raw) + 16
         toks = (self.lib.llama_token * cap)()
-        n = self.lib.llama_tokenize(self.vocab, raw, len(raw), toks, cap, True, False)  # add special, as common_tokenize
+        # add_special (BOS where the vocabulary adds it), no parse_special: as common_tokenize(ctx, text, true)
+        n = self.lib.llama_tokenize(self.vocab, raw, len(raw), toks, cap, True, False)
         if n < 0:
             raise QualityError("the text does not tokenize")
         return np.frombuffer(toks, dtype=np.int32, count=n).copy()

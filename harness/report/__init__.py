@@ -21,7 +21,7 @@ from harness import schema
 from harness.analysis import calibration, crossgpu, kernels, points, summary
 from harness.catalog import page
 from harness.config import output_dir
-from harness.report.figures import fig_page_gpus, figures
+from harness.report.figures import fig_page_gpus, fig_quality, figures
 from harness.report.render import render_html, render_markdown
 from harness.report.tables import (
     CONTEXT_HEAD,
@@ -32,6 +32,7 @@ from harness.report.tables import (
     PAGE_GPU_PUBLISHED_HEAD,
     PROBE_HEAD,
     QUALITY_HEAD,
+    QUALITY_MEASURED_HEAD,
     SIZE_HEAD,
     SPEED_HEAD,
     calibration_lines,
@@ -44,6 +45,8 @@ from harness.report.tables import (
     page_gpu_published_rows,
     page_gpu_rows,
     probe_rows,
+    quality_measured_rows,
+    quality_points,
     quality_table,
     quant_table,
     size_rows,
@@ -86,6 +89,14 @@ def load_contexts(results_dir: str | Path) -> pd.DataFrame | None:
     return summary.records_frame(schema.read_records(path))
 
 
+def load_quality(results_dir: str | Path) -> pd.DataFrame | None:
+    """The quality test's records (quality.jsonl), None where the run made none."""
+    path = Path(results_dir) / "quality.jsonl"
+    if not path.is_file():
+        return None
+    return summary.records_frame(schema.read_records(path))
+
+
 def load_probes(results_dir: str | Path) -> pd.DataFrame | None:
     """The kernel-probe records of a results folder (probes.jsonl), None where the run measured none."""
     path = Path(results_dir) / "probes.jsonl"
@@ -96,7 +107,8 @@ def load_probes(results_dir: str | Path) -> pd.DataFrame | None:
 
 def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: dict, run_id: str,
               probe_df: pd.DataFrame | None = None, ctxp: pd.DataFrame | None = None,
-              gpus: tuple[dict, list[dict]] | None = None, mem_df: pd.DataFrame | None = None) -> list[tuple]:
+              gpus: tuple[dict, list[dict]] | None = None, mem_df: pd.DataFrame | None = None,
+              qp: pd.DataFrame | None = None, qdf: pd.DataFrame | None = None) -> list[tuple]:
     """The report as (kind, payload) blocks, rendered to markdown or HTML: ("h", text), ("p", markdown-ish
     text), ("list", [lines]), ("table", head, rows), ("fig", name), ("raw-md", text)."""
     ok = df[df.status == "ok"] if len(df) else df
@@ -184,6 +196,22 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
         if len(errors):
             s.append(("h2", "Failures"))
             s.append(("list", [f"{r.quant}: {r.error}" for r in errors.itertuples()]))
+    if qp is not None and len(qp):
+        r0 = qdf[qdf.status == "ok"].iloc[0]
+        x = r0.extra or {}
+        s.append(("h2", "Quality"))
+        ref = Path(str(x.get("reference_file"))).name
+        s.append(("p", f"Each quant's KL divergence from {x.get('reference_label')} ({ref}, "
+                       f"sha256 {str(x.get('reference_sha256'))[:12]}) and its perplexity, on {x.get('text_name')} "
+                       f"({x.get('n_tokens_text'):,} tokens, sha256 {str(x.get('text_sha256'))[:12]}), "
+                       f"{x.get('n_chunks')} chunks of {int(r0.n_ctx)} tokens, the second half of each scored: "
+                       "llama-perplexity's --kl-divergence protocol and arithmetic (the harness agrees with it to its "
+                       "printed digits: tests/test_quality.py). Weights: "
+                       f"{', '.join(sorted(qdf.weights.dropna().unique()))} files. 'worth choosing': no other quant "
+                       "needs less memory and diverges less. The page's quality percentages are its own, of no "
+                       "stated metric: set beside, not compared."))
+        s.append(("table", QUALITY_MEASURED_HEAD, quality_measured_rows(qp)))
+        s.append(("fig", "quality.png"))
     prows = probe_rows(cal, probe_df)
     if prows:
         s.append(("h2", "Kernel probes"))
@@ -287,7 +315,8 @@ def _settings_line(ok: pd.DataFrame) -> str:
 
 def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = None,
           tensor_types: dict[str, dict] | None = None, probe_df: pd.DataFrame | None = None,
-          mem_df: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict, dict[str, bytes], str, str]:
+          mem_df: pd.DataFrame | None = None, quality_df: pd.DataFrame | None = None
+          ) -> tuple[pd.DataFrame, dict, dict[str, bytes], str, str]:
     """Everything the report holds, computed from the records: (per-quant table, calibration, figures,
     markdown, html). `tensor_types` ({quant: {ggml type: weights}}) lets the calibration cost each tensor's
     kernel; `probe_df` (kernel-probe records) measures those costs."""
@@ -303,7 +332,10 @@ def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = No
         xcal = crossgpu.load_shipped()
         gpus = (xcal, crossgpu.page_gpus(xcal))
         figs["page_gpus.png"] = fig_page_gpus(gpus[1])
-    sections = _sections(df, env, t, cal, device, run_id, probe_df, ctxp, gpus, mem_df)
+    qp = quality_points(quality_df, t) if quality_df is not None and len(quality_df) else None
+    if qp is not None and len(qp):
+        figs["quality.png"] = fig_quality(qp)
+    sections = _sections(df, env, t, cal, device, run_id, probe_df, ctxp, gpus, mem_df, qp, quality_df)
     title = f"{'Llama 3.2 1B quants' if points.is_page_model(df) else 'GGUF files'} - run {run_id}"
     return t, cal, figs, render_markdown(sections, figs), render_html(sections, figs, title)
 
@@ -349,7 +381,7 @@ def _write_one(df: pd.DataFrame, env: dict, run_id: str, results_dir: Path, out:
                mem_df: pd.DataFrame | None, probe_df: pd.DataFrame | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     t, cal, figs, md, page_html = build(df, env, run_id, str(results_dir), points.tensor_types_from_records(df),
-                                        probe_df, mem_df)
+                                        probe_df, mem_df, load_quality(results_dir))
     for name, png in figs.items():
         (out / name).write_bytes(png)
     (out / "report.md").write_text(md)

@@ -195,6 +195,37 @@ def fig_context_memory(t: pd.DataFrame, ctxp: pd.DataFrame, device: dict) -> byt
     return _png(fig)
 
 
+def fig_quality(qp: pd.DataFrame) -> bytes:
+    """Each quant as a point of the memory it needs (x) against its KL divergence from the reference (y, log),
+    coloured by its tg speed; the quants no other beats on both axes joined and ringed (the ones worth choosing),
+    the page's quality claim written beside the quants it gives one for."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    x = qp.needed_bytes.astype(float).to_numpy() / MIB
+    y = qp.kld_mean.astype(float).to_numpy()
+    c = qp.tg_tokens_per_s.astype(float).to_numpy()
+    sc = ax.scatter(x, y, c=c, cmap="viridis", s=60, zorder=3)
+    if np.isfinite(c).any():
+        fig.colorbar(sc, ax=ax, label="tg tok/s (this machine)")
+    front = qp[~qp.dominated].sort_values("needed_bytes")
+    ax.plot(front.needed_bytes.astype(float) / MIB, front.kld_mean, "-", color="#c44e52", lw=1, zorder=2,
+            label="worth choosing: no other quant needs less and loses less")
+    ax.scatter(front.needed_bytes.astype(float) / MIB, front.kld_mean, s=160, facecolors="none",
+               edgecolors="#c44e52", zorder=4)
+    for xi, yi, q in zip(x, y, qp.quant):
+        claim = page.QUALITY_CLAIMS.get(q)
+        ax.annotate(q + (f"  (page: {claim})" if claim else ""), (xi, yi), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("memory needed, MiB")
+    ax.set_ylabel(f"mean KL divergence from {qp.reference.iloc[0]} (log)")
+    ax.set_title("Quality against memory: lower left is better")
+    ax.margins(x=0.25, y=0.2)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def fig_page_gpus(gpus: list[dict]) -> bytes:
     """Per page GPU: tok/s against the model's bytes: the page's rule with its ±20% band, the cross-device
     estimate for the 12 quants of Llama 3.2 1B (at their sizes), and every published measurement on that GPU
@@ -256,6 +287,9 @@ CAPTIONS = {
                   "measured peak marked, beside the page's VRAM figure.",
     "context_memory.png": "Memory needed against the context size per KV cache type (the memory test), beside "
                           "the page's VRAM, which has no context term.",
+    "quality.png": "Each quant's mean KL divergence from the reference against the memory it needs, coloured by its "
+                   "generation speed; ringed and joined: the quants no other beats on both (worth choosing); the "
+                   "page's quality claim beside the quants it gives one for.",
     "roofline.png": "Speed against bytes read per token, with the bandwidth roofline and the fitted model.",
     "context.png": "Memory and speed against the context length.",
     "page_gpus.png": "The page's GPUs: its speed rule with its ±20% band against the model's size, the "

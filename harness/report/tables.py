@@ -8,6 +8,7 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from harness import stats
@@ -489,4 +490,45 @@ def quality_table(xcal: dict) -> list[list[str]]:
         for r in pub.get(q) or [None]:
             rows.append([q, claims.get(q, "-"), r["value_as_printed"] if r else "none found",
                          r["metric"] if r else "-", f"{r['url']} ({r['date']})" if r else "-"])
+    return rows
+
+
+QUALITY_MEASURED_HEAD = ["quant", "KLD mean ± err", "KLD median", "KLD p99", "PPL(Q) ± err", "PPL(Q)/PPL(ref)",
+                         "same top %", "Δp RMS %", "needed MiB", "tg tok/s", "page's claim", "worth choosing"]
+
+
+def quality_points(qdf: pd.DataFrame, t: pd.DataFrame) -> pd.DataFrame:
+    """One row per scored quant: its quality statistics beside what it needs and its tg speed (from the run's
+    per-quant table `t`), and whether another quant beats it on both memory and KL divergence (the quants no
+    other beats are the ones worth choosing)."""
+    ok = qdf[qdf.status == "ok"] if len(qdf) else qdf
+    rows = []
+    tq = t.set_index("quant") if len(t) and "quant" in t else None
+    for r in ok.itertuples():
+        q = r.quality or {}
+        need = tok = None
+        if tq is not None and r.quant in tq.index:
+            row = tq.loc[r.quant]
+            row = row.iloc[0] if isinstance(row, pd.DataFrame) else row
+            need = row.get("needed_bytes")
+            tok = row.get("tg_tok_s")
+        rows.append({"quant": r.quant, **q, "needed_bytes": need, "tg_tokens_per_s": tok,
+                     "reference": (r.extra or {}).get("reference_label")})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    mem = out.needed_bytes.astype(float).fillna(out.get("kld_mean") * 0 + np.inf).to_numpy()
+    kld = out.kld_mean.astype(float).to_numpy()
+    out["dominated"] = [bool(((mem <= mem[i]) & (kld <= kld[i]) & ((mem < mem[i]) | (kld < kld[i]))).any())
+                        for i in range(len(out))]
+    return out.sort_values("kld_mean").reset_index(drop=True)
+
+
+def quality_measured_rows(qp: pd.DataFrame) -> list[list[str]]:
+    rows = []
+    for r in qp.itertuples():
+        rows.append([r.quant, f"{r.kld_mean:.4f} ± {r.kld_unc:.4f}", f"{r.kld_median:.4f}", f"{r.kld_p99:.3f}",
+                     f"{r.ppl:.3f} ± {r.ppl_unc:.3f}", f"{r.ppl_ratio:.4f}", f"{100 * r.same_top:.2f}",
+                     f"{100 * r.dp_rms:.2f}", _mib(r.needed_bytes), _f(r.tg_tokens_per_s),
+                     page.QUALITY_CLAIMS.get(r.quant, "-"), "no" if r.dominated else "yes"])
     return rows
