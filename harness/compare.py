@@ -198,6 +198,35 @@ def add_parser(subparsers) -> None:
                         "the baseline shares with another run)")
 
 
+QUALITY_SQL = """
+    SELECT folder, quant, model_desc AS model_type, n_ctx, extra->>'$.reference_label' AS reference,
+           extra->>'$.text_name' AS text, extra->>'$.text_sha256' AS text_sha256,
+           TRY_CAST(quality->>'$.kld_mean' AS DOUBLE) AS kld, TRY_CAST(quality->>'$.ppl' AS DOUBLE) AS ppl,
+           TRY_CAST(quality->>'$.same_top' AS DOUBLE) AS same_top
+    FROM quality WHERE status = 'ok' AND test = 'quality'"""
+
+
+def quality_rows(con, order: list[str]) -> tuple[list[str], list[list]]:
+    """The quality test's records of the runs, keyed as the speed rows are (model, quant) plus what makes two
+    quality figures comparable (n_ctx, reference, text): mean KLD (PPL, same top %) per run."""
+    try:
+        q = con.execute(QUALITY_SQL).df()
+    except Exception:  # noqa: BLE001 - a database of runs without any quality.jsonl has no rows to read
+        return [], []
+    q = q[q.folder.isin(order)]
+    if q.empty:
+        return [], []
+    cols = [f for f in order if f in set(q.folder)]
+    headers = ["Model", "Quant", "n_ctx", "Reference", "Text"] + [
+        f"KLD / PPL / same top {_short(Path(f).name)}" for f in cols]
+    rows = []
+    for key, g in q.groupby(["model_type", "quant", "n_ctx", "reference", "text_sha256"], sort=True, dropna=False):
+        by = {r.folder: r for r in g.itertuples()}
+        rows.append([key[0], key[1], key[2], key[3], g.text.iloc[0][:40]] + [
+            f"{by[f].kld:.5f} / {by[f].ppl:.3f} / {100 * by[f].same_top:.2f}%" if f in by else "" for f in cols])
+    return headers, rows
+
+
 def main(args) -> int:
     duckdb = query.duckdb_module()
     roots = query.check_roots(args.results or [])
@@ -242,4 +271,9 @@ def main(args) -> int:
               "harness's tests): its t/s is the server's and the network's, not a GPU's")
     if info["hidden"]:
         print(f"{info['hidden']} rows only one column has are not shown (--all shows them)")
+    qh, qr = quality_rows(con, order)
+    if qr:
+        print()
+        print("Quality (test quality: llama-perplexity's protocol against the reference named):")
+        print(query.pipe_table(qh, qr))
     return 0

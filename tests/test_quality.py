@@ -149,4 +149,9 @@ def test_quality_records_in_the_report_and_db(quality_run):
                 "SELECT quant, test, quality->>'kld_mean' AS kld FROM quality ORDER BY quant")
     assert p.returncode == 0, p.stderr
     assert "Q4_K_M" in p.stdout and "IQ3_M" in p.stdout and "quality" in p.stdout
+    # compare: the quality rows keyed like the speed rows (model, quant) and by reference and text
+    p = run_cli("compare", str(run_dir))
+    assert p.returncode == 0, p.stderr
+    line = next(x for x in p.stdout.splitlines() if "| Q4_K_M" in x and " F16 " in x)
+    assert f"{recs['Q4_K_M'].quality['kld_mean']:.5f} /" in line and recs["Q4_K_M"].model_desc in line
     json.dumps(recs["Q8_0"].quality)  # plain JSON

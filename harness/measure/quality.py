@@ -70,6 +70,10 @@ class Model:
         self.arch = buf.value.decode(errors="replace")
         llama_cpp.llama_model_meta_val_str(self.model, b"tokenizer.ggml.model", buf, len(buf))
         self.tokenizer = buf.value.decode(errors="replace")
+        llama_cpp.llama_model_desc(self.model, buf, len(buf))
+        self.desc = buf.value.decode(errors="replace")
+        self.size_bytes = int(llama_cpp.llama_model_size(self.model))
+        self.n_params = int(llama_cpp.llama_model_n_params(self.model))
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = n_ctx  # one chunk per decode: one sequence of n_ctx tokens (llama-perplexity -b n_ctx)
@@ -287,7 +291,9 @@ def measure(ref_path: str, quants: dict[str, str], text: str, n_ctx: int, chunks
         shared = {"n_tokens_text": int(len(tokens)), "n_chunks": n_chunk, "n_chunks_max": n_max, "n_ctx": n_ctx,
                   "reference_wall_ns": t_ref}
         for label in models:
-            emit(label, {**stats[label].result(), **shared, "wall_ns": walls[label] + t_ref})
+            m = models[label]
+            emit(label, {**stats[label].result(), **shared, "wall_ns": walls[label] + t_ref, "model_desc": m.desc,
+                         "model_size_bytes": m.size_bytes, "model_n_params": m.n_params})
         return shared
     finally:
         for m in models.values():

@@ -89,9 +89,12 @@ def run_quality_job(job: dict[str, Any], send) -> int:
     def emit(label: str, fields: dict[str, Any]) -> None:
         base = job["bases"][label]
         stats = {k: v for k, v in fields.items() if k not in ("wall_ns", "n_ctx", "n_tokens_text", "n_chunks",
-                                                               "n_chunks_max", "reference_wall_ns")}
+                                                               "n_chunks_max", "reference_wall_ns", "model_desc",
+                                                               "model_size_bytes", "model_n_params")}
         rec = schema.make(**{**base, "status": "ok", "test": "quality", "n_prompt": fields["n_ctx"], "n_gen": 0,
                              "n_depth": 0, "rep": 0, "wall_ns": fields["wall_ns"], "n_ctx": fields["n_ctx"],
+                             "model_desc": fields["model_desc"], "model_size_bytes": fields["model_size_bytes"],
+                             "model_n_params": fields["model_n_params"],
                              "n_threads": job["threads"], "n_gpu_layers": job["n_gpu_layers"], "quality": stats,
                              "extra": {**job["extra"], "n_tokens_text": fields["n_tokens_text"],
                                        "n_chunks": fields["n_chunks"], "n_chunks_max": fields["n_chunks_max"],
