@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = ""
         if args.command == "run":
             cluster = f" --cluster {args.cluster}" if getattr(args, "cluster", None) else ""
-            hint = (f"; resume with: python -m harness run {args.config}{cluster} --resume RESULTS_DIR "
+            what = (str(args.config) if args.config is not None else
+                    " ".join(f"--model {m}" for m in (args.model or [])))
+            hint = (f"; resume with: python -m harness run {what}{cluster} --resume RESULTS_DIR "
                     "(the results folder printed at the start)")
         print(f"\ninterrupted: every finished measurement is on disk{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
