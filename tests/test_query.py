@@ -64,7 +64,9 @@ def test_every_line_of_every_committed_run_is_a_row():
         got = dict(con.execute(f"SELECT run, count(*) FROM {view} GROUP BY run").fetchall())
         want = {p.parent.name: len(lines(p)) for p in RESULTS.glob(f"*/{fname}")}
         assert got == want, view
-        assert sum(want.values()) > 0
+        # the committed runs are of synthetic weights, which the quality test refuses: its view is read from a
+        # real-weights run in tests/test_quality.py
+        assert sum(want.values()) > 0 or view == "quality", view
     runs = con.execute("SELECT run, cpu_name, harness_commit, llama_cpp_python FROM runs").fetchall()
     assert {r[0] for r in runs} == {p.parent.name for p in RESULTS.glob("*/records.jsonl")}
     env = json.loads((RESULTS / RUN_B / "env.json").read_text())
