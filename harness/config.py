@@ -430,14 +430,22 @@ def _choice_list(where: str, value: Any, allowed: list[str], empty_ok: bool = Fa
     return tuple(out)
 
 
-def _probes(data: Any) -> ProbeSpec:
-    if isinstance(data, bool):  # `probes: false` for short
-        return ProbeSpec(enabled=data)
+def _switch(name: str, data: Any, spec: type) -> tuple[Any, Any, dict[str, Any]]:
+    """A block that may be given as true/false for short (`probes: false`): (its spec, None, {}) then; for a
+    mapping, its keys checked: (None, the defaults, {"enabled": ...}) for the caller to read the other fields."""
+    if isinstance(data, bool):
+        return spec(enabled=data), None, {}
     if not isinstance(data, dict):
-        raise ConfigError(f"probes must be a mapping (or true/false), got {type(data).__name__}")
-    _check_keys("probes", data, _field_names(ProbeSpec))
-    d = ProbeSpec()
-    kw: dict[str, Any] = {"enabled": _typed("probes.enabled", data.get("enabled", d.enabled), bool)}
+        raise ConfigError(f"{name} must be a mapping (or true/false), got {type(data).__name__}")
+    _check_keys(name, data, _field_names(spec))
+    d = spec()
+    return None, d, {"enabled": _typed(f"{name}.enabled", data.get("enabled", d.enabled), bool)}
+
+
+def _probes(data: Any) -> ProbeSpec:
+    short, d, kw = _switch("probes", data, ProbeSpec)
+    if short is not None:
+        return short
     for name in ("n_layer", "n_gen", "repetitions"):
         kw[name] = _positive(f"probes.{name}", _typed(f"probes.{name}", data.get(name, getattr(d, name)), int))
     kw["base_n_layer"] = _positive("probes.base_n_layer", _typed("probes.base_n_layer",
@@ -450,13 +458,9 @@ def _probes(data: Any) -> ProbeSpec:
 
 
 def _quality(data: Any) -> QualitySpec:
-    if isinstance(data, bool):
-        return QualitySpec(enabled=data)
-    if not isinstance(data, dict):
-        raise ConfigError(f"quality must be a mapping (or true/false), got {type(data).__name__}")
-    _check_keys("quality", data, _field_names(QualitySpec))
-    d = QualitySpec()
-    kw: dict[str, Any] = {"enabled": _typed("quality.enabled", data.get("enabled", d.enabled), bool)}
+    short, d, kw = _switch("quality", data, QualitySpec)
+    if short is not None:
+        return short
     kw["text"] = _typed("quality.text", data.get("text", d.text), str, allow_none=True)
     if kw["text"] is not None and not Path(kw["text"]).expanduser().is_file():
         raise ConfigError(f"quality.text {kw['text']!r}: no such file")
