@@ -204,7 +204,7 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
         lines.append("            none of these rows is of a 1B-3B model: the per-token floor (kernel launches, "
                      "synchronisation) that a 1B model meets on a fast device is not in them, so read this as an "
                      "upper bound")
-    b = device_buffers(quant_of(x), context)
+    b = device_buffers(x.get("quant"), context)
     if b is None:
         mem = x["weights_bytes"] + x["kv_bytes"]
         lines.append(f"memory:     at least {mem / GB:.2f} GB = weights {x['weights_bytes'] / GB:.2f} GB as stored "
@@ -223,10 +223,6 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
     lines.append("            llama.cpp's own arithmetic for this quant fully offloaded (no_alloc, simulated on its "
                  "RPC device: harness/data/buffers-1b.json, scripts/ship-buffers.py); not in it: the runtime's fixed "
                  "cost (CUDA context, cuBLAS workspace, pools), which no run here has measured on a GPU")
-
-
-def quant_of(x: dict) -> str | None:
-    return x.get("quant")
 
 
 _BUFFERS: dict | None = None

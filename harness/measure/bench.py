@@ -21,7 +21,7 @@ import numpy as np
 
 from harness.config import CACHE_TYPES, FLASH_ATTN_TYPES
 from harness.llamalog import LogCapture, flash_attn_resolved, offloaded_layers, parse_buffers
-from harness.measure import machine, memory
+from harness.measure import breakdown, devices, machine, memory
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,6 @@ class DeviceWatch:
         self.sampler = None  # NVML's peak sampler, sampled here (at the boundaries) rather than by a thread
 
     def read(self) -> dict[str, Any]:
-        from harness.measure import devices
-
         if self.sampler is not None:
             self.sampler.sample()
         out: dict[str, Any] = {"devices": devices.memory_now()}
@@ -296,8 +294,6 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
     nvml = memory.nvml_probe()
     rpc = list(bench.get("rpc_endpoints") or ())
     if rpc:
-        from harness.measure import devices
-
         try:
             devices.add_rpc_servers(rpc)
         except devices.DeviceError as e:
@@ -347,8 +343,6 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
         cells = [c for c in mem_cells(bench) if c.key not in skip_mem]
         sim = None
         if cells:  # the same contexts by llama.cpp's arithmetic alone (a no_alloc model), beside the real ones
-            from harness.measure import breakdown
-
             try:
                 sim = breakdown.Simulator(path, bench)
                 stack.callback(sim.free)
@@ -356,12 +350,6 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
                 log.warning("%s", e)
         for cell in cells:
             _run_mem(s, cell, model_fields, nvml, gpu_sampler, emit, progress, watch, after_load, sim)
-
-
-def _breakdown(ctx) -> dict | None:
-    from harness.measure import breakdown
-
-    return breakdown.breakdown(ctx)
 
 
 def _context_fields(ctx_log: list[str], model_fields: dict[str, Any]) -> dict[str, Any]:
@@ -412,10 +400,8 @@ def _run_mem(s: Session, cell: MemCell, model_fields: dict[str, Any], nvml, gpu_
         finally:
             batch.free()
         dev = watch.fields({"after_load": after_load, "after_context": after_ctx, "after_decode": watch.read()})
-        dev["memory_breakdown"] = _breakdown(ctx)
+        dev["memory_breakdown"] = breakdown.breakdown(ctx)
         if sim is not None:
-            from harness.measure import breakdown
-
             try:
                 dev["memory_breakdown_simulated"], dev["simulate_ns"] = sim.cell(
                     cell.n_ctx, (cell.type_k, cell.type_v), cell.flash_attn)
@@ -492,7 +478,7 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
             })
         # the test's device memory, read once its repetitions are done (its peak at the boundaries: pp's is not tg's)
         dev = watch.fields({"after_load": after_load, "after_context": after_ctx, "after_test": watch.read()})
-        dev["memory_breakdown"] = _breakdown(ctx)
+        dev["memory_breakdown"] = breakdown.breakdown(ctx)
         out = [{**rec, **dev} for rec in out]
     finally:
         # sent after the test's repetitions, so that the parent's writing and progress bar never run inside a

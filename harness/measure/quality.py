@@ -251,10 +251,11 @@ def _percentile(v: np.ndarray, fraction: float) -> float:
 
 
 def measure(ref_path: str, quants: dict[str, str], text: str, n_ctx: int, chunks: int | None, threads: int,
-            n_gpu_layers: int, emit: Callable[[str, dict[str, Any]], None],
+            n_gpu_layers: int, emit: Callable[[str, dict[str, Any], dict[str, Any]], None],
             progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Score every quant ({label: path}) against the reference on `text`, chunk by chunk; emit(label, fields)
-    per quant at the end. Returns what every record shares (tokens, chunks)."""
+    """Score every quant ({label: path}) against the reference on `text`, chunk by chunk; at the end
+    emit(label, statistics, run facts (tokens, chunks, wall time, the model's description)) per quant. Returns
+    what every quant shares (tokens, chunks)."""
     ref = Model(ref_path, n_ctx, threads, n_gpu_layers)
     models: dict[str, Model] = {}
     try:
@@ -292,8 +293,8 @@ def measure(ref_path: str, quants: dict[str, str], text: str, n_ctx: int, chunks
                   "reference_wall_ns": t_ref}
         for label in models:
             m = models[label]
-            emit(label, {**stats[label].result(), **shared, "wall_ns": walls[label] + t_ref, "model_desc": m.desc,
-                         "model_size_bytes": m.size_bytes, "model_n_params": m.n_params})
+            emit(label, stats[label].result(), {**shared, "wall_ns": walls[label] + t_ref, "model_desc": m.desc,
+                                                "model_size_bytes": m.size_bytes, "model_n_params": m.n_params})
         return shared
     finally:
         for m in models.values():

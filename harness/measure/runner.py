@@ -284,7 +284,6 @@ class Runner:
         self.echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
         self.bench = resolved_bench(cfg)
         self.run_id = run_dir.name
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.errors: dict[str, str] = {}
         self.probed: set[tuple[str, str, int]] = set()  # (probe shape, ggml type, round) measured or tried
         self.probe_errors: set[tuple[str, str]] = set()  # (probe shape, ggml type) that failed: not tried again
@@ -635,28 +634,25 @@ def pick_reference(choice: str, files: dict[str, Path]) -> tuple[str, Path]:
     return label, files[label]
 
 
-def start_rpc(runner: Runner, stack: contextlib.ExitStack, env_path: Path | None = None) -> None:
+def start_rpc(runner: Runner) -> dict[str, Any] | None:
     """bench.rpc: the servers every measuring process registers ("local": each measuring process starts its own
-    on loopback, for its one file). User servers must answer before the sweep starts; env.json says which."""
+    on loopback, for its one file). User servers must answer before the sweep starts. Returns env.json's "rpc"."""
     rpc = runner.bench.get("rpc") or ""
     if not rpc:
-        return
+        return None
     from harness.measure import devices
 
     if rpc == "local":
         runner.echo("RPC device: each measuring process starts llama.cpp's RPC server on loopback (this machine's CPU "
                     "served as a device: the offload path runs, but its speed is not a GPU's)")
-    else:
-        for ep in rpc.split(","):
-            host, port = devices.split_endpoint(ep)
-            if not devices.reachable(host, port):
-                raise RunError(f"bench.rpc: nothing answers at {ep} (start the server there: ggml-rpc-server "
-                               f"-H {host} -p {port}; or --rpc local)")
-        runner.bench["rpc_endpoints"] = rpc.split(",")
-    if env_path is not None and env_path.is_file():
-        env = json.loads(env_path.read_text())
-        env["rpc"] = {"endpoints": rpc.split(",") if rpc != "local" else [], "local_server": rpc == "local"}
-        env_path.write_text(json.dumps(env, indent=2))
+        return {"endpoints": [], "local_server": True}
+    for ep in rpc.split(","):
+        host, port = devices.split_endpoint(ep)
+        if not devices.reachable(host, port):
+            raise RunError(f"bench.rpc: nothing answers at {ep} (start the server there: ggml-rpc-server "
+                           f"-H {host} -p {port}; or --rpc local)")
+    runner.bench["rpc_endpoints"] = rpc.split(",")
+    return {"endpoints": runner.bench["rpc_endpoints"], "local_server": False}
 
 
 def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progress: bool = True,
@@ -684,8 +680,11 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
     if warning:
         environment.setdefault("warnings", []).append(warning)
         (echo or (lambda s: print(s, file=sys.stderr)))("WARNING: " + warning)
-    env_path.write_text(json.dumps(environment, indent=2))
     runner = Runner(cfg, run_dir, progress=progress, echo=echo)
+    rpc = start_rpc(runner)
+    if rpc is not None:
+        environment["rpc"] = rpc
+    env_path.write_text(json.dumps(environment, indent=2))
     runner.echo(f"results folder: {run_dir}" + (f" (resuming: {len(done)} cells already measured)" if resume else ""))
     probe_path = run_dir / "probes.jsonl"
     probes_done: set = set()
@@ -704,7 +703,6 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
             raise RunError(f"--resume: {e}") from None
     with contextlib.ExitStack() as stack:
         stack.callback(_state_after, env_path)  # the machine's state when the sweep ends (or is interrupted)
-        start_rpc(runner, stack, env_path)
         writer = stack.enter_context(schema.RecordWriter(run_dir / "records.jsonl"))
         if runner.bench.get("contexts"):
             runner.mem_writer = stack.enter_context(schema.RecordWriter(mem_path))

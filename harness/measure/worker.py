@@ -86,19 +86,14 @@ def run_quality_job(job: dict[str, Any], send) -> int:
     text = open(job["text_path"], encoding="utf-8", errors="replace").read()
     log_file = open(job["log_path"], "a", encoding="utf-8") if job.get("log_path") else None  # noqa: SIM115
 
-    def emit(label: str, fields: dict[str, Any]) -> None:
-        base = job["bases"][label]
-        stats = {k: v for k, v in fields.items() if k not in ("wall_ns", "n_ctx", "n_tokens_text", "n_chunks",
-                                                               "n_chunks_max", "reference_wall_ns", "model_desc",
-                                                               "model_size_bytes", "model_n_params")}
-        rec = schema.make(**{**base, "status": "ok", "test": "quality", "n_prompt": fields["n_ctx"], "n_gen": 0,
-                             "n_depth": 0, "rep": 0, "wall_ns": fields["wall_ns"], "n_ctx": fields["n_ctx"],
-                             "model_desc": fields["model_desc"], "model_size_bytes": fields["model_size_bytes"],
-                             "model_n_params": fields["model_n_params"],
+    def emit(label: str, stats: dict[str, Any], run: dict[str, Any]) -> None:
+        rec = schema.make(**{**job["bases"][label], "status": "ok", "test": "quality", "n_prompt": run["n_ctx"],
+                             "n_gen": 0, "n_depth": 0, "rep": 0, "wall_ns": run["wall_ns"], "n_ctx": run["n_ctx"],
+                             "model_desc": run["model_desc"], "model_size_bytes": run["model_size_bytes"],
+                             "model_n_params": run["model_n_params"],
                              "n_threads": job["threads"], "n_gpu_layers": job["n_gpu_layers"], "quality": stats,
-                             "extra": {**job["extra"], "n_tokens_text": fields["n_tokens_text"],
-                                       "n_chunks": fields["n_chunks"], "n_chunks_max": fields["n_chunks_max"],
-                                       "reference_wall_ns": fields["reference_wall_ns"]},
+                             "extra": {**job["extra"], **{k: run[k] for k in ("n_tokens_text", "n_chunks",
+                                                                               "n_chunks_max", "reference_wall_ns")}},
                              "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
         send({"kind": "record", "record": json.loads(rec.to_json())})
 
