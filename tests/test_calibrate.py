@@ -3,6 +3,7 @@ and the memory model and predictions behave. No llama.cpp: records are generated
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -213,6 +214,13 @@ def test_run_device():
                                                                                  "nvidia")
     unknown = calibration.run_device(frame(make_records(quant_list=["Q4_0"])), {"cpu": {"model": "x"}})
     assert unknown["bandwidth_gb_s"] is None and "unknown" in unknown["bandwidth_source"]
+    # a Vulkan GPU is named by llama.cpp's device description, never by the host's CPU
+    recs = [dataclasses.replace(r, extra={**r.extra, "gpu_devices": [
+        {"name": "Vulkan0", "description": "AMD Radeon RX 7900 XTX (RADV NAVI31)", "kind": "gpu"}]})
+        for r in make_records(quant_list=["Q4_0"], device="vulkan")]
+    vk = calibration.run_device(frame(recs), ENV_CPU)
+    assert vk["kind"] == "gpu" and vk["backend"] == "vulkan" and "7900 XTX" in vk["reported_name"]
+    assert "Test CPU" not in vk["name"]
 
 
 def test_calibration_json_round_trip_and_predictions(tmp_path):

@@ -79,6 +79,9 @@ def test_full_offload_puts_every_layer_on_the_rpc_device(full, tiny_file):
         assert abs(next(iter(rpc.values())) - on_device) <= LOG_ROUNDING + 32 * len(hb)
         assert abs(sum(host.values()) - hb["token_embd.weight"]) <= LOG_ROUNDING + 64
         assert set(r.kv_buffers) == set(rpc)  # the KV cache on the device too
+        # the devices llama.cpp could offload to, by their own names and descriptions
+        assert [(g["name"], g["kind"]) for g in r.extra["gpu_devices"]] == [("RPC0", "gpu")]
+        assert r.extra["gpu_devices"][0]["description"].startswith("127.0.0.1:")
 
 
 def test_device_memory_moves_by_at_least_the_device_buffers(full):

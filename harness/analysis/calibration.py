@@ -101,7 +101,14 @@ def run_device(df: pd.DataFrame, env: dict | None) -> dict[str, Any]:
                 "bandwidth_source": "none: an RPC device's speed is its server's and the network's, not a GPU's",
                 "memory_bytes": None, "peak_source": "device"}
     if dev and dev != "cpu":
-        name = gpu_name if dev == "cuda" else (env.get("cpu") or {}).get("model") or dev
+        # CUDA: NVML's name; Metal: the chip (the catalog names Apple's GPUs by it); others (ROCm, Vulkan, SYCL): the
+        # description llama.cpp's device gives, recorded with the weights
+        prefix = {"rocm": "ROCm", "vulkan": "Vulkan", "sycl": "SYCL"}.get(dev)
+        described = next((g.get("description") for x in ok.extra if isinstance(x, dict)
+                          for g in x.get("gpu_devices") or () if prefix and str(g.get("name", "")).startswith(prefix)),
+                         None)
+        name = (gpu_name if dev == "cuda" else described if prefix else
+                (env.get("cpu") or {}).get("model")) or dev
         entry = env.get("catalog") if dev == "cuda" and env.get("catalog") else None
         d = devices.find(name)
         if entry is None and d is not None:

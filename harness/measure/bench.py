@@ -329,6 +329,10 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
             "n_layers_offloaded": n_off, "n_layers_offloadable": n_all,
             "extra": {"mmap": bool(bench.get("mmap", True)),
                       **({"rpc_endpoints": rpc} if rpc else {}),
+                      # the devices llama.cpp could offload to, by their own names (a ROCm or Vulkan GPU is named
+                      # by its driver, never by the host's CPU)
+                      "gpu_devices": [{"name": d.name, "description": d.description, "kind": d.kind}
+                                      for d in devices.list_devices() if d.kind != "cpu"],
                       **({"partial_offload": True} if n_off is not None and 0 < n_off < n_all else {})},
         }
         kv0 = cache_types(bench)[0]
