@@ -10,6 +10,7 @@ the one whose device's bandwidth is nearest, scaled by the bandwidth ratio (and 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,14 @@ class EstimateError(ValueError):
     pass
 
 
-def resolve_device(name: str, bandwidth_gb_s: float | None = None, cals: list[dict] | None = None) -> dict[str, Any]:
+def resolve_device(name: str, bandwidth_gb_s: float | None = None, cals: list[dict] | None = None,
+                   vendor: str | None = None) -> dict[str, Any]:
     """The target device as a dict (name, kind, vendor, bandwidth_gb_s, memory_bytes, source).
 
-    "cpu" is this machine's CPU: its bandwidth from --bandwidth, else from a CPU calibration given, else
-    measured now (about 2 s). Any other name is looked up in the catalog (UnknownDevice says "did you mean")."""
+    "cpu" is this machine's CPU ("here": True): its bandwidth from --bandwidth, else from a CPU calibration given,
+    else measured now (about 2 s). Any other name is looked up in the catalog (UnknownDevice says "did you
+    mean"); a GPU the catalog does not know is taken with --bandwidth (and its vendor from --vendor or its
+    name)."""
     if name.strip().lower() in ("cpu", "this cpu", "host"):
         from harness.measure import env
 
@@ -52,15 +56,49 @@ def resolve_device(name: str, bandwidth_gb_s: float | None = None, cals: list[di
         import psutil
 
         return {"name": here, "kind": "cpu", "vendor": "cpu", "bandwidth_gb_s": float(bw),
-                "memory_bytes": psutil.virtual_memory().total, "source": src}
-    d = devices.lookup(name)
-    out = {"name": d.name, "kind": "gpu", "vendor": d.vendor, "bandwidth_gb_s": float(d.bandwidth_gb_s),
+                "memory_bytes": psutil.virtual_memory().total, "source": src, "here": True}
+    cpu_named = [c for c in cals or [] if (c.get("device") or {}).get("kind") == "cpu"
+                 and name in ((c["device"].get("reported_name") or ""), (c["device"].get("name") or ""))]
+    if cpu_named or re.search(r"\b(xeon|epyc|ryzen|threadripper|core\(tm\)|core i\d)\b", name.lower()):
+        from harness.measure import env
+
+        d = (cpu_named[0] if cpu_named else {}).get("device") or {}
+        bw = bandwidth_gb_s or d.get("bandwidth_gb_s")
+        return {"name": name, "kind": "cpu", "vendor": "cpu", "bandwidth_gb_s": float(bw) if bw else None,
+                "memory_bytes": None, "here": name == env.cpu_model(),
+                "source": "given with --bandwidth" if bandwidth_gb_s else
+                          (f"from {cpu_named[0].get('source_path', 'its calibration')}" if bw else "bandwidth unknown")}
+    try:
+        d = devices.lookup(name)
+    except devices.UnknownDevice:
+        if not bandwidth_gb_s:
+            raise
+        v = vendor or vendor_of(name)
+        if v is None:
+            raise devices.UnknownDevice(f"{name!r} is not in the device catalog and its vendor is not in its name: "
+                                        "give --vendor nvidia|amd|apple|intel with --bandwidth") from None
+        return {"name": name, "kind": "apple" if v == "apple" else "gpu", "vendor": v,
+                "bandwidth_gb_s": float(bandwidth_gb_s), "memory_bytes": None, "hbm": False, "catalogued": False,
+                "source": "not in the catalog: bandwidth given with --bandwidth"
+                          + ("" if vendor else f", vendor {v} from its name")}
+    out = {"name": d.name, "kind": "gpu", "vendor": vendor or d.vendor, "bandwidth_gb_s": float(d.bandwidth_gb_s),
            "memory_bytes": d.memory_bytes, "hbm": d.hbm, "source": f"catalog: {d.source}"}
     if d.vendor == "apple":
         out["kind"] = "apple"
     if bandwidth_gb_s:
         out["bandwidth_gb_s"], out["source"] = float(bandwidth_gb_s), "given with --bandwidth"
     return out
+
+
+_VENDOR_WORDS = (("nvidia", r"nvidia|geforce|\brtx|\bgtx|quadro|tesla|\b[ahlbv]100\b|\bh200|\bl40|\bgb?200"),
+                 ("amd", r"\bamd\b|radeon|instinct|\bmi\d{2,3}"), ("apple", r"apple|\bm[1-9]\b"),
+                 ("intel", r"intel|\barc\b"))
+
+
+def vendor_of(name: str) -> str | None:
+    """A GPU's vendor from the words of its name ("NVIDIA RTX PRO 6000" -> nvidia), None where none says."""
+    low = name.lower()
+    return next((v for v, pat in _VENDOR_WORDS if re.search(pat, low)), None)
 
 
 def _same_device(cal: dict, device: dict) -> bool:
@@ -97,7 +135,9 @@ def page_estimate(device: dict, quant: str) -> dict[str, Any] | None:
         return None
     bw = device.get("bandwidth_gb_s")
     tok = page.page_tok_s(bw, device.get("vendor"), quant) if bw else None
+    printed = page.printed_speed(device.get("name"), quant) if device.get("kind") != "cpu" else None
     return {"vram_bytes": page.page_vram_bytes(quant), "file_bytes": page.page_file_bytes(quant), "tok_s": tok,
+            "printed_tok_s": printed.tok_s if printed else None,
             "model_gb": page.speed_model_gb(quant), "efficiency": page.efficiency(device.get("vendor"))}
 
 
@@ -110,18 +150,25 @@ def calibrated_estimate(cal: dict, device: dict, quant: str, context: int) -> di
     notes = list(notes) + [n for n in ctx_notes if n not in notes]
     out: dict[str, Any] = {"tok_s": rate0, "tok_s_at_context": rate_ctx, "tok_s_rel": rel, "notes": notes,
                            "context_extrapolated": any("extrapolated, not calibrated" in n for n in ctx_notes)}
-    if not same and device["kind"] == "cpu":  # one CPU's kernels are not another's: carry the measured error
+    if not same and device["kind"] == "cpu":  # one CPU's kernels are not another's: never carried by bandwidth
         xfer = crossgpu.load_shipped().get("cpu_transfer") or {}
         err = xfer.get("all")
+        n_cpus = len({p["from"].split(" (")[0] for p in xfer.get("pairs") or []})
+        if n_cpus < MIN_CPUS_FOR_BAND:
+            raise calibration.CalibrationError(
+                f"{device['name']} was not measured, and carrying {cal['device']['name']}'s calibration to another "
+                f"CPU has an error band measured across {n_cpus} CPUs only (median "
+                + (f"{err['median_ape']:.0%}, worst {err['worst_ape']:.0%}" if err else "unknown")
+                + f"; at least {MIN_CPUS_FOR_BAND} are needed): declined. On that CPU, `harness estimate --device cpu` "
+                "measures its kernels, and `make run` calibrates it")
         out["tok_s_rel"] = err["median_ape"] if err else math.nan
         out["rel_what"] = "the median error of carrying a calibration from one CPU to another (see the note)"
-        out["notes"].insert(0, f"this CPU was not measured: {cal['device']['name']}'s calibration is carried by "
-                               "the bandwidth ratio, which between the CPUs measured here is off by "
-                               + (f"median {err['median_ape']:.0%}, worst {err['worst_ape']:.0%} ({xfer['n']} "
-                                  f"quants, {len(xfer['pairs'])} directions)" if err else "an unknown amount")
-                               + "; ± is that error. Measure this CPU: `make run`")
+        out["notes"].insert(0, f"this CPU was not measured: {cal['device']['name']}'s calibration is carried, "
+                               f"which between the {n_cpus} CPUs measured is off by median {err['median_ape']:.0%}, "
+                               f"worst {err['worst_ape']:.0%}; ± is that error. Measure this CPU: `make run`")
     try:
-        mem, mem_rel, mem_notes = predict.predict_memory_bytes(cal, quant, context)
+        what = "needed" if device["kind"] == "cpu" else "peak"  # a CPU's RSS peak counts repacked weights twice
+        mem, mem_rel, mem_notes = predict.predict_memory_bytes(cal, quant, context, what=what)
         out.update(memory_bytes=mem, memory_rel=mem_rel)
         if not same:
             mem_notes.append(f"memory overhead measured on {cal['device']['name']}: another device's runtime "
@@ -130,6 +177,72 @@ def calibrated_estimate(cal: dict, device: dict, quant: str, context: int) -> di
     except calibration.CalibrationError as e:
         out.update(memory_bytes=None, memory_rel=None)
         out["notes"].append(str(e))
+    return out
+
+
+MIN_CPUS_FOR_BAND = 3  # CPUs a cross-CPU error band must be measured across before a calibration is carried
+
+
+def tensor_types(cal: dict | None, quant: str) -> dict[str, int] | None:
+    """{ggml type: weights} of Llama 3.2 1B `quant`: from the calibration's measured file, else the shipped
+    table (harness/data/crossgpu.json, the shape-faithful files' own types)."""
+    types = (((cal or {}).get("quants") or {}).get(quant) or {}).get("tensor_types")
+    return types or ((crossgpu.load_shipped().get("llama_3_2_1b") or {}).get("tensor_types") or {}).get(quant)
+
+
+def here_estimate(cal: dict | None, device: dict, quant: str, context: int) -> dict[str, Any]:
+    """tg tok/s of Llama 3.2 1B `quant` on this machine from its own kernels, measured now (the runner's kernel
+    probes of the quant's tensor types; cached, so seconds after the first time): time per token = f x the
+    probes' kernel time + overhead (+ the bytes term at this machine's bandwidth where the calibration's model
+    has one), f and the overhead from `cal`'s probe model where it has one (another CPU's), else f = 1 and no
+    overhead (the probes alone)."""
+    from harness.analysis.points import kernel_seconds, kv_bytes_per_token
+    from harness.measure import probe_here
+
+    types = tensor_types(cal, quant)
+    if not types:
+        raise calibration.CalibrationError(f"no tensor types known for {quant}: measure it (`harness run --quants "
+                                           f"{quant}`)")
+    costs = probe_here.kernel_costs([t for t in types if t.upper() != "F32"])
+    k_s = kernel_seconds(types, costs)
+    params = ((cal or {}).get("tg") or {}).get("params") or {}
+    probe_model = bool(params.get("kernel_factor"))
+    f = params["kernel_factor"] if probe_model else 1.0
+    overhead = params.get("overhead", 0.0) if probe_model else 0.0
+    size = ((((cal or {}).get("quants") or {}).get(quant) or {}).get("model_size_bytes")
+            or ((crossgpu.load_shipped().get("llama_3_2_1b") or {}).get("model_size_bytes") or {}).get(quant) or 0.0)
+    bw = device["bandwidth_gb_s"] * 1e9
+    t0 = f * k_s + overhead + params.get("s_per_byte", 0.0) * size * (cal["device"]["bandwidth_gb_s"] * 1e9 / bw
+                                                                      if probe_model and cal else 0.0)
+    kv_read = kv_bytes_per_token() * context
+    t_ctx = t0 + kv_read / bw  # the KV cache read at this machine's bandwidth: a lower bound on its cost
+    tg = (cal or {}).get("tg") or {}
+    rel = (tg.get("nested") or {}).get("rms_ape") if probe_model else math.nan
+    where = ", ".join(f"{t} {c['s_per_weight'] * 1e12:.2f} ps/weight" for t, c in costs.items())
+    notes = [f"kernel probes measured on this machine ({device['name']}): {where}; kernel time "
+             f"{k_s * 1e3:.2f} ms per token"]
+    if probe_model:
+        notes.append(f"f = {f:.3f}" + (f" and overhead {overhead * 1e3:.2f} ms" if overhead else "")
+                     + f" from {cal['device']['name']}'s probe model ({tg.get('chosen')}); ± is that model's "
+                     "held-out error there: the factor is the probe's ratio to a whole model's time, not a CPU's speed")
+    else:
+        notes.append("f = 1, no overhead: " + ("no calibration given" if not cal else
+                                                f"{cal['device']['name']}'s calibration has no probe model")
+                     + "; the probes alone (their cost per weight excludes a whole model's per-token overhead)")
+    notes.append(f"at {context:,} tokens: the KV cache read ({kv_read / 1e9:.3f} GB per token) added at "
+                 f"{device['bandwidth_gb_s']:,.1f} GB/s ({device['source']}), attention's compute left out")
+    out: dict[str, Any] = {"tok_s": 1 / t0, "tok_s_at_context": 1 / t_ctx, "tok_s_rel": rel, "notes": notes,
+                           "basis": "kernel probes measured here", "kernel_s": k_s, "kernel_costs": costs,
+                           "memory_bytes": None, "memory_rel": None, "context_extrapolated": False}
+    if cal:
+        out["rel_what"] = (f"{cal['device']['name']}'s probe model's held-out RMS error" if probe_model else
+                           "unknown")
+        try:
+            mem, _, mem_notes = predict.predict_memory_bytes(cal, quant, context, what="needed")
+            out.update(memory_bytes=mem, memory_rel=math.nan)
+            out["notes"] += mem_notes
+        except calibration.CalibrationError as e:
+            out["notes"].append(str(e))
     return out
 
 
@@ -177,8 +290,10 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
 
     def err(e, n):
         return f"median {e['median_ape']:.0%}, worst {e['worst_ape']:.0%} over {n} rows" if e else f"none ({n} rows)"
-    lines.append(f"calibrated: tg ~{x['tok_s']:,.0f} tok/s with an empty cache, ~{x['tok_s_at_context']:,.0f} tok/s "
-                 f"at {context:,} tokens (the KV cache read added); cross-device: efficiency {fam['efficiency']:.2f}"
+    runtime = xcal.get("runtime") or crossgpu.DEFAULT_RUNTIME
+    lines.append(f"calibrated: tg ~{x['tok_s']:,.0f} tok/s on {runtime} with an empty cache, "
+                 f"~{x['tok_s_at_context']:,.0f} tok/s at {context:,} tokens (the KV cache read added); cross-device "
+                 f"fit of {runtime}'s published rows: efficiency {fam['efficiency']:.2f}"
                  f" x {fam['kind_factor']:.2f} ({fam['kind']})"
                  + (f", overhead {fam['overhead_s'] * 1e3:.2f} ms/token" if fam.get("overhead_s") else "")
                  + f" of the spec bandwidth for {x['family']}")
@@ -189,17 +304,24 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
                      "a measurement on it does")
     if fam.get("basis") == "device":  # this device's own published rows
         models = "; ".join(fam["models"][:4])
-        lines.append(f"            from this device's own {fam['n_rows']} published rows ({models}"
-                     f"): held-out error (leave one row out) {err(every, held.get('n_all', 0))}; they are of "
+        lines.append(f"            from this device's own {fam['n_rows']} published rows of {runtime} ({models}"
+                     f"): held-out error ({held.get('method')}) {err(every, held.get('n_all', 0))}; they are of "
                      f"other models, whose size is scaled ({why}; harness/data/crossgpu.json, from "
                      f"{xcal.get('built_from')})")
     else:
-        lines.append(f"            held-out error (leave one device out) of {x['family']}: 1B-3B rows "
+        lines.append(f"            held-out error ({held.get('method', 'held out')}) of {x['family']}: 1B-3B rows "
                      f"{err(small, held.get('n_small', 0))}; all its rows {err(every, held.get('n_all', 0))}; "
                      f"rests on {fam['n_rows']} published rows on {len(fam['devices'])} "
                      f"device{'s' if len(fam['devices']) != 1 else ''} "
                      f"({', '.join(fam['devices'][:6])}{', ...' if len(fam['devices']) > 6 else ''}); model "
                      f"{xcal.get('chosen')} ({why}; harness/data/crossgpu.json, from {xcal.get('built_from')})")
+    for name, o in (xcal.get("other_runtimes") or {}).items():
+        if device["name"] in o.get("devices", []):
+            vs = (f"; its {o['n_predicted']} rows (on {', '.join(o['devices'])}) run at a median "
+                  f"{o['measured_over_fit_median']:.2f}x this fit's prediction" if o.get("measured_over_fit_median")
+                  else "")
+            lines.append(f"            this device also has rows of {name} ({', '.join(o['sources'])}): another "
+                         f"runtime, not in the fit{vs}; this estimate is for {runtime}")
     if not crossgpu.rests_on_small_rows(fam):
         lines.append("            none of these rows is of a 1B-3B model: the per-token floor (kernel launches, "
                      "synchronisation) that a 1B model meets on a fast device is not in them, so read this as an "
@@ -256,15 +378,28 @@ def render(device: dict, quant: str, context: int, pg: dict | None, cal: dict | 
            est: dict | None) -> str:
     bw = device.get("bandwidth_gb_s")
     mem = device.get("memory_bytes")
-    lines = [f"Llama 3.2 1B {quant} on {device['name']} ({bw:,.1f} GB/s" + (f", {mem / GIB:,.1f} GiB" if mem else "")
+    lines = [f"Llama 3.2 1B {quant} on {device['name']} ({f'{bw:,.1f} GB/s' if bw else 'bandwidth unknown'}"
+             + (f", {mem / GIB:,.1f} GiB" if mem else "")
              + f"; {device['source']})"]
     if pg is None:
         lines.append(f"page:       no row for {quant} (it lists {', '.join(page.BY_QUANT)})")
     else:
-        tok = (f"~{pg['tok_s']:,.0f} tok/s = {bw:,.0f} GB/s / {pg['model_gb']:.3g} GB x {pg['efficiency']} "
-               f"(it claims ±20%: {pg['tok_s'] * 0.8:,.0f}-{pg['tok_s'] * 1.2:,.0f})") if pg["tok_s"] else "no tok/s"
+        rule = f"{bw:,.0f} GB/s / {pg['model_gb']:.3g} GB x {pg['efficiency']}" if pg["tok_s"] else ""
+        if pg.get("printed_tok_s"):
+            tok = (f"~{pg['printed_tok_s']:,} tok/s printed (= {rule}; it claims ±20%: "
+                   f"{pg['tok_s'] * 0.8:,.0f}-{pg['tok_s'] * 1.2:,.0f})")
+        else:
+            tok = (f"no speed printed for this device and quant; its rule extrapolated: ~{pg['tok_s']:,.0f} tok/s = "
+                   f"{rule}" if pg["tok_s"] else "no tok/s")
         lines.append(f"page:       VRAM {pg['vram_bytes'] / GB:.1f} GB, file {pg['file_bytes'] / GB:.2f} GB, {tok}; "
                      "no context term")
+    if est is not None and est.get("basis") == "kernel probes measured here":
+        mem_s = (f"; memory needed ~{est['memory_bytes'] / GB:.2f} GB at context {context:,}"
+                 if est.get("memory_bytes") else "")
+        lines.append(f"measured:   tg ~{est['tok_s']:,.1f} tok/s{_pm(est['tok_s_rel'])} with an empty cache, "
+                     f"~{est['tok_s_at_context']:,.1f} tok/s at {context:,} tokens of context{mem_s} ({why})")
+        lines += [f"            note: {n}" for n in est["notes"]]
+        return "\n".join(lines)
     if cal is None or est is None:
         lines.append(f"calibrated: none ({why}; `python -m harness report RESULTS_DIR` writes calibration.json, "
                      "pass it with --calibration)")
@@ -295,59 +430,104 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("estimate", help="the page's estimate for a device beside the calibrated one",
                               description=__doc__.splitlines()[0])
     p.add_argument("--device", required=True, help='device name, e.g. "RTX 4090", "NVIDIA H100 80GB HBM3", '
-                                                   '"M2 Max", or "cpu" (this machine)')
+                                                   '"M2 Max", or "cpu" (this machine: its kernels measured now)')
     p.add_argument("--quant", required=True, help="quant name, e.g. Q4_K_M")
     p.add_argument("--context", type=int, default=2048, help="tokens of context (default 2048, the page's '2K')")
     p.add_argument("--calibration", type=Path, nargs="+", default=[], metavar="FILE",
                    help="calibration.json files from `harness report` (the same device's is used, else the "
                         "nearest bandwidth's)")
-    p.add_argument("--bandwidth", type=float, help="override the device's memory bandwidth, GB/s")
+    p.add_argument("--bandwidth", type=float, help="the device's memory bandwidth, GB/s: overrides the catalog's, "
+                                                   "or names a GPU the catalog does not know")
+    p.add_argument("--vendor", choices=["nvidia", "amd", "apple", "intel"],
+                   help="the GPU's vendor, where the catalog does not know it and its name does not say")
     p.add_argument("--backend", choices=["cuda", "vulkan", "rocm", "metal"],
                    help="llama.cpp's backend on a GPU (default: CUDA on NVIDIA, ROCm on AMD, Metal on Apple)")
+    p.add_argument("--json", action="store_true", help="the same figures as one JSON object on stdout")
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def main(args) -> int:
     try:
         quants.get(args.quant)
     except quants.UnknownQuant as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(str(e))
     if args.context < 0:
-        print("error: --context must be >= 0", file=sys.stderr)
-        return EXIT_USAGE
+        return _error("--context must be >= 0")
+    if args.bandwidth is not None and not args.bandwidth > 0:
+        return _error("--bandwidth must be a positive number of GB/s")
     try:
         cals = [calibration.load(p) for p in args.calibration]
     except calibration.CalibrationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(str(e))
     try:
-        device = resolve_device(args.device, args.bandwidth, cals)
+        device = resolve_device(args.device, args.bandwidth, cals, args.vendor)
     except devices.UnknownDevice as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return _error(str(e))
     pg = page_estimate(device, args.quant)
+    doc: dict[str, Any] = {"device": device, "quant": args.quant, "context": args.context, "page": pg}
     if device["kind"] != "cpu":
-        # a CPU's fit is kernel-bound: never carried to a GPU; a GPU's own (or another GPU's) calibration is
-        # an RPC device's calibration (kind "rpc") is its server's and the network's speed: never a GPU's
+        # a CPU's fit is kernel-bound: never carried to a GPU; an RPC device's calibration (kind "rpc") is its
+        # server's and the network's speed: never a GPU's
         gpu_cals = [c for c in cals if (c.get("device") or {}).get("kind") == "gpu"]
         if not gpu_cals:
             xcal = crossgpu.load_shipped()
             why = ("no GPU calibration given" if not cals else
                    "the calibrations given are of CPUs or of llama.cpp's RPC device, whose speed is not a GPU's: "
                    "not carried to a GPU")
+            x = cross_device_estimate(xcal, device, args.quant, args.context, args.backend)
+            doc["cross_device"] = {**{k: v for k, v in x.items() if k != "fam"}, "terms": x.get("fam"),
+                                   "runtime": xcal.get("runtime") or crossgpu.DEFAULT_RUNTIME, "why_basis": why,
+                                   "buffers": device_buffers(args.quant, args.context)}
+            if args.json:
+                return _json(doc)
             lines = render(device, args.quant, args.context, pg, None, "", None).splitlines()[:2]
-            render_cross(lines, device, args.context,
-                         cross_device_estimate(xcal, device, args.quant, args.context, args.backend), xcal, why)
+            render_cross(lines, device, args.context, x, xcal, why)
             print("\n".join(lines))
             return 0
         cals = gpu_cals
     cal, why = choose(cals, device) if cals else (None, "no --calibration given")
     est = None
-    if cal is not None:
+    if device["kind"] == "cpu" and device.get("here") and (cal is None or not _same_device(cal, device)):
+        # this machine, not calibrated here: its own kernels, measured now, instead of another CPU's fit
+        try:
+            est = here_estimate(cal, device, args.quant, args.context)
+            why = ("kernel probes measured on this machine" + (f"; factors from {cal['device']['name']}" if cal
+                                                               else ""))
+        except (calibration.CalibrationError, RuntimeError, OSError) as e:
+            why, cal = str(e), None
+    elif cal is not None:
         try:
             est = calibrated_estimate(cal, device, args.quant, args.context)
         except calibration.CalibrationError as e:
             why = str(e)
             cal = None
+    doc["calibrated"] = None if est is None else {
+        **{k: v for k, v in est.items() if k != "kernel_costs"}, "why": why,
+        "calibration": (cal or {}).get("source_path"),
+        "calibration_device": ((cal or {}).get("device") or {}).get("name"),
+        "model": ((cal or {}).get("tg") or {}).get("chosen")}
+    if est is None:
+        doc["why_none"] = why
+    if args.json:
+        return _json(doc)
     print(render(device, args.quant, args.context, pg, cal, why, est))
+    return 0
+
+
+def _json(doc: dict[str, Any]) -> int:
+    import json
+
+    def clean(v):
+        if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    print(json.dumps(clean(doc), indent=1, default=float))
     return 0

@@ -17,16 +17,27 @@ SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv", ".sql", ".log")
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("import", help="published llama-bench output -> records (weights: published)",
-                              description="Read llama-bench output as published (markdown tables, json, jsonl, csv; "
-                                          "a <name>.yaml beside each file gives url, date, build, device) and write "
-                                          "one record per row into OUT/records.jsonl.")
+                              description="Read llama-bench output as published (markdown tables, json, jsonl, csv, "
+                                          "sql; a <name>.yaml beside each file gives url, date, runtime, build, "
+                                          "device) and write one record per row into OUT/records.jsonl. A row's "
+                                          "device is llama-bench's own cpu_info (CPU-only backends) or gpu_info "
+                                          "(GPU backends) where the row has them, else the one given; a device the "
+                                          "catalog does not know is imported under its name and left out of the "
+                                          "cross-device fit.")
     p.add_argument("paths", nargs="+", type=Path,
                    help="files or folders (every *.txt, *.md, *.json, *.jsonl, *.csv, *.sql, and *.log: a llama.cpp "
                         "load log)")
     p.add_argument("--out", type=Path, default=Path("results") / "published",
                    help="results folder to write (default results/published; replaced if it holds only an import)")
-    for flag in ("url", "device", "date", "build", "backend"):
-        p.add_argument(f"--{flag}", help=f"the source's {flag}, where no yaml beside the file gives it")
+    for flag in ("url", "date", "build", "backend"):
+        p.add_argument(f"--{flag}", help=f"the source's {flag} (over the yaml beside the file)")
+    p.add_argument("--runtime", help="the runtime that printed the output: llama.cpp, ik_llama.cpp, ... (over the "
+                                     "yaml; llama-bench's csv/json/jsonl/sql default to llama.cpp, a markdown table "
+                                     "to unknown)")
+    p.add_argument("--device", help="the device the rows ran on, for rows that name none (llama-bench's csv, json, "
+                                    "jsonl and sql name it in cpu_info / gpu_info and keep theirs; its markdown "
+                                    "table does not). 'cpu': this machine's CPU, named as the harness's own runs "
+                                    "name it (env.json's cpu.model)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not list the skipped rows")
 
 
@@ -41,7 +52,7 @@ def main(args) -> int:
             files.append(p)
         else:
             raise ConfigError(f"{p}: no such file or folder")
-    meta = {k: getattr(args, k) for k in ("url", "device", "date", "build", "backend")}
+    meta = {k: getattr(args, k) for k in ("url", "device", "date", "build", "backend", "runtime")}
     out = args.out
     if out.exists() and any(x.name not in ("records.jsonl", "import.log") for x in out.iterdir()):
         raise ConfigError(f"--out {out} holds more than an import: choose a new folder")
@@ -67,7 +78,8 @@ def main(args) -> int:
 
 def import_files(files: list[Path], run_id: str, meta: dict) -> tuple[list[schema.Record], list[str]]:
     """The records of published output files, and the import's log: a line per file (a source that cannot be
-    read at all says why), then a line per skipped row with its reason."""
+    read at all says why), then a line per skipped row with its reason, and one line naming the devices the
+    catalog does not know, where any record is on one."""
     recs: list[schema.Record] = []
     lines: list[str] = []
     for f in files:
@@ -79,6 +91,11 @@ def import_files(files: list[Path], run_id: str, meta: dict) -> tuple[list[schem
         recs += got
         lines.append(f"{f}: {len(got)} records, {len(skipped)} rows skipped ({src.url})")
         lines += [f"  skipped: {s.why}: {s.line.strip()[:140]}" for s in skipped]
+    unknown = [r for r in recs if r.extra.get("catalogued") is False]
+    if unknown:
+        names = sorted({str(r.gpu_name) for r in unknown})
+        lines.append(f"{len(unknown)} records are on devices the catalog does not know ({', '.join(names)}): "
+                     "imported, without a spec bandwidth, so they stay out of the cross-device fit")
     return recs, lines
 
 
@@ -156,13 +173,15 @@ def build_shipped(folder: Path, sizes_calibration: Path, cpu_calibrations: list[
     cal["llama_3_2_1b"] = {
         "model_size_bytes": {q: i["model_size_bytes"] for q, i in sizes_doc["quants"].items()
                              if i.get("model_size_bytes")},
+        "tensor_types": {q: i["tensor_types"] for q, i in sizes_doc["quants"].items() if i.get("tensor_types")},
         "source": f"llama_model_size of the shape-faithful files, run {sizes_calibration.parent.name}",
     }
     page_gpus = {devices.lookup(s.device).name for s in page.SPEEDS}
     rows = crossgpu.tg_rows(df)
     cal["page_gpu_rows"] = [
-        {k: r[k] for k in ("device", "family", "model", "quant", "bytes", "tok_s", "size_b", "source")}
-        for _, r in rows[rows.device.isin(page_gpus)].iterrows()]
+        {k: r[k] for k in ("device", "family", "model", "quant", "bytes", "tok_s", "size_b", "params", "url",
+                           "runtime", "build", "over_spec")}
+        for _, r in rows[rows.device.isin(page_gpus)].iterrows()]  # every runtime's: the table names each
     cal["quality"] = quality_rows(folder)
     cal["cpu_transfer"] = cpu_transfer(cpu_calibrations or [])
     cal["built_from"] = f"{folder.name}/ ({len(recs)} records)"

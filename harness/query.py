@@ -127,8 +127,10 @@ def bench_sql(where: str | None = None) -> str:
                stddev_samp(r.tokens_per_s) AS stddev_ts,
                any_value(r.model_size_bytes) AS model_size, any_value(r.model_n_params) AS model_n_params,
                any_value(r.weights) AS weights,
+               -- published: the row's runtime and its build as printed ("llama.cpp build: 0c1e570 (1)")
                any_value(coalesce('llama-cpp-python ' || r.llama_cpp_version,
-                                  r.extra->>'$.build')) AS runtime  -- published: the build as printed
+                                  nullif(concat_ws(' ', r.extra->>'$.runtime', r.extra->>'$.build'), '')))
+                   AS runtime
         FROM (SELECT * FROM records {pred}) r LEFT JOIN env e USING (folder)
         WHERE r.status = 'ok' AND r.test IN ('pp', 'tg') AND r.tokens_per_s > 0
         GROUP BY ALL"""

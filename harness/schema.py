@@ -56,7 +56,8 @@ class Record:
     n_ctx: int | None  # context size of the llama_context (n_prompt + n_gen + n_depth, as llama-bench)
     n_gpu_layers: int | None  # layers requested on the GPU (-1 = all)
     flash_attn: str | None  # "auto", "on" or "off" as requested
-    device: str | None  # where the weights ran: "cpu", "cuda", "metal", ... (from llama.cpp's model buffers)
+    device: str | None  # where the weights ran: "cpu", "cuda", "metal", ... (from llama.cpp's model buffers;
+    # a published row's: its backend column)
     gpu_offload_supported: bool | None  # llama_supports_gpu_offload() of the installed build
     # --- memory: llama.cpp's own accounting (from its log lines), bytes per buffer name
     model_buffers: dict[str, int] | None  # weights per buffer, e.g. {"CPU_Mapped": ...} or {"CUDA0": ...}
@@ -71,7 +72,10 @@ class Record:
     rss_before_load_bytes: int | None  # process resident set before the model was loaded
     rss_after_load_bytes: int | None  # ... right after load (weights mapped and read)
     rss_peak_bytes: int | None  # peak resident set of the child so far (kernel high-water mark, VmHWM)
-    gpu_name: str | None  # NVML device name, null without a GPU
+    gpu_name: str | None  # the device the record ran on: a measured run's NVML GPU name (null without a GPU);
+    # a published row's device as its source names it (llama-bench's cpu_info for a CPU-only backend, gpu_info
+    # for a GPU's): the catalog's name where the catalog knows it, else as printed (extra.catalogued false).
+    # A published CPU row has device "cpu" and its CPU's name here
     gpu_used_before_load_bytes: int | None  # NVML device memory used before load (all processes)
     gpu_used_after_load_bytes: int | None  # ... after load
     gpu_used_peak_bytes: int | None  # ... peak, sampled in the background

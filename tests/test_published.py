@@ -96,14 +96,18 @@ def test_compare_llama_bench_layout_with_capitalised_columns_and_a_cpu_column():
     assert {r.extra["column"] for r in recs} == {"t/s master", "t/s gg/metal-refactor-args"}
 
 
-def test_a_truncated_table_and_an_unknown_device_are_skipped_with_reasons(tmp_path):
+def test_a_truncated_table_is_skipped_with_its_reason_and_an_unknown_device_imported_under_its_name(tmp_path):
+    """A device the catalog does not know is no reason to drop a row: imported as printed, marked uncatalogued
+    (no spec bandwidth: the cross-device fit leaves it out)."""
     text = (DATA / "llamacpp-pr2059-rx6800xt-opencl-vulkan-rocm.txt").read_text()
     cut = tmp_path / "cut.txt"
     cut.write_text(text[: text.rindex("|", 0, len(text) - 2) - 5])  # the last row torn mid-cell
     recs, skipped, _ = published.import_file(cut, "t", {"url": "https://example.org/x", "device": "AMD RX 6800 XT"})
-    assert not recs
-    assert all(s.why.startswith(("device: unknown device", "7 cells", "6 cells")) for s in skipped), skipped
+    assert recs and all(r.gpu_name == "AMD RX 6800 XT" and r.extra["catalogued"] is False for r in recs)
+    assert skipped and all(s.why.startswith(("7 cells", "6 cells")) for s in skipped), skipped
+    assert crossgpu.tg_rows(summary.records_frame(recs)).empty
     recs, skipped, _ = published.import_file(cut, "t", {"url": "https://example.org/x", "device": "RTX 4090"})
+    assert all(r.extra["catalogued"] is True for r in recs)
     assert recs and all(r.gpu_name == "NVIDIA GeForce RTX 4090" for r in recs)  # given on the command line
     assert any("cells under a header" in s.why for s in skipped)  # the torn row
 
@@ -138,16 +142,21 @@ def test_import_command(tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
 
 
-def _rows(spec):
-    """tg rows: (device, backend, bytes, tok/s) -> records frame of published rows."""
+def _rows(spec, runtime="llama.cpp"):
+    """tg rows: (device, backend, bytes, tok/s[, quant[, source]]) -> records frame of published rows of
+    `runtime`, each device's rows from a llama.cpp pull request of its own unless a source URL is given."""
     from harness import schema
 
     out = []
-    for dev, backend, nbytes, tok_s, *quant in spec:
-        out.append(schema.make(run_id="t", utc="u", status="ok", quant=(quant or ["Q4_0"])[0], weights="published",
-                               weights_ref="https://example.org", test="tg", n_prompt=0, n_gen=128, n_depth=0, rep=0,
+    devs: list[str] = []
+    for dev, backend, nbytes, tok_s, *more in spec:
+        devs += [dev] if dev not in devs else []
+        url = more[1] if len(more) > 1 else f"https://github.com/ggml-org/llama.cpp/pull/{devs.index(dev) + 1}"
+        out.append(schema.make(run_id="t", utc="u", status="ok", quant=(more or ["Q4_0"])[0], weights="published",
+                               weights_ref=url, test="tg", n_prompt=0, n_gen=128, n_depth=0, rep=0,
                                tokens_per_s=tok_s, model_size_bytes=nbytes, model_n_params=1_000_000_000,
-                               gpu_name=dev, device=backend, model_desc="llama 1B Q4_0"))
+                               gpu_name=dev, device=backend, model_desc="llama 1B Q4_0",
+                               extra={"runtime": runtime, "build": None}))
     return summary.records_frame(out)
 
 
@@ -167,9 +176,15 @@ def test_cross_gpu_fit_recovers_exact_terms_and_never_sees_the_held_out_device()
     pred2 = crossgpu.leave_one_device_out(pts2, crossgpu.OVERHEAD)
     l40s = (pts2.device == "NVIDIA L40S").to_numpy()
     assert np.allclose(pred2[l40s], pts.t_s[l40s])  # predicted as the clean model would, not as it measured
+    # held out by source, with every row on its devices: the L40S's rows predicted from the others only
+    pred3 = crossgpu.held_out(pts2, crossgpu.OVERHEAD)
+    assert np.allclose(pred3[l40s], pts.t_s[l40s])
     cal = crossgpu.calibrate(df)
     assert cal["held_out"][crossgpu.OVERHEAD]["all"]["worst_ape"] == pytest.approx(0, abs=1e-9)
     assert cal["chosen"] == crossgpu.OVERHEAD  # the candidate without overhead cannot fit a floor
+    # the reported error is the nested one: each fold chose on its own training rows (here always the overhead)
+    nest = cal["held_out"]["nested"]
+    assert nest["all"]["worst_ape"] == pytest.approx(0, abs=1e-9) and nest["chosen_in_folds"] == {crossgpu.OVERHEAD: 3}
     page = cal["held_out"]["page formula"]["all"]["median_ape"]
     assert page > 0.1 and not math.isnan(page)  # the page's formula has no overhead term
 
@@ -217,12 +232,49 @@ def test_quant_kinds():
         "other"]
 
 
-def test_rows_that_cannot_be_a_dense_read_are_left_out():
+def test_rows_faster_than_their_spec_bandwidth_are_kept_and_flagged_and_moe_left_out():
     df = _rows([("NVIDIA GeForce RTX 4090", "cuda", 1e9, 5000.0),  # 5 TB/s from a 1 TB/s card
                 ("NVIDIA GeForce RTX 4090", "cuda", 1e9, 500.0)])
-    assert len(crossgpu.tg_rows(df)) == 1
+    pts = crossgpu.tg_rows(df)
+    assert len(pts) == 2 and pts.over_spec.tolist() == [True, False]  # not dropped on the outcome
+    over = crossgpu.calibrate(df)["over_spec"]
+    assert [r["tok_s"] for r in over] == [5000.0] and over[0]["spec_limit_tok_s"] == pytest.approx(1008)
     df.loc[1, "model_desc"] = "gpt-oss 20B MXFP4 MoE"
-    assert crossgpu.tg_rows(pd.DataFrame(df)).empty
+    assert len(crossgpu.tg_rows(pd.DataFrame(df))) == 1
+
+
+def test_a_forks_rows_are_apart_from_the_fit():
+    """Rows of ik_llama.cpp (a fork, its own kernels) never enter llama.cpp's fit; they are shown against it."""
+    bw = {"NVIDIA GeForce RTX 4090": 1008e9, "NVIDIA GeForce RTX 3090": 936e9, "NVIDIA L40S": 864e9}
+    spec = [(d, "cuda", b, 1 / (b / (0.8 * bw[d]))) for d in bw for b in (7e8, 1.4e9)]
+    main = _rows(spec)
+    fork = _rows([("NVIDIA GeForce RTX 4090", "cuda", 7e8, 1.3 * 0.8 * 1008e9 / 7e8, "Q4_0",
+                   "https://github.com/ikawrakow/ik_llama.cpp/pull/94")], runtime="ik_llama.cpp")
+    cal = crossgpu.calibrate(pd.concat([main, fork], ignore_index=True))
+    assert cal["runtime"] == "llama.cpp" and cal["n_rows"] == 6
+    assert cal["families"]["nvidia-cuda"]["efficiency"] == pytest.approx(0.8)  # the fork's 1.3x is not in it
+    o = cal["other_runtimes"]["ik_llama.cpp"]
+    assert o["n_rows"] == 1 and o["sources"] == ["ikawrakow/ik_llama.cpp#94"]
+    assert o["measured_over_fit_median"] == pytest.approx(1.3)
+
+
+def test_sources_fold_together():
+    assert crossgpu.source_key("https://github.com/ggml-org/llama.cpp/pull/4766#issuecomment-1") == \
+        "ggml-org/llama.cpp#4766"
+    assert crossgpu.source_key("https://github.com/XiongjieDai/GPU-Benchmarks-on-LLM-Inference/blob/9232c8/x.ipynb") \
+        == "XiongjieDai/GPU-Benchmarks-on-LLM-Inference"  # one author's collection: one source
+    assert crossgpu.source_key("https://github.com/geerlingguy/ai-benchmarks/issues/43") == "geerlingguy/ai-benchmarks"
+    assert crossgpu.source_key("https://llm-tracker.info/x") == "llm-tracker.info"
+    # one source on two devices: held out together, and a third source's row on one of those devices is out of
+    # their training set too
+    spec = [("NVIDIA GeForce RTX 4090", "cuda", 1e9, 700.0, "Q4_0", "https://github.com/a/b"),
+            ("NVIDIA GeForce RTX 3090", "cuda", 1e9, 650.0, "Q4_0", "https://github.com/a/b"),
+            ("NVIDIA GeForce RTX 4090", "cuda", 2e9, 350.0, "Q4_0", "https://github.com/ggml-org/llama.cpp/pull/1"),
+            ("NVIDIA L40S", "cuda", 1e9, 600.0, "Q4_0", "https://github.com/ggml-org/llama.cpp/pull/2")]
+    pts = crossgpu.tg_rows(_rows(spec))
+    folds = {pts.source[held].iloc[0]: pts.index[train].tolist() for held, train in crossgpu.folds(pts)}
+    assert folds["a/b"] == [3] and folds["ggml-org/llama.cpp#1"] == [1, 3] and folds["ggml-org/llama.cpp#2"] == \
+        [0, 1, 2]
 
 
 def test_small_models_by_llamas_size_label():
@@ -269,13 +321,19 @@ def test_the_page_on_its_gpus():
     assert [q["quant"] for q in g["quants"]] == list(crossgpu_page_quants())
     q = next(q for q in g["quants"] if q["quant"] == "Q4_K_M")
     assert round(q["page_tok_s"]) == 799 and q["estimate_tok_s"] > 0
-    assert q["family"] == "nvidia-cuda on NVIDIA GeForce RTX 4090"  # its own published CUDA rows
+    # the device's own rows predict worse than the family's fit on held-out RMS (xcal["per_device_check"]): its
+    # family's terms
+    assert xcal["own_rows_first"] is False and q["family"] == "nvidia-cuda"
     tiny = next(r for r in g["published"] if r["model"] == "llama 1B Q4_K - Medium")  # geerlingguy issue 43
-    assert tiny["tok_s"] == 762.37 and tiny["inside"] == (abs(762.37 / tiny["page_rule_tok_s"] - 1) <= 0.2)
+    # TinyLlama (1.10 B params), not the page's Llama 3.2 1B: the rule extrapolated to its size, no verdict
+    assert tiny["tok_s"] == 762.37 and tiny["printed_tok_s"] is None and tiny["inside"] is None
+    assert tiny["ratio"] == pytest.approx(762.37 / tiny["page_rule_tok_s"])
+    assert crossgpu.is_page_model_row({**tiny, "params": 1.24e9}) and not crossgpu.is_page_model_row(
+        {**tiny, "params": 1.24e9, "runtime": "ik_llama.cpp"})
     mi = gpus["AMD Instinct MI300X"]
     # llm-tracker's MI300X ROCm rows (llama 7B Q4_0, 183.18 and 157.84 t/s): far below the page's rule
-    assert {r["tok_s"] for r in mi["published"]} == {183.18, 157.84} and not any(r["inside"] for r in mi["published"])
-    assert all(q["family"] == "amd-rocm-hbm on AMD Instinct MI300X" for q in mi["quants"])
+    assert {r["tok_s"] for r in mi["published"]} == {183.18, 157.84} and all(r["ratio"] < 0.5 for r in mi["published"])
+    assert all(q["family"] == "amd-rocm-hbm" for q in mi["quants"])
     h100 = next(q for q in gpus["NVIDIA H100 SXM"]["quants"] if q["quant"] == "Q4_K_M")
     assert h100["family"] == "nvidia-cuda-hbm"  # no rows of its own: its family, HBM parts apart
     assert h100["rests_on_small_rows"] is False  # A100 / H100 PCIe rows of 8B models only: an upper bound
@@ -286,10 +344,14 @@ def test_the_page_on_its_gpus():
 
 def test_a_device_with_rows_of_its_own_uses_them():
     """Per-device terms on fixed rows with exact answers: efficiency = the median of bytes / (bandwidth x
-    time); leave-one-row-out error from the others' median."""
+    time); each source's rows predicted by the other sources' median (three sources here)."""
     pts = pd.DataFrame({"device": ["A"] * 3, "family": ["x-cuda"] * 3, "bytes": [1e9, 2e9, 4e9],
                         "bandwidth_b_s": [1e12] * 3, "t_s": [1e-3 / 0.5, 2e-3 / 0.6, 4e-3 / 0.7],
-                        "model": ["m1", "m2", "m4"], "kind": ["f16"] * 3})
+                        "model": ["m1", "m2", "m4"], "kind": ["f16"] * 3, "source": ["s1", "s2", "s3"]})
+    # two rows of one source are never held out against each other: s1's pair has no other source to go by
+    one = crossgpu.leave_one_source_out_on_device(pts.assign(source=["s1", "s1", "s2"]))
+    assert np.isnan(one).sum() == 0 and one[2] == pytest.approx(abs(0.7 / 0.55 - 1))
+    assert np.isnan(crossgpu.leave_one_source_out_on_device(pts.assign(source="s1"))).all()
     own = crossgpu.per_device(pts)["A"]["x-cuda"]
     assert own["efficiency"] == pytest.approx(0.6) and own["n_rows"] == 3
     # row 0 (0.5) from the others' median (0.65): |0.5 / 0.65 - 1|; row 1 (0.6) from 0.6: 0.0 ...
@@ -351,3 +413,185 @@ def test_a_log_that_names_no_model_is_skipped_with_the_reason(tmp_path):
     recs, skipped, _ = published.import_file(f, "t", {"url": "https://example.org", "format": "log",
                                                        "device": "RTX 4090"})
     assert not recs and "no model the log names" in skipped[0].why
+
+
+# --- a user's own llama-bench run: the device from llama-bench's own columns, any device imported ----------
+
+LLAMA_BENCH = REPO / "tests" / "data" / "llama-bench"
+MACHINE_FORMATS = ["csv", "json", "jsonl", "sql"]
+
+
+@pytest.mark.parametrize("fmt", MACHINE_FORMATS)
+def test_llama_benchs_own_output_names_the_cpu_it_ran_on(fmt):
+    """No --device: a CPU-only row (backends "CPU") ran on its cpu_info, "AMD EPYC", which the catalog does not
+    know: imported under that name, marked uncatalogued; its build from build_commit / build_number, runtime
+    llama.cpp, the exact size and parameter count (not the markdown table's rounded print)."""
+    recs, skipped, _ = published.import_file(LLAMA_BENCH / f"tiny-q4_k_m.{fmt}", "t", {"url": "x"})
+    assert not skipped and len(recs) == 2
+    for r in recs:
+        assert (r.device, r.gpu_name, r.model_size_bytes, r.model_n_params) == ("cpu", "AMD EPYC", 2783872, 4591904)
+        assert r.extra["catalogued"] is False and r.extra["device_from"] == "cpu_info"
+        assert (r.extra["runtime"], r.extra["build"]) == ("llama.cpp", "build: 0c1e570 (1)")
+        assert "device_given" not in r.extra and "build_given" not in r.extra
+    # uncatalogued: no spec bandwidth, so out of the cross-device fit, without an error
+    df = summary.records_frame(recs)
+    assert crossgpu.tg_rows(df).empty and crossgpu.calibrate(df)["n_rows"] == 0
+
+
+@pytest.mark.parametrize("fmt", MACHINE_FORMATS)
+def test_the_rows_own_device_and_build_are_kept_over_the_given_ones(fmt):
+    """llama-bench's own columns are the evidence: a given device or build that disagrees is noted, not used;
+    a given runtime is taken (ik_llama.cpp's llama-bench writes the same formats)."""
+    meta = {"url": "x", "device": "NVIDIA GeForce RTX 4090", "build": "build: 1234567 (99)", "runtime": "ik_llama.cpp"}
+    recs, _, _ = published.import_file(LLAMA_BENCH / f"tiny-q4_k_m.{fmt}", "t", meta)
+    assert {(r.gpu_name, r.extra["device_given"], r.extra["build"], r.extra["build_given"], r.extra["runtime"])
+            for r in recs} == {("AMD EPYC", "NVIDIA GeForce RTX 4090", "build: 0c1e570 (1)", "build: 1234567 (99)",
+                                "ik_llama.cpp")}
+    # --device cpu (this machine's CPU) on rows that name their own CPU: the row's name
+    recs, _, _ = published.import_file(LLAMA_BENCH / f"tiny-q4_k_m.{fmt}", "t", {"url": "x", "device": "cpu"})
+    assert {r.gpu_name for r in recs} == {"AMD EPYC"}
+
+
+@pytest.mark.parametrize("fmt", MACHINE_FORMATS)
+def test_llama_benchs_markdown_table_takes_its_device_from_the_command_line(fmt):
+    """llama-bench's markdown table has no cpu_info / gpu_info column: with no --device its rows are skipped
+    with the reason (never guessed to be this machine's); --device cpu is this machine's CPU (cpu_model(), as
+    the harness's own runs name it). Runtime and build: unknown unless given (the table's build line is not
+    read: a pasted comparison prints one build for two columns)."""
+    from harness.measure.env import cpu_model
+
+    md = LLAMA_BENCH / f"tiny-q4_k_m.{fmt}.md"
+    recs, skipped, _ = published.import_file(md, "t", {"url": "x"})
+    assert not recs and len(skipped) == 2
+    assert all(s.why.startswith("device: none named") and "--device cpu" in s.why for s in skipped)
+    recs, skipped, _ = published.import_file(md, "t", {"url": "x", "device": "cpu"})
+    assert not skipped and len(recs) == 2
+    here = devices.find(cpu_model())
+    for r in recs:
+        assert (r.device, r.gpu_name) == ("cpu", here.name if here else cpu_model())
+        assert r.extra["catalogued"] is (here is not None) and r.extra["device_from"].startswith("this machine")
+        assert (r.extra["runtime"], r.extra["build"]) == (None, None)
+    recs, _, _ = published.import_file(md, "t", {"url": "x", "device": "AMD EPYC", "runtime": "llama.cpp",
+                                                 "build": "build: 0c1e570 (1)"})
+    assert {(r.gpu_name, r.extra["runtime"], r.extra["build"]) for r in recs} == {
+        ("AMD EPYC", "llama.cpp", "build: 0c1e570 (1)")}
+
+
+def test_import_command_on_a_users_own_llama_bench_csv(tmp_path):
+    """The real CLI on llama-bench's csv with no --device: exit 0, both rows written, one line naming the
+    device the catalog does not know."""
+    import json
+
+    r = run_cli("import", str(LLAMA_BENCH / "tiny-q4_k_m.csv"), "--url", "x", "--out", str(tmp_path / "a"),
+                timeout=300)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in (tmp_path / "a" / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and {x["gpu_name"] for x in recs} == {"AMD EPYC"}
+    unknown = [x for x in r.stdout.splitlines() if "catalog does not know" in x]
+    assert unknown == ["2 records are on devices the catalog does not know (AMD EPYC): imported, without a spec "
+                       "bandwidth, so they stay out of the cross-device fit"]
+    assert "2 records from 1 files on 1 devices" in r.stdout
+    # the markdown table: --device cpu
+    r = run_cli("import", str(LLAMA_BENCH / "tiny-q4_k_m.csv.md"), "--url", "x", "--device", "cpu",
+                "--runtime", "llama.cpp", "--out", str(tmp_path / "b"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in (tmp_path / "b" / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(x["extra"]["runtime"] == "llama.cpp" and x["device"] == "cpu" for x in recs)
+
+
+def test_db_and_compare_show_a_cpu_row_under_its_cpus_name(tmp_path):
+    """`harness db`'s bench view and `harness compare` show the imported CPU rows, the CPU's name as the machine
+    and the runtime with its build."""
+    pytest.importorskip("duckdb", reason="DuckDB is an optional extra: pip install -e '.[cluster]'")
+    from harness import importer, query
+
+    recs, _ = importer.import_files([LLAMA_BENCH / "tiny-q4_k_m.csv"], "mine", {"url": "x"})
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "records.jsonl").write_text("".join(r.to_json() + "\n" for r in recs))
+    con = query.connect([tmp_path])
+    got = con.execute("SELECT machine, backends, n_prompt, n_gen, runtime FROM bench ORDER BY n_gen").fetchall()
+    assert got == [("AMD EPYC", "cpu", 32, 0, "llama.cpp build: 0c1e570 (1)"),
+                   ("AMD EPYC", "cpu", 0, 8, "llama.cpp build: 0c1e570 (1)")]
+    r = run_cli("compare", "mine", "--results", str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| pp32 |" in r.stdout and "| tg8  |" in r.stdout
+    assert "t/s mine: median over 1 repetitions; AMD EPYC; published weights; llama.cpp build: 0c1e570 (1)" \
+        in r.stdout
+
+
+# --- runtime and build per rate column -----------------------------------------------------------------------
+
+PR94 = "ikllama-pr94-rtx4080-cuda-llama1b3b"
+
+
+def _pr94_runtimes(recs):
+    return {(r.extra["column"], r.extra["runtime"], r.extra["build"]) for r in recs}
+
+
+def test_each_rate_column_carries_its_own_runtime_and_build(tmp_path):
+    """A `columns:` entry for a rate column header over the source's top-level runtime / build: ik_llama.cpp's
+    PR 94 compares its main branch and the PR ("t/s (main)", "t/s (PR)") and mainline llama.cpp afd9909a (3942)
+    ("t/s (mainline)"). Written here with the structure of data/published's yaml."""
+    import shutil
+
+    shutil.copy(DATA / f"{PR94}.txt", tmp_path / "pr94.txt")
+    (tmp_path / "pr94.yaml").write_text(
+        "url: https://github.com/ikawrakow/ik_llama.cpp/pull/94\nruntime: ik_llama.cpp\nbuild: null\n"
+        "columns:\n  \"t/s (mainline)\":\n    runtime: llama.cpp\n    build: \"afd9909a (3942)\"\n"
+        "device: RTX-4080\nbackend: CUDA\nformat: md\n")
+    recs, _, src = published.import_file(tmp_path / "pr94.txt", "t")
+    assert src.runtime == "ik_llama.cpp" and src.columns == {"t/s (mainline)": {"runtime": "llama.cpp",
+                                                                               "build": "afd9909a (3942)"}}
+    assert _pr94_runtimes(recs) == {("t/s (main)", "ik_llama.cpp", None), ("t/s (PR)", "ik_llama.cpp", None),
+                                    ("t/s (mainline)", "llama.cpp", "afd9909a (3942)")}
+    one_b = [r for r in recs if r.model_desc == "llama 1B Q4_0"]
+    assert {(r.extra["column"], r.tokens_per_s, r.extra["runtime"]) for r in one_b} == {
+        ("t/s (main)", 519.27, "ik_llama.cpp"), ("t/s (PR)", 538.75, "ik_llama.cpp"),
+        ("t/s (mainline)", 505.63, "llama.cpp")}
+    # --runtime on the command line is the top level: the column's entry still wins for its column
+    recs, _, _ = published.import_file(tmp_path / "pr94.txt", "t", {"runtime": "llama.cpp"})
+    assert {r.extra["runtime"] for r in recs if r.extra["column"] == "t/s (main)"} == {"llama.cpp"}
+    # "unknown" is None; no runtime given for a markdown table is None too (never guessed)
+    (tmp_path / "pr94.yaml").write_text("url: https://x\nruntime: unknown\ndevice: RTX-4080\nbackend: CUDA\n")
+    recs, _, _ = published.import_file(tmp_path / "pr94.txt", "t")
+    assert {r.extra["runtime"] for r in recs} == {None}
+    (tmp_path / "pr94.yaml").write_text("url: https://x\ndevice: RTX-4080\nbackend: CUDA\n")
+    recs, _, _ = published.import_file(tmp_path / "pr94.txt", "t")
+    assert {r.extra["runtime"] for r in recs} == {None}
+    (tmp_path / "pr94.yaml").write_text("url: https://x\ncolumns: [\"t/s (main)\"]\n")
+    with pytest.raises(published.ImportError_, match="columns: must map rate column headers"):
+        published.import_file(tmp_path / "pr94.txt", "t")
+
+
+def test_the_real_pr94_yaml_gives_each_column_its_runtime():
+    """The same on data/published's own yaml (skipped only while that yaml has no runtime key yet)."""
+    import yaml
+
+    meta = yaml.safe_load((DATA / f"{PR94}.yaml").read_text())
+    if "runtime" not in meta:
+        pytest.skip(f"data/published/{PR94}.yaml has no runtime key yet")
+    recs, _, _ = published.import_file(DATA / f"{PR94}.txt", "t")
+    got = {(c, rt) for c, rt, _ in _pr94_runtimes(recs)}
+    assert got == {("t/s (main)", "ik_llama.cpp"), ("t/s (PR)", "ik_llama.cpp"), ("t/s (mainline)", "llama.cpp")}
+
+
+def test_every_yaml_columns_entry_names_a_rate_column_of_its_table():
+    """A `columns:` key that matches no rate column would leave that column on the top-level runtime silently."""
+    import yaml
+
+    for side in sorted(DATA.glob("*.yaml")):
+        meta = yaml.safe_load(side.read_text())
+        if not isinstance(meta, dict) or not meta.get("columns"):
+            continue
+        recs, _, _ = published.import_file(side.with_suffix(".txt"), "t")
+        assert set(meta["columns"]) <= {r.extra["column"] for r in recs}, side.name
+
+
+def test_a_load_log_carries_the_sources_runtime_and_build():
+    log = REPO / "tests" / "data" / "llama-log" / "llama-3.2-1b-synthetic-q4_k_m-cpu.log"
+    recs, _, _ = published.import_file(log, "t", {"url": "x", "format": "log", "device": "cpu",
+                                                  "runtime": "llama.cpp", "build": "b1"})
+    assert [(r.extra["runtime"], r.extra["build"], r.device) for r in recs] == [("llama.cpp", "b1", "cpu")]
+    recs, _, _ = published.import_file(log, "t", {"url": "x", "format": "log", "device": "RTX 4090"})
+    assert [(r.extra["runtime"], r.extra["build"], r.gpu_name) for r in recs] == [
+        (None, None, "NVIDIA GeForce RTX 4090")]

@@ -53,9 +53,14 @@ def test_quant_table_on_fixed_records():
     assert list(t.quant) == ["Q4_K_M", "Q8_0"]
     r = t.set_index("quant").loc["Q4_K_M"]
     size = int(BPW["Q4_K_M"] * N / 8)
-    assert r.page_tok_s == pytest.approx(20.0 / 0.82 * 0.55)
-    assert r.tg_vs_page == pytest.approx(r.tg_tok_s / r.page_tok_s)
-    assert r.tg_verdict == tables.verdict(r.tg_tok_s, r.page_tok_s)
+    # the page prints no speed for a CPU: no figure, no verdict; its rule extrapolated, as a ratio only
+    assert math.isnan(r.page_tok_s) and math.isnan(r.tg_vs_page) and r.tg_verdict == "-" and r.tg_inside is None
+    assert r.page_rule_tok_s == pytest.approx(20.0 / 0.82 * 0.55)
+    assert r.tg_vs_rule == pytest.approx(r.tg_tok_s / r.page_rule_tok_s)
+    assert t.tg_inside.isna().all() and t.page_rule_tok_s.notna().all()
+    head = report._headline(t, device)[0][1]
+    assert "The page prints no speed for this device" in head and "no speed verdict here" in head
+    assert "measured / rule is" in head and "inside ±20% of it" in head
     assert r.pp_tok_s == pytest.approx(40 * r.tg_tok_s)
     assert r.tg_spread == 0
     assert r.weights_bytes == size
@@ -75,8 +80,10 @@ def test_quant_table_gpu_uses_the_catalog_and_device_memory():
     built = report.build(df, {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}, "gpu-run")
     t, cal = built[0], built[1]
     assert cal["device"]["name"] == "NVIDIA H100 SXM"
-    assert t.page_tok_s.iloc[0] == pytest.approx(page.page_tok_s(3352, "nvidia", "Q4_K_M"))
-    assert round(t.page_tok_s.iloc[0]) == 2657
+    assert t.page_tok_s.iloc[0] == 2657  # printed for the H100 SXM at Q4_K_M: a verdict against it
+    assert t.page_rule_tok_s.iloc[0] == pytest.approx(page.page_tok_s(3352, "nvidia", "Q4_K_M"))
+    assert t.tg_inside.iloc[0] is not None and t.tg_verdict.iloc[0] != "-"
+    assert "The page prints a speed for this device at Q4_K_M" in report._headline(t, {"vendor": "nvidia"})[0][1]
     assert "NVML" in built[3]
 
 

@@ -394,6 +394,7 @@ def calibrate(df: pd.DataFrame, env: dict | None = None, run_id: str | None = No
             "family": quant_family(q), "type": quant_type(q),
             "model_size_bytes": r.model_size_bytes, "model_n_params": r.model_n_params, "file_bytes": r.file_bytes,
             "weights_bytes": float(m.weights_bytes.iloc[0]) if len(m) else None,
+            "weights_needed_bytes": float(m.weights_needed_bytes.iloc[0]) if len(m) else None,
             "tensor_types": {k: int(v["n_elements"] if isinstance(v, dict) else v)
                              for k, v in ((tensor_types or {}).get(q) or {}).items()} or None,
         }

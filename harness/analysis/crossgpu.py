@@ -27,26 +27,33 @@ import numpy as np
 import pandas as pd
 
 from harness.analysis.fit import error_stats, nnls, rate_ape
-from harness.catalog import devices
+from harness.catalog import devices, page
 
-PAGE_EFFICIENCY = {"nvidia": 0.65, "amd": 0.55}  # the page's (harness.catalog.page)
 SMALL_MAX_B = 3.0  # "1B-3B" rows: by llama.cpp's size label ("llama 3B"), which older builds pair with 3.61 B
 # params (tied embeddings counted twice); by the parameter count where there is no label
 MAX_GEN = 512  # longer generations read a growing KV cache: not this model's work per token
 
 
+DEFAULT_RUNTIME = "llama.cpp"  # the fit's rows; a fork's (ik_llama.cpp: its own kernels) are shown apart
+
+
 def tg_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """tg rows at depth 0 with a size, a device in the catalog and a rate: device, family, bytes, t_s, params.
-    Left out: mixtures of experts (they read their active experts only) and rows faster than every weight read
-    once at the device's spec bandwidth (no dense model can be: a misprint, or not the model named)."""
+    """tg rows at depth 0 with a size, a device in the catalog and a rate: device, family, bytes, t_s, params,
+    runtime (the published row's `extra.runtime`; "unknown" where its source does not say; a measured run's is
+    llama.cpp), source (:func:`source_key`) and `over_spec` (faster than every weight read once at the device's
+    spec bandwidth: no dense model can be, a misprint or not the model named; kept and flagged, never dropped on
+    the outcome). Left out: mixtures of experts (they read their active experts only) and devices the catalog
+    has no bandwidth for."""
     ok = df[(df.status == "ok") & (df.test == "tg") & (df.n_depth.fillna(0) == 0) & (df.n_gen <= MAX_GEN)]
     rows = []
     lines_seen: set[tuple] = set()
     for r in ok.itertuples():
         extra = r.extra if isinstance(getattr(r, "extra", None), dict) else {}
-        if extra.get("line"):  # a published line: its first t/s column only (master / before: the baseline),
-            key = (r.weights_ref, extra.get("file"), extra["line"])  # not one row per column of a PR comparison
-            if key in lines_seen:
+        published = r.weights == "published"
+        runtime = (extra.get("runtime") or "unknown") if published else DEFAULT_RUNTIME
+        if extra.get("line"):  # a published line: its first t/s column of each runtime only (master / before:
+            key = (r.weights_ref, extra.get("file"), extra["line"], runtime)  # the baseline), not one row per
+            if key in lines_seen:  # column of a PR comparison
                 continue
             lines_seen.add(key)
         if not isinstance(r.gpu_name, str) or pd.isna(r.model_size_bytes) or pd.isna(r.tokens_per_s):
@@ -56,8 +63,6 @@ def tg_rows(df: pd.DataFrame) -> pd.DataFrame:
             continue
         if isinstance(r.model_desc, str) and "moe" in r.model_desc.lower():
             continue  # a mixture of experts reads its active experts only: bytes per token != its size
-        if float(r.tokens_per_s) * float(r.model_size_bytes) > d.bandwidth_gb_s * 1e9:
-            continue  # faster than every weight read once at the spec bandwidth: not this model of the work
         backend = r.device if isinstance(r.device, str) else "unknown-backend"
         rows.append({"size_b": size_label_b(r.model_desc, r.model_n_params),
                      "device": d.name, "vendor": d.vendor, "family": family_of(d.vendor, backend, d.hbm),
@@ -65,8 +70,29 @@ def tg_rows(df: pd.DataFrame) -> pd.DataFrame:
                      "bandwidth_b_s": d.bandwidth_gb_s * 1e9, "bytes": float(r.model_size_bytes),
                      "params": float(r.model_n_params) if pd.notna(r.model_n_params) else math.nan,
                      "t_s": 1.0 / float(r.tokens_per_s), "tok_s": float(r.tokens_per_s), "quant": r.quant,
-                     "model": r.model_desc, "source": r.weights_ref, "weights": r.weights})
+                     "model": r.model_desc, "source": source_key(r.weights_ref), "url": r.weights_ref,
+                     "runtime": runtime, "build": extra.get("build") if published else r.llama_cpp_version,
+                     "over_spec": float(r.tokens_per_s) * float(r.model_size_bytes) > d.bandwidth_gb_s * 1e9,
+                     "weights": r.weights})
     return pd.DataFrame(rows)
+
+
+# repositories whose issues and pull requests are each a source of their own (different people, machines and
+# methods); any other repository or site is one source (one author's method, e.g. a benchmark collection)
+PER_THREAD = ("ggml-org/llama.cpp", "ggerganov/llama.cpp", "ikawrakow/ik_llama.cpp")
+
+
+def source_key(url: Any) -> str:
+    """The source a row is held out with: "owner/repo#N" for an issue, pull request or discussion of llama.cpp or
+    ik_llama.cpp, "owner/repo" for any other GitHub repository (a collection: one author, one method), else the
+    web site's host; a measured run's rows (no URL) are "measured"."""
+    u = str(url or "")
+    m = re.match(r"^https?://github\.com/([^/]+)/([^/#?]+)(?:/(?:pull|issues|discussions)/(\d+))?", u)
+    if m:
+        repo = f"{m[1]}/{m[2]}"
+        return f"{repo}#{m[3]}" if m[3] and repo.lower() in map(str.lower, PER_THREAD) else repo
+    m = re.match(r"^https?://([^/]+)", u)
+    return m[1].lower() if m else (u or "measured")
 
 
 def family_of(vendor: str, backend: str, hbm: bool) -> str:
@@ -178,7 +204,7 @@ def predict_t(pts: pd.DataFrame, params: dict[str, Any], model: str = OVERHEAD) 
 
 def leave_one_device_out(pts: pd.DataFrame, model: str = OVERHEAD) -> np.ndarray:
     """Predicted time per token of each row by a fit without its device's rows (NaN where its family has no
-    other device)."""
+    other device). Kept for comparison: rows of one source on other devices stay in the fit."""
     pred = np.full(len(pts), np.nan)
     for dev in pts.device.unique():
         held = (pts.device == dev).to_numpy()
@@ -189,66 +215,146 @@ def leave_one_device_out(pts: pd.DataFrame, model: str = OVERHEAD) -> np.ndarray
     return pred
 
 
-def page_t(pts: pd.DataFrame) -> np.ndarray:
-    eff = pts.vendor.map(PAGE_EFFICIENCY).to_numpy(float)
-    return pts.bytes.to_numpy() / pts.bandwidth_b_s.to_numpy() / eff
-
-
-def calibrate(df: pd.DataFrame) -> dict[str, Any]:
-    """The cross-device calibration document: the chosen model's fit on every row, and the leave-one-device-out
-    error of each model and of the page's formula, on all rows and on 1B-3B models."""
-    pts = tg_rows(df)
-    if pts.empty:
-        return {"n_rows": 0}
-    out: dict[str, Any] = {"n_rows": int(len(pts)), "n_devices": int(pts.device.nunique()),
-                           "devices": sorted(pts.device.unique()), "families": {}}
-    small = (pts.size_b <= SMALL_MAX_B).to_numpy()
-    errs, preds = {}, {}
-    for name, pred in [*((m, leave_one_device_out(pts, m)) for m in MODELS), ("page formula", page_t(pts))]:
-        ape = rate_ape(pts, pred)
-        preds[name] = ape
-        ok = ~np.isnan(ape)
-        errs[name] = {"all": error_stats(ape[ok]) if ok.any() else None, "n_all": int(ok.sum()),
-                      "small": error_stats(ape[ok & small]) if (ok & small).any() else None,
-                      "n_small": int((ok & small).sum())}
-    # each model's error on the rows every fitted model predicts: a family with one device predicts none of
-    # its rows, so the models' own n differ (the HBM split leaves the MI300X alone in its family)
-    common = np.all([~np.isnan(preds[m]) for m in MODELS], axis=0)
-    for m in MODELS:
-        errs[m]["common"] = error_stats(preds[m][common]) if common.any() else None
-        errs[m]["common_small"] = error_stats(preds[m][common & small]) if (common & small).any() else None
-    out["held_out"] = {"method": "leave one device out", **errs, "n_common": int(common.sum()),
-                       "n_common_small": int((common & small).sum())}
-
-    def score(name: str) -> float:  # the page is about a 1B model: its rows decide, all rows where it has none
-        e = errs[name]["small"] or errs[name]["all"]
-        return e["median_ape"] if e else math.inf
-    chosen = OVERHEAD if score(OVERHEAD) < score(KINDS) - 1e-9 else KINDS  # the simpler one on a tie
-    out["chosen"] = chosen
-    out["chosen_by"] = ("the lower leave-one-device-out median error on 1B-3B rows (all rows where none), of "
-                        f"'{KINDS}' and '{OVERHEAD}'")
-    out["other"] = other = OVERHEAD if chosen == KINDS else KINDS
-    full = fit(pts, chosen)
-    out["kinds"] = {k: {"factor": v, "n_rows": int((pts.kind == k).sum())} for k, v in full["kinds"].items()}
-    out["other_fit"] = fit(pts, other)  # the candidate not chosen: shown beside, where the two disagree
-    ape = preds[chosen]
-    for f, p in full["families"].items():
-        in_f = (pts.family == f).to_numpy()
-        m = in_f & ~np.isnan(ape)
-        d = pts[in_f]
-        out["families"][f] = {**p, "n_rows": int(len(d)), "devices": sorted(d.device.unique()), "held_out": {
-            "all": error_stats(ape[m]) if m.any() else None, "n_all": int(m.sum()),
-            "small": error_stats(ape[m & small]) if (m & small).any() else None, "n_small": int((m & small).sum())}}
-    out["per_device"] = per_device(pts, full["kinds"])
-    # where a device has rows of its own, which predicts them better: its other rows or its family without it?
-    loro = leave_one_row_out(pts, full["kinds"])
-    both = ~np.isnan(loro) & ~np.isnan(ape)
-    out["per_device_check"] = {
-        "n": int(both.sum()), "own rows (leave one row out)": error_stats(loro[both]) if both.any() else None,
-        f"family, {chosen} (leave one device out)": error_stats(ape[both]) if both.any() else None}
+def folds(pts: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(held out, train) masks, one per source: a source's rows are held out together (one author's method on
+    ~20 devices, a fork's and mainline's rows of one machine), and the fit never sees a row on any of their
+    devices either, from any source: what `estimate` meets on a GPU it has no row of."""
+    out = []
+    for src in pts.source.unique():
+        held = (pts.source == src).to_numpy()
+        train = ~held & ~pts.device.isin(pts.device[held].unique()).to_numpy()
+        out.append((held, train))
     return out
 
 
+def held_out(pts: pd.DataFrame, model: str) -> np.ndarray:
+    """Predicted time per token of each row by a fit that saw neither its source nor its devices (NaN where
+    nothing of its family is left to fit on)."""
+    pred = np.full(len(pts), np.nan)
+    for held, train in folds(pts):
+        if train.any():
+            pred[held] = predict_t(pts[held], fit(pts[train], model), model)
+    return pred
+
+
+CANDIDATES = MODELS  # simplest first: a more complex one is chosen only where it is clearly better
+
+
+def choose(pts: pd.DataFrame) -> tuple[str, dict[str, float], int]:
+    """The model with the lowest held-out RMS relative error (a criterion that counts the worst rows) over the
+    rows every candidate predicts; a simpler one wins unless the other's RMS is lower by a tenth and by 0.2
+    points (harness.analysis.fit's tolerance). Returns (chosen, {candidate: RMS}, rows compared)."""
+    from harness.analysis.fit import SELECT_SLACK, SELECT_TOLERANCE
+
+    apes = {m: rate_ape(pts, held_out(pts, m)) for m in CANDIDATES}
+    common = np.all([~np.isnan(a) for a in apes.values()], axis=0)
+    if not common.any():
+        return CANDIDATES[0], {}, 0
+    rms = {m: float(np.sqrt(np.mean(a[common] ** 2))) for m, a in apes.items()}
+    chosen = CANDIDATES[0]
+    for m in CANDIDATES[1:]:
+        if rms[m] * SELECT_TOLERANCE < rms[chosen] and rms[chosen] - rms[m] > SELECT_SLACK:
+            chosen = m
+    return chosen, rms, int(common.sum())
+
+
+def nested(pts: pd.DataFrame) -> tuple[np.ndarray, dict[str, int]]:
+    """The error of the whole procedure, the model choice included: per source fold, the choice is made by
+    :func:`choose` on the fold's training rows alone (their own folds), the chosen model is fitted on them and
+    predicts the held-out rows. Returns (predicted time per token, {model: folds that chose it})."""
+    pred = np.full(len(pts), np.nan)
+    chosen_in: dict[str, int] = {}
+    for held, train in folds(pts):
+        if not train.any():
+            continue
+        tr = pts[train]
+        m, _, _ = choose(tr)
+        chosen_in[m] = chosen_in.get(m, 0) + 1
+        pred[held] = predict_t(pts[held], fit(tr, m), m)
+    return pred, chosen_in
+
+
+def page_t(pts: pd.DataFrame) -> np.ndarray:
+    """Time per token by the page's own rule (harness.catalog.page.rule_tok_s) at each row's own size."""
+    return np.array([1.0 / page.rule_tok_s(r.bandwidth_b_s / 1e9, r.vendor, r.bytes / 1e9)
+                     for r in pts.itertuples()], dtype=float)
+
+
+def _errors(ape: np.ndarray, small: np.ndarray) -> dict[str, Any]:
+    ok = ~np.isnan(ape)
+    return {"all": error_stats(ape[ok]) if ok.any() else None, "n_all": int(ok.sum()),
+            "small": error_stats(ape[ok & small]) if (ok & small).any() else None,
+            "n_small": int((ok & small).sum())}
+
+
+HELD_OUT_METHOD = "leave one source out, with every row on its devices (nested: the model choice inside the folds)"
+
+
+def calibrate(df: pd.DataFrame, runtime: str = DEFAULT_RUNTIME) -> dict[str, Any]:
+    """The cross-device calibration document, fitted on `runtime`'s rows (llama.cpp's; a fork's rows are shown
+    apart, against that fit): the chosen model's fit on every row; each candidate's error held out by source
+    and device, the page's rule's error, and the nested error of choosing and fitting (what is reported as the
+    error); the rows faster than their spec bandwidth, flagged."""
+    every = tg_rows(df)
+    if every.empty:
+        return {"n_rows": 0}
+    pts = every[every.runtime == runtime].reset_index(drop=True)
+    apart = every[every.runtime != runtime]
+    if pts.empty:
+        return {"n_rows": 0, "runtime": runtime, "other_runtimes": _other_runtimes(apart, None)}
+    out: dict[str, Any] = {"runtime": runtime, "n_rows": int(len(pts)), "n_devices": int(pts.device.nunique()),
+                           "n_sources": int(pts.source.nunique()), "devices": sorted(pts.device.unique()),
+                           "families": {}}
+    small = (pts.size_b <= SMALL_MAX_B).to_numpy()
+    chosen, rms, n_cmp = choose(pts)
+    errs, preds = {}, {}
+    for name in CANDIDATES:
+        preds[name] = rate_ape(pts, held_out(pts, name))
+        errs[name] = _errors(preds[name], small)
+    preds["page formula"] = rate_ape(pts, page_t(pts))
+    errs["page formula"] = _errors(preds["page formula"], small)
+    common = np.all([~np.isnan(preds[m]) for m in CANDIDATES], axis=0)
+    for m in CANDIDATES:
+        errs[m]["common"] = error_stats(preds[m][common]) if common.any() else None
+        errs[m]["common_small"] = error_stats(preds[m][common & small]) if (common & small).any() else None
+    nested_t, chosen_in = nested(pts)
+    nested_ape = rate_ape(pts, nested_t)
+    errs["nested"] = {**_errors(nested_ape, small), "chosen_in_folds": chosen_in}
+    lodo = rate_ape(pts, leave_one_device_out(pts, chosen))
+    out["held_out"] = {"method": HELD_OUT_METHOD, **errs, "n_common": int(common.sum()),
+                       "n_common_small": int((common & small).sum()), "n_folds": len(folds(pts)),
+                       "leave one device out (not held out by source)": _errors(lodo, small)}
+    out["chosen"] = chosen
+    out["chosen_by"] = (f"the lowest held-out RMS error (by source and device) over the {n_cmp} rows every "
+                        f"candidate predicts, a simpler one kept unless clearly worse: "
+                        + ", ".join(f"{m} {v:.1%}" for m, v in rms.items()))
+    others = sorted((m for m in CANDIDATES if m != chosen), key=lambda m: rms.get(m, math.inf))
+    out["other"] = other = others[0]
+    full = fit(pts, chosen)
+    out["kinds"] = {k: {"factor": v, "n_rows": int((pts.kind == k).sum())} for k, v in full["kinds"].items()}
+    out["other_fit"] = fit(pts, other)  # the next candidate: shown beside, where the two disagree
+    fam_col = pts.base_family if chosen == PLAIN else pts.family  # PLAIN: per vendor x backend, HBM or not
+    for f, p in full["families"].items():
+        in_f = (fam_col == f).to_numpy()
+        d = pts[in_f]
+        out["families"][f] = {**p, "n_rows": int(len(d)), "devices": sorted(d.device.unique()),
+                              "held_out": {"method": HELD_OUT_METHOD,
+                                           **_errors(np.where(in_f, nested_ape, np.nan), small)}}
+    out["per_device"] = per_device(pts, full["kinds"])
+    # where a device has rows of its own, which predicts them better: its rows from other sources, or the
+    # nested cross-device fit that never saw the device?
+    loso = leave_one_source_out_on_device(pts)
+    both = ~np.isnan(loso) & ~np.isnan(nested_ape)
+    own, cross = (error_stats(loso[both]), error_stats(nested_ape[both])) if both.any() else (None, None)
+    out["per_device_check"] = {"n": int(both.sum()), "own rows (its rows from other sources)": own,
+                               "cross-device (nested)": cross}
+    # the same criterion decides whether a device's own rows or its family's fit estimate it
+    out["own_rows_first"] = bool(own and cross and own["rms_ape"] < cross["rms_ape"])
+    over = pts[pts.over_spec]
+    out["over_spec"] = [{k: r[k] for k in ("device", "model", "quant", "tok_s", "url", "runtime")}
+                        | {"spec_limit_tok_s": r["bandwidth_b_s"] / r["bytes"]} for _, r in over.iterrows()]
+    out["other_runtimes"] = _other_runtimes(apart, full, chosen)
+    return out
 def _own_efficiency(pts: pd.DataFrame, kinds: dict[str, float]) -> np.ndarray:
     """Each row's efficiency brought to its family's F16 terms (divided by its quant kind's factor)."""
     return _efficiency(pts) / _factors(pts, kinds)
@@ -256,34 +362,56 @@ def _own_efficiency(pts: pd.DataFrame, kinds: dict[str, float]) -> np.ndarray:
 
 def per_device(pts: pd.DataFrame, kinds: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
     """{device: {family: terms}}: a device's own efficiency from its own published rows of a family (the median
-    of bytes / (spec bandwidth x time), each row divided by its quant kind's factor), and its leave-one-row-out
-    error where it has two rows or more. A device that llama.cpp drives far from its spec bandwidth (the
-    MI300X's ROCm rows) keeps its own figure instead of its family's."""
+    of bytes / (spec bandwidth x time), each row divided by its quant kind's factor), and its error where its
+    rows come from two sources or more (each source's rows predicted by the others'). A device that llama.cpp
+    drives far from its spec bandwidth (the MI300X's ROCm rows) keeps its own figure instead of its family's."""
     kinds = kinds or {}
     out: dict[str, dict[str, Any]] = {}
-    loro = leave_one_row_out(pts, kinds)
+    loso = leave_one_source_out_on_device(pts)
     for (dev, fam), d in pts.groupby(["device", "family"]):
-        apes = loro[pts.index.get_indexer(d.index)]
+        apes = loso[pts.index.get_indexer(d.index)]
         apes = apes[~np.isnan(apes)]
         out.setdefault(dev, {})[fam] = {
             "efficiency": float(np.median(_own_efficiency(d, kinds))), "n_rows": int(len(d)), "overhead_s": 0.0,
-            "models": sorted(set(map(str, d.model))),
-            "held_out": {"method": "leave one row out", "n_all": len(apes),
-                         "all": error_stats(apes) if len(apes) else None}}
+            "models": sorted(set(map(str, d.model))), "sources": sorted(set(d.source)),
+            "held_out": {"method": "each source's rows on this device predicted by its other sources' rows",
+                         "n_all": len(apes), "all": error_stats(apes) if len(apes) else None}}
     return out
 
 
-def leave_one_row_out(pts: pd.DataFrame, kinds: dict[str, float] | None = None) -> np.ndarray:
-    """Per row, |its rate / the rate its device's other rows of its family predict - 1| (the others' median
-    efficiency, in F16 terms, times the row's quant kind factor); NaN where the device has no other row of
-    that family."""
-    kinds = kinds or {}
+def leave_one_source_out_on_device(pts: pd.DataFrame) -> np.ndarray:
+    """Per row, |its rate / the rate its device's rows of its family from other sources predict - 1| (their
+    median efficiency in F16 terms, times the row's quant kind factor, the factors fitted without the row's
+    source); NaN where no other source has a row on that device and family."""
     out = np.full(len(pts), np.nan)
+    kinds_without: dict[str, dict[str, float]] = {}
     for _, d in pts.groupby(["device", "family"]):
-        eff = _own_efficiency(d, kinds)
+        if d.source.nunique() < 2:
+            continue
         pos = pts.index.get_indexer(d.index)
-        for k in range(len(eff)) if len(eff) > 1 else []:
-            out[pos[k]] = abs(eff[k] / float(np.median(np.delete(eff, k))) - 1)
+        for src in d.source.unique():
+            if src not in kinds_without:
+                kinds_without[src] = fit_kinds(pts[pts.source != src])[1]
+            k = kinds_without[src]
+            mine, rest = (d.source == src).to_numpy(), (d.source != src).to_numpy()
+            ref = float(np.median(_own_efficiency(d[rest], k)))
+            out[pos[mine]] = np.abs(_own_efficiency(d[mine], k) / ref - 1)
+    return out
+
+
+def _other_runtimes(rows: pd.DataFrame, params: dict[str, Any] | None, model: str = OVERHEAD
+                    ) -> dict[str, dict[str, Any]]:
+    """Rows of runtimes other than the fit's (a fork's, or a source that names none), apart: per runtime, its
+    rows and devices and, against the llama.cpp fit (that never saw them), measured / predicted tok/s."""
+    out: dict[str, dict[str, Any]] = {}
+    for rt, d in rows.groupby("runtime"):
+        pred = predict_t(d, params, model) if params else np.full(len(d), np.nan)
+        ratio = pred / d.t_s.to_numpy()  # measured tok/s / predicted tok/s
+        ok = ~np.isnan(ratio)
+        out[str(rt)] = {"n_rows": int(len(d)), "devices": sorted(d.device.unique()),
+                        "sources": sorted(d.source.unique()),
+                        "measured_over_fit_median": float(np.median(ratio[ok])) if ok.any() else None,
+                        "n_predicted": int(ok.sum())}
     return out
 
 
@@ -312,16 +440,21 @@ def predict_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes
     kind = quant_kind(quant)
     factor = (cal.get("kinds") or {}).get(kind, {}).get("factor", 1.0)
     own = ((cal.get("per_device") or {}).get(device or "") or {}).get(family)
-    if own and own["n_rows"] >= 2 and own["efficiency"] > 0:
+    if own and own["n_rows"] >= 2 and own["efficiency"] > 0 and cal.get("own_rows_first", True):
         return _rate(own, factor, bandwidth_gb_s, bytes_per_token), \
             {**own, "devices": [device], "basis": "device", "kind": kind, "kind_factor": factor}, \
             f"{family} on {device}"
-    fam = (cal.get("families") or {}).get(family)
+    fam = _terms(cal.get("families") or {}, family)
     rate = _rate(fam, factor, bandwidth_gb_s, bytes_per_token)
     if rate is None:
         have = ", ".join(sorted(cal.get("families") or {})) or "none"
         return None, None, f"no published rows of {family} (families with rows: {have})"
     return rate, {**fam, "kind": kind, "kind_factor": factor}, family
+
+
+def _terms(families: dict[str, Any], family: str) -> dict[str, Any] | None:
+    """A family's terms; the plain model's are per vendor x backend, so an HBM family takes its base's."""
+    return families.get(family) or families.get(family.removesuffix("-hbm"))
 
 
 def _rate(terms: dict[str, Any] | None, factor: float, bandwidth_gb_s: float, bytes_per_token: float
@@ -345,17 +478,20 @@ def other_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes_p
     """The same from the candidate model not chosen (its family terms): where the two disagree, the published
     rows could not tell them apart there."""
     o = cal.get("other_fit") or {}
-    fam = (o.get("families") or {}).get(family_of(vendor, backend or DEFAULT_BACKEND.get(vendor, "cpu"), hbm))
+    fam = _terms(o.get("families") or {}, family_of(vendor, backend or DEFAULT_BACKEND.get(vendor, "cpu"), hbm))
     return _rate(fam, (o.get("kinds") or {}).get(quant_kind(quant), 1.0), bandwidth_gb_s, bytes_per_token)
 
 
 def lines(cal: dict[str, Any]) -> list[str]:
-    """The cross-device calibration as text: families and the held-out errors beside the page's formula."""
+    """The cross-device calibration as text: families, the nested held-out error (the one reported), each
+    candidate's and the page's rule's, the rows flagged, and the other runtimes' rows apart."""
     if not cal.get("n_rows"):
         return ["cross-device calibration: no tg rows with a size and a catalogued device"]
-    out = [f"cross-device calibration: {cal['n_rows']} tg rows on {cal['n_devices']} devices; "
-           "time per token = overhead + size / (efficiency x quant kind's factor x spec bandwidth), per vendor x "
-           f"backend, HBM parts apart; chosen: {cal.get('chosen')} ({cal.get('chosen_by')})"]
+    rt = cal.get("runtime") or DEFAULT_RUNTIME
+    out = [f"cross-device calibration: {cal['n_rows']} tg rows of {rt} on {cal['n_devices']} devices from "
+           f"{cal.get('n_sources', '?')} sources; time per token = overhead + size / (efficiency x quant kind's "
+           "factor x spec bandwidth), per vendor x backend, HBM parts apart; chosen: "
+           f"{cal.get('chosen')} ({cal.get('chosen_by')})"]
     for f, p in cal["families"].items():
         ndev = len(p["devices"])
         out.append(f"  {f}: efficiency {p['efficiency']:.2f}"
@@ -365,44 +501,65 @@ def lines(cal: dict[str, Any]) -> list[str]:
                + ", ".join(f"{k} {v['factor']:.2f} ({v['n_rows']} rows)" for k, v in (cal.get("kinds") or {}).items()))
 
     def fmt(x, n):
-        return f"median {x['median_ape']:.1%}, worst {x['worst_ape']:.1%} (n={n})" if x else f"- (n={n})"
+        return (f"median {x['median_ape']:.1%}, RMS {x['rms_ape']:.1%}, worst {x['worst_ape']:.1%} (n={n})"
+                if x else f"- (n={n})")
     h = cal["held_out"]
+    nest = h.get("nested")
+    if nest:
+        picks = ", ".join(f"{m} in {k}" for m, k in (nest.get("chosen_in_folds") or {}).items())
+        out.append(f"  held out ({h['method']}; {h.get('n_folds')} folds, chosen {picks}): all rows "
+                   f"{fmt(nest['all'], nest['n_all'])}; 1B-3B rows {fmt(nest['small'], nest['n_small'])}")
     for name in (*MODELS, "page formula"):
         e = h.get(name)
         if e is None:
             continue
-        how = "its own 0.65 / 0.55, nothing fitted" if name == "page formula" else h["method"]
-        out.append(f"  {name}, {how}: all rows {fmt(e['all'], e['n_all'])}; 1B-3B rows "
+        how = ("the page's own rule, its 0.65 / 0.55 and 0.1 GB, nothing fitted" if name == "page formula" else
+               "each fitted, held out by source and device, no choice")
+        out.append(f"  {name} ({how}): all rows {fmt(e['all'], e['n_all'])}; 1B-3B rows "
                    f"{fmt(e['small'], e['n_small'])}")
-    if h.get("n_common"):
-        n, ns = h["n_common"], h["n_common_small"]
-        out.append(f"  on the {n} rows every fitted model predicts ({ns} of them 1B-3B): " + "; ".join(
-            f"{m} {fmt(h[m]['common'], n)}, 1B-3B {fmt(h[m]['common_small'], ns)}" for m in MODELS))
+    lodo = h.get("leave one device out (not held out by source)")
+    if lodo:
+        out.append(f"  for comparison, {cal.get('chosen')} left one device out only (a source's other devices "
+                   f"in the fit): all rows {fmt(lodo['all'], lodo['n_all'])}")
     chk = cal.get("per_device_check") or {}
     if chk.get("n"):
         parts = [f"{k} {fmt(v, chk['n'])}" for k, v in chk.items() if k != "n"]
-        out.append("  a device with two rows or more is estimated from its own rows: on those rows, "
-                   + "; ".join(parts))
+        out.append("  a device with rows of its own is estimated from them: on the rows another source has on the "
+                   "same device, " + "; ".join(parts))
+    over = cal.get("over_spec") or []
+    if over:
+        out.append(f"  flagged, kept: {len(over)} rows faster than every weight read once at the spec bandwidth ("
+                   + "; ".join(f"{r['device']} {r['model']} {r['tok_s']:,.0f} tok/s > {r['spec_limit_tok_s']:,.0f}"
+                               for r in over[:4]) + ")")
+    for name, o in (cal.get("other_runtimes") or {}).items():
+        vs = (f"; measured / the {rt} fit's prediction: median {o['measured_over_fit_median']:.2f}x over "
+              f"{o['n_predicted']} rows" if o.get("measured_over_fit_median") else "")
+        out.append(f"  apart, not in the fit: {o['n_rows']} rows of {name} on {', '.join(o['devices'])} "
+                   f"({', '.join(o['sources'])}){vs}")
     return out
 
 
 # --- the page on its own GPUs --------------------------------------------------------------------------------
 
 def page_rule_tok_s(bandwidth_gb_s: float, vendor: str, model_bytes: float) -> float:
-    """The page's speed rule applied to a file of `model_bytes`: bandwidth / (model GB + its 0.1 GB of KV and
-    overhead) x its efficiency (0.65 NVIDIA, 0.55 AMD; harness.catalog.page)."""
-    from harness.catalog import page
+    """The page's speed rule applied to a file of `model_bytes` (harness.catalog.page.rule_tok_s)."""
+    return page.rule_tok_s(bandwidth_gb_s, vendor, model_bytes / 1e9)
 
-    return bandwidth_gb_s / (model_bytes / 1e9 + page.SPEED_OVERHEAD_GB) * page.efficiency(vendor)
+
+def is_page_model_row(r: dict[str, Any]) -> bool:
+    """Whether a published row is of what the page prints a speed for: Llama 3.2 1B (1.24 B params as llama-bench
+    prints them; tied embeddings) at Q4_K_M, on llama.cpp."""
+    params = r.get("params")
+    return (r.get("quant") == page.SPEED_QUANT and params is not None and not pd.isna(params)
+            and abs(float(params) / page.N_PARAMS - 1) < 0.02 and r.get("runtime") == "llama.cpp")
 
 
 def page_gpus(xcal: dict[str, Any]) -> list[dict[str, Any]]:
     """For each GPU the page prints a speed for and each of its 12 quants: the page's tok/s (its rule), the
     cross-device estimate (None where no published row is of the GPU's family) with the family's held-out
     error, the other candidate model's estimate, and the published rows measured on that GPU, each with the
-    page's rule at that row's size and whether the measurement is inside the page's ±20%."""
-    from harness.catalog import page
-
+    page's rule at that row's size (extrapolated: a ratio) and, where the row is the page's own model and quant,
+    whether it is inside ±20% of the printed figure."""
     sizes = (xcal.get("llama_3_2_1b") or {}).get("model_size_bytes") or {}
     out = []
     for sp in page.SPEEDS:
@@ -412,8 +569,10 @@ def page_gpus(xcal: dict[str, Any]) -> list[dict[str, Any]]:
             if r["device"] != d.name:
                 continue
             rule = page_rule_tok_s(d.bandwidth_gb_s, d.vendor, r["bytes"])
-            published.append({**r, "page_rule_tok_s": rule, "ratio": r["tok_s"] / rule,
-                              "inside": abs(r["tok_s"] / rule - 1) <= page.BAND})
+            # a verdict only against a figure the page prints: Llama 3.2 1B (1.24 B params) at Q4_K_M on this GPU
+            printed = sp.tok_s if is_page_model_row(r) else None
+            published.append({**r, "page_rule_tok_s": rule, "ratio": r["tok_s"] / rule, "printed_tok_s": printed,
+                              "inside": abs(r["tok_s"] / printed - 1) <= page.BAND if printed else None})
         quants = []
         for q in page.BY_QUANT:
             size = sizes.get(q)

@@ -9,7 +9,7 @@ import math
 import pandas as pd
 
 from harness.analysis.calibration import CalibrationError
-from harness.analysis.fit import predict
+from harness.analysis.fit import _column, predict
 from harness.analysis.points import (
     ARCH,
     kernel_seconds,
@@ -50,7 +50,8 @@ def _one_point(cal: dict, quant: str, n_depth: int, n_gen: int = 1) -> pd.DataFr
 def predict_tg_tok_s(cal: dict, quant: str, n_depth: int = 0, bandwidth_gb_s: float | None = None
                      ) -> tuple[float, float, list[str]]:
     """Calibrated tg tok/s for a quant at a depth: (tok/s, relative uncertainty (LOQO RMS), notes).
-    With a `bandwidth_gb_s` other than the calibration's, the rate is scaled by the bandwidth ratio."""
+    With a `bandwidth_gb_s` other than the calibration's, the time the model spends reading bytes is scaled by
+    the bandwidth ratio; its overhead and compute terms are not (they are the calibrated device's)."""
     tg = cal.get("tg")
     if not tg:
         raise CalibrationError("this calibration has no tg fit")
@@ -87,21 +88,32 @@ def predict_tg_tok_s(cal: dict, quant: str, n_depth: int = 0, bandwidth_gb_s: fl
         notes.append(f"depth {n_depth:,} lies beyond the measured ones (up to {max(depths):,}): extrapolated, not "
                      "calibrated. Attention's own cost, which grows with the context and can dominate on a CPU, "
                      "is in no term; measure that depth (bench.depths) to calibrate it")
-    rate = 1 / t
     if bandwidth_gb_s and cal_bw and abs(bandwidth_gb_s / cal_bw - 1) > 1e-9:
+        # only the time spent reading bytes scales with the bandwidth; the overhead and the kernels' compute
+        # terms are the calibrated device's and stay as they are
         ratio = bandwidth_gb_s / cal_bw
-        rate *= ratio
-        notes.append(f"scaled from {cal['device']['name']} ({cal_bw:,.1f} GB/s) by the bandwidth ratio "
-                     f"{ratio:.3g}: an extrapolation across devices, beyond the stated uncertainty")
+        t_bytes = sum(v * float(_column(pts, k)[0]) for k, v in tg["params"].items()
+                      if v and k.startswith("s_per_byte"))
+        if n_depth and not any(k.startswith("s_per_byte") and v for k, v in tg["params"].items()):
+            t_bytes += float(pts.kv_read_bytes.iloc[0]) / (cal_bw * 1e9)  # the KV read added above
+        notes.append(f"carried from {cal['device']['name']} ({cal_bw:,.1f} GB/s): its bytes term "
+                     f"({t_bytes * 1e3:,.2f} ms of {t * 1e3:,.2f} ms per token) scaled "
+                     f"by the bandwidth ratio {ratio:.3g}, the rest ({tg['chosen']}'s overhead and compute) kept: an "
+                     "extrapolation across devices, beyond the stated uncertainty"
+                     + ("; nothing in this model reads bytes, so nothing scales" if not t_bytes else ""))
+        t = t - t_bytes + t_bytes / ratio
     elif bandwidth_gb_s and not cal_bw:
         notes.append("the calibration's device has no known bandwidth: not scaled")
+    rate = 1 / t
     rel = (tg.get("nested") or {}).get("rms_ape") or (tg.get("loqo") or {}).get("rms_ape")
     return rate, rel if rel is not None else math.nan, notes
 
 
-def predict_memory_bytes(cal: dict, quant: str, n_ctx: int, kv_types: tuple[str, str] = ("f16", "f16")
-                         ) -> tuple[float, float, list[str]]:
-    """Calibrated peak memory for a quant at a context size: (bytes, relative uncertainty, notes). With the
+def predict_memory_bytes(cal: dict, quant: str, n_ctx: int, kv_types: tuple[str, str] = ("f16", "f16"),
+                         what: str = "peak") -> tuple[float, float, list[str]]:
+    """Calibrated peak memory for a quant at a context size: (bytes, relative uncertainty, notes); with `what`
+    "needed", what the quant needs instead (the report's 'memory needed': llama.cpp's buffers with the repacked
+    weights counted once; no fitted term, so no uncertainty of its own). With the
     calibration's memory test (its "contexts" model: KV per cell and the compute buffer's measured growth), the
     KV and compute terms come from it; otherwise from the pp/tg tests' buffers."""
     mem = cal.get("memory")
@@ -138,8 +150,14 @@ def predict_memory_bytes(cal: dict, quant: str, n_ctx: int, kv_types: tuple[str,
     elif tuple(kv_types) != ("f16", "f16"):
         raise CalibrationError(f"this calibration has no memory test of {kv_types[0]}/{kv_types[1]} KV "
                                "(bench.contexts with cache_type_k / cache_type_v)")
+    output = buf.get("output_bytes") or 0.0
+    if what == "needed":  # what the quant needs: llama.cpp's allocations, repacked weights counted once
+        w_needed = info.get("weights_needed_bytes") or info.get("model_size_bytes") or weights
+        notes.append("memory needed = weights once (llama.cpp's tensors; CPU repacking replaces their file pages, "
+                     "which stay only as reclaimable page cache) + KV + compute + output buffers: not the RSS peak")
+        return float(w_needed + kv + comp + output), math.nan, notes
     pts = pd.DataFrame([{"quant": quant, "weights_bytes": weights, "kv_bytes": kv, "compute_bytes": comp,
-                         "output_bytes": buf.get("output_bytes") or 0.0, "peak_bytes": 1.0}])
+                         "output_bytes": output, "peak_bytes": 1.0}])
     value = float(predict(pts, mem["params"], "peak_bytes")[0])
     rel = (mem.get("nested") or {}).get("rms_ape") or (mem.get("loqo") or {}).get("rms_ape")
     return value, rel if rel is not None else math.nan, notes

@@ -150,13 +150,35 @@ def efficiency(vendor: str | None) -> float:
     return EFFICIENCY.get((vendor or "").lower(), DEFAULT_EFFICIENCY)
 
 
+def rule_tok_s(bandwidth_gb_s: float, vendor: str | None, weights_gb: float) -> float:
+    """The page's speed rule, the one place it is coded: bandwidth (GB/s) / (weights GB + its 0.1 GB of KV cache
+    and overhead) x its efficiency (0.65 NVIDIA, 0.55 AMD, the text's 0.55 for anything else). Applied to
+    another model's file (a published row's), `weights_gb` is that file's size: the rule extrapolated."""
+    return bandwidth_gb_s / (weights_gb + SPEED_OVERHEAD_GB) * efficiency(vendor)
+
+
 def page_tok_s(device_bandwidth_gb_s: float, vendor: str | None, quant: str = SPEED_QUANT) -> float:
     """The page's tok/s (unrounded) for a device of this bandwidth and vendor.
 
     At Q4_K_M this is exactly the rule behind the printed figures. For other quants the page prints no
-    speed; the same rule with that quant's bits is applied (the page's text implies it: 'bandwidth / model GB').
+    speed; the same rule with that quant's bits is applied (the page's text implies it: 'bandwidth / model GB'):
+    an extrapolation, which is never given a verdict (:func:`printed_tok_s` says where the page prints one).
     """
-    return device_bandwidth_gb_s / speed_model_gb(quant) * efficiency(vendor)
+    return rule_tok_s(device_bandwidth_gb_s, vendor, speed_model_gb(quant) - SPEED_OVERHEAD_GB)
+
+
+def printed_speed(device: str | None, quant: str) -> PageSpeed | None:
+    """The speed the page prints for this device and quant, or None: it prints one for Q4_K_M on its four GPUs
+    only (`device` a name the device catalog resolves, e.g. "RTX 4090")."""
+    if quant != SPEED_QUANT or not device:
+        return None
+    from harness.catalog import devices
+
+    found = devices.find(device)
+    for s in SPEEDS:
+        if found is not None and devices.lookup(s.device).name == found.name:
+            return s
+    return None
 
 
 def page_table() -> pd.DataFrame:

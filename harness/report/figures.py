@@ -36,8 +36,9 @@ def _plt():
 
 
 def fig_speed(t: pd.DataFrame, device: dict) -> bytes:
-    """Measured tg tok/s per quant (bars, min-max whiskers) against the page's prediction with its +-20%
-    band, and the calibrated held-out prediction."""
+    """Measured tg tok/s per quant (bars, min-max whiskers) against the page's printed figure with its +-20%
+    band where it prints one, its rule extrapolated (hollow, no band) elsewhere, and the calibrated held-out
+    prediction."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10, 4.5))
     x = np.arange(len(t))
@@ -47,7 +48,12 @@ def fig_speed(t: pd.DataFrame, device: dict) -> bytes:
     pg = t.page_tok_s.to_numpy(float)
     if np.isfinite(pg).any():
         ax.errorbar(x, pg, yerr=[pg * page.BAND, pg * page.BAND], fmt="D", color="#c44e52", capsize=6,
-                    label="page's prediction ±20%")
+                    label="page's printed figure ±20%")
+    rule = t.page_rule_tok_s.to_numpy(float) if "page_rule_tok_s" in t else np.full(len(t), np.nan)
+    rule = np.where(np.isfinite(pg), np.nan, rule)  # where it prints a figure, that figure is shown
+    if np.isfinite(rule).any():
+        ax.plot(x, rule, "D", mfc="none", color="#c44e52", label="page's rule, extrapolated (no figure printed)")
+    pg = np.concatenate([pg, rule])
     cal = t.calibrated_tok_s.to_numpy(float)
     if np.isfinite(cal).any():
         ax.plot(x, cal, "o", color="#55a868", label="calibrated (held out)")
@@ -227,7 +233,8 @@ def fig_quality(qp: pd.DataFrame) -> bytes:
 
 
 def fig_page_gpus(gpus: list[dict]) -> bytes:
-    """Per page GPU: tok/s against the model's bytes: the page's rule with its ±20% band, the cross-device
+    """Per page GPU: tok/s against the model's bytes: the page's printed figure with its ±20% band, its rule
+    extrapolated to other sizes (dashed), the cross-device
     estimate for the 12 quants of Llama 3.2 1B (at their sizes), and every published measurement on that GPU
     (any model: the page's rule is for any size)."""
     from harness.analysis import crossgpu
@@ -237,9 +244,10 @@ def fig_page_gpus(gpus: list[dict]) -> bytes:
     for ax, g in zip(axes[0], gpus):
         xs = np.geomspace(0.3e9, 20e9, 60)
         rule = np.array([crossgpu.page_rule_tok_s(g["bandwidth_gb_s"], g["vendor"], x) for x in xs])
-        ax.plot(xs / GB, rule, color="#c44e52", label="page's rule")
-        ax.fill_between(xs / GB, rule * (1 - page.BAND), rule * (1 + page.BAND), color="#c44e52", alpha=0.15,
-                        label="page's ±20%")
+        ax.plot(xs / GB, rule, color="#c44e52", ls="--", label="page's rule, extrapolated to other sizes")
+        printed, at = g["page_printed_tok_s"], page.speed_model_gb(page.SPEED_QUANT) - page.SPEED_OVERHEAD_GB
+        ax.errorbar([at], [printed], yerr=[[printed * page.BAND], [printed * page.BAND]], fmt="D", color="#c44e52",
+                    capsize=5, label=f"page's printed {page.SPEED_QUANT} figure ±20%")
         est = [q for q in g["quants"] if q["estimate_tok_s"] and q.get("model_size_bytes")]
         if est:
             err = [q["estimate_tok_s"] * (q["held_out_median"] or 0) for q in est]
@@ -281,8 +289,9 @@ def figures(t: pd.DataFrame, ctx: pd.DataFrame, cal: dict, device: dict,
 
 
 CAPTIONS = {
-    "speed.png": "Measured generation speed per quant against the page's prediction (±20% band) and the "
-                 "calibrated model's held-out prediction.",
+    "speed.png": "Measured generation speed per quant against the page's printed figure (±20% band) where it "
+                 "prints one, its rule extrapolated (hollow) where it does not, and the calibrated model's held-out "
+                 "prediction.",
     "memory.png": "Memory needed per quant (weights with repacked weights counted once, KV, compute), the "
                   "measured peak marked, beside the page's VRAM figure.",
     "context_memory.png": "Memory needed against the context size per KV cache type (the memory test), beside "

@@ -1,18 +1,41 @@
 """Published llama.cpp measurements as records: llama-bench output pasted in issues and pull requests (its
-markdown tables, and its json / jsonl / csv output), each row one record of the harness's schema with
-`weights: "published"`, its source (URL), date, build and the quoted line.
+markdown tables, and its json / jsonl / csv / sql output), each row one record of the harness's schema with
+`weights: "published"`, its source (URL), date, runtime, build and the quoted line.
 
 A source is a pair of files (`data/published/<slug>.txt` with the output exactly as published, and
-`<slug>.yaml` with `url`, `date`, `build`, `device`, `backend`, `format`, `quote`, `notes`), or a single output
-file with those given on the command line. Numbers are transcribed, never computed: the record keeps the t/s
-and its ± as printed (`extra.ts_sd`), the size with its unit (`extra.size_as_printed`).
+`<slug>.yaml` with `url`, `date`, `runtime`, `build`, `device`, `backend`, `format`, `quote`, `notes`, and
+`columns` where one table's rate columns come from different runtimes or builds), or a single output file with
+those given on the command line. Numbers are transcribed, never computed: the record keeps the t/s and its ± as
+printed (`extra.ts_sd`), the size with its unit (`extra.size_as_printed`).
 
 Rows are placed or skipped, never guessed: a model string must parse into architecture, size label and a known
 quant ("llama 1B Q4_K - Medium" -> llama, 1B, Q4_K_M), the test into pp/tg sizes, the rate into a number, and
-the device must resolve in the catalog (:func:`harness.catalog.devices.lookup`, "did you mean"); every skipped
-row comes back with its reason. Comparison tables (`t/s (before)` / `t/s (after)`, `master` / `PR`) give one
-record per rate column, named in `extra.column`; repeated rows (the same source, device, model, test, column and
-rate) are kept once.
+the row must name the device it ran on. Every skipped row comes back with its reason. Comparison tables
+(`t/s (before)` / `t/s (after)`, `master` / `PR`) give one record per rate column, named in `extra.column`;
+repeated rows (the same source, device, model, test, column and rate) are kept once.
+
+The device a row ran on (the record's `gpu_name`; its `device` is the backend, "cpu" for a CPU row):
+
+- the row's own columns first, as llama-bench writes them: with a CPU-only backend ("CPU", "BLAS", "CPU,BLAS")
+  `cpu_info` (the CPU's name, e.g. "AMD EPYC"); with a GPU backend `gpu_info` (Metal: else `cpu_info`, the same
+  Apple chip); with no backend named, whichever of the two is there. A markdown table carries these only as
+  compare-llama-bench.py's "CPU" / "GPU" columns, llama-bench's own table not at all;
+- else the device given (the yaml's `device`, or `--device`; `--device cpu` is this machine's CPU, named as
+  the harness's own runs name it: :func:`harness.measure.env.cpu_model`). Where the row names a device and the
+  given one is another, the row's is kept (it is llama-bench's own record of what ran) and the given name is
+  noted in `extra.device_given`;
+- a row that names no device and is given none is skipped ("device: none named").
+
+A device the catalog (:func:`harness.catalog.devices.find`) knows is named as the catalog names it
+(`extra.catalogued` true); any other is imported under its name as printed, `extra.catalogued` false: without a
+spec bandwidth it stays out of the cross-device fit, and shows in `harness db` / `compare` like any other.
+
+Runtime and build (`extra.runtime`, `extra.build`) are those of the record's own rate column: the source's
+`columns:` entry for that column header ({runtime:, build:}) over the source's top-level `runtime` / `build`
+(or `--runtime` / `--build`). llama-bench's csv / json / jsonl / sql rows carry their own build
+(`build_commit`, `build_number`: "build: <commit> (<number>)", kept over a given build, which is then noted in
+`extra.build_given`), and their runtime is "llama.cpp" unless one is given. A markdown table with no runtime
+given has runtime None (unknown): never guessed from the numbers. "unknown" in a yaml is None too.
 """
 
 from __future__ import annotations
@@ -29,6 +52,7 @@ from harness import schema
 from harness.catalog import devices
 
 WEIGHTS = "published"
+MACHINE_FORMATS = ("json", "jsonl", "csv", "sql")  # llama-bench's own machine-readable output (-o)
 
 # llama.cpp's file-type descriptions (llama_model_ftype_name) as llama-bench prints them -> recipe names
 FTYPE_NAMES = {
@@ -47,14 +71,18 @@ BACKENDS = {"cuda": "cuda", "metal": "metal", "vulkan": "vulkan", "rocm": "rocm"
 
 
 class Source(NamedTuple):
-    url: str
-    date: str | None
-    build: str | None
-    device: str | None
-    backend: str | None
-    fmt: str
-    quote: str | None
-    path: str
+    url: str  # where the output was published
+    date: str | None  # when, as the source says
+    build: str | None  # the build that ran it, as printed ("build: 086a63e3a (7340)")
+    device: str | None  # the device given (yaml / --device; --device cpu: this machine's CPU's name)
+    backend: str | None  # the backend given, where the table has no backend column
+    fmt: str  # md, json, jsonl, csv, sql or log
+    quote: str | None  # the source's words introducing the output
+    path: str  # the file read
+    runtime: str | None = None  # "llama.cpp", "ik_llama.cpp", ...; None or "unknown": not given
+    columns: dict[str, dict[str, Any]] = {}  # rate column header -> {runtime:, build:} of that column, where a
+    # source's columns come from different runtimes or builds (over the top-level runtime / build)
+    device_from: str = "given"  # how `device` was given: "given" (yaml / --device), or "this machine's CPU"
 
 
 class Skipped(NamedTuple):
@@ -142,10 +170,10 @@ def md_rows(text: str) -> list[tuple[str, dict[str, str]]]:
 
 
 # llama-bench's column names; compare-llama-bench.py prints them capitalised ("Model", "Test"), and its device
-# column is "GPU" or "CPU" (the chip's name, as llama-bench's gpu_info / cpu_info)
-_COLUMNS = {"model", "size", "params", "backend", "ngl", "fa", "test", "gpu_info", "threads", "n_batch",
-            "n_ubatch", "type_k", "type_v"}
-_DEVICE_COLUMNS = {"gpu": "gpu_info", "cpu": "gpu_info"}
+# column is "GPU" or "CPU" (the chip's name: llama-bench's gpu_info / cpu_info)
+_COLUMNS = {"model", "size", "params", "backend", "ngl", "fa", "test", "gpu_info", "cpu_info", "threads",
+            "n_batch", "n_ubatch", "type_k", "type_v"}
+_DEVICE_COLUMNS = {"gpu": "gpu_info", "cpu": "cpu_info"}
 
 
 def _column(name: str) -> str:
@@ -170,13 +198,73 @@ def _backend(text: str) -> str | None:
     return gpu[0] if gpu else (names[0] if names and names[0] else None)
 
 
-def _resolve_device(name: str | None) -> tuple[devices.Device | None, str | None]:
-    if not name:
-        return None, "no device named (give one in the source's yaml or with --device)"
-    try:
-        return devices.lookup(name), None
-    except devices.UnknownDevice as e:
-        return None, str(e).split("; known:")[0]  # the catalog's whole list once per row says nothing
+def _row_device(row: dict[str, str], backend: str | None) -> tuple[str | None, str | None]:
+    """(the device the row itself names, the column it is in): with a CPU-only backend its cpu_info, with a GPU
+    backend its gpu_info (Metal: else cpu_info, the same chip), with no backend named either; (None, None)
+    where the row names none."""
+    cpu, gpu = (row.get("cpu_info") or "").strip(), (row.get("gpu_info") or "").strip()
+    if backend == "cpu":
+        order = [("cpu_info", cpu)]
+    elif backend == "metal" or backend is None:
+        order = [("gpu_info", gpu), ("cpu_info", cpu)]
+    else:
+        order = [("gpu_info", gpu)]
+    return next(((v, k) for k, v in order if v), (None, None))
+
+
+def _same_device(a: str, b: str) -> bool:
+    da, db = devices.find(a), devices.find(b)
+    return (da is not None and da == db) or " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+class _Device(NamedTuple):
+    name: str  # the catalog's name, or the name as printed where the catalog does not know it
+    as_printed: str  # the name the row (or the given device) says
+    catalogued: bool
+    came_from: str  # "cpu_info", "gpu_info", or the Source's device_from
+    given: str | None  # the given device where the row names another one (noted, not used)
+
+
+def _device(row: dict[str, str], backend: str | None, src: Source) -> _Device | None:
+    """The device a row ran on (the module's docstring says the order); None where nothing names one."""
+    name, came_from = _row_device(row, backend)
+    given = (src.device or "").strip() or None
+    if name is None:
+        if given is None:
+            return None
+        name, came_from = given, src.device_from
+    other = given if given is not None and came_from in ("cpu_info", "gpu_info") and not _same_device(name, given) \
+        else None
+    d = devices.find(name)
+    return _Device(d.name if d else name, name, d is not None, came_from, other)
+
+
+_NO_DEVICE = ("device: none named (no cpu_info / gpu_info, or CPU / GPU column, in the row): give device: in the "
+              "yaml or --device (--device cpu: this machine's CPU)")
+
+
+def _unknown(text: Any) -> str | None:
+    t = str(text).strip() if text is not None else ""
+    return None if not t or t.lower() == "unknown" else t
+
+
+def _runtime_build(src: Source, col: str | None, row: dict[str, str]) -> dict[str, Any]:
+    """extra's runtime and build of a record from rate column `col` (its `columns:` entry over the source's
+    top level; llama-bench's own build fields over both), and the given build where the row's differs."""
+    spec = src.columns.get(col, {}) if col is not None else {}
+    runtime = spec["runtime"] if "runtime" in spec else src.runtime
+    build = spec["build"] if "build" in spec else src.build
+    out: dict[str, Any] = {}
+    commit = (row.get("build_commit") or "").strip()
+    if commit:  # llama-bench's own record of the build that ran it, as it prints it under its table
+        number = (row.get("build_number") or "").strip()
+        own = f"build: {commit} ({number})" if number else f"build: {commit}"
+        if build and commit not in str(build):
+            out["build_given"] = build
+        build = own
+    if runtime is None and src.fmt in MACHINE_FORMATS:
+        runtime = "llama.cpp"  # llama-bench's own output: llama.cpp's tool unless the source says another
+    return {"runtime": _unknown(runtime), "build": build, **out}
 
 
 def rows_to_records(rows: list[tuple[str, dict[str, str]]], src: Source, run_id: str
@@ -197,15 +285,16 @@ def rows_to_records(rows: list[tuple[str, dict[str, str]]], src: Source, run_id:
         if test is None:
             skipped.append(Skipped(line, f"test {row.get('test', '')!r}: not a pp or tg test of one size"))
             continue
-        dev_name = row.get("gpu_info") or src.device
-        dev, why = _resolve_device(dev_name)
-        if dev is None:
-            skipped.append(Skipped(line, f"device: {why}"))
-            continue
-        size = parse_size(row.get("size", ""))
-        params = parse_params(row.get("params", ""))
         backend_text = (row.get("backend") or src.backend or "").strip()
         backend = _backend(backend_text)
+        dev = _device(row, backend, src)
+        if dev is None:
+            skipped.append(Skipped(line, _NO_DEVICE))
+            continue
+        size = parse_size(row.get("size", ""))
+        if _int(row.get("model_size")):  # llama-bench's csv / json / sql: the exact count, not the rounded print
+            size = (int(row["model_size"]), size[1] if size else "")
+        params = _int(row.get("model_n_params")) or parse_params(row.get("params", ""))
         ngl = row.get("ngl")
         cols = _rate_columns(row)
         if not cols:
@@ -232,13 +321,18 @@ def rows_to_records(rows: list[tuple[str, dict[str, str]]], src: Source, run_id:
                 n_ubatch=_int(row.get("n_ubatch")), cache_type_k=row.get("type_k") or None,
                 cache_type_v=row.get("type_v") or None,
                 flash_attn={"1": "on", "0": "off"}.get((row.get("fa") or "").strip()),
-                extra={"source": src.url, "date": src.date, "build": src.build, "quote": src.quote,
+                extra={"source": src.url, "date": src.date, **_runtime_build(src, col, row), "quote": src.quote,
                        "line": line.strip(), "file": src.path, "column": col, "ts_sd": rate[1],
                        "size_as_printed": row.get("size"), "params_as_printed": row.get("params"),
                        "backend_as_printed": backend_text or None, "architecture": model[0],
-                       "size_label": model[1], "device_as_printed": dev_name},
+                       "size_label": model[1], **_device_extra(dev)},
             ))
     return recs, skipped
+
+
+def _device_extra(dev: _Device) -> dict[str, Any]:
+    out = {"device_as_printed": dev.as_printed, "device_from": dev.came_from, "catalogued": dev.catalogued}
+    return {**out, "device_given": dev.given} if dev.given else out
 
 
 def sql_items(text: str) -> list[dict[str, Any]]:
@@ -266,6 +360,16 @@ def sql_items(text: str) -> list[dict[str, Any]]:
         con.close()
 
 
+def _mib_gib(n: int) -> str:
+    """A size as llama-bench's markdown table prints it: "2.65 MiB" below a GiB, "4.33 GiB" from one."""
+    return f"{n / 2**20:.2f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def _m_b(n: int) -> str:
+    """A parameter count as llama-bench's markdown table prints it: "4.59 M" below a billion, "1.24 B" from one."""
+    return f"{n / 1e6:.2f} M" if n < 1e9 else f"{n / 1e9:.2f} B"
+
+
 def json_rows(text: str, fmt: str) -> list[tuple[str, dict[str, str]]]:
     """llama-bench's json / jsonl / csv / sql output as md_rows-like (line, {column: cell}) pairs, with its
     fields mapped to the markdown table's columns (model_type -> model, avg_ts ± stddev_ts -> t/s, ...)."""
@@ -286,14 +390,18 @@ def json_rows(text: str, fmt: str) -> list[tuple[str, dict[str, str]]]:
             test = f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
         if int(it.get("n_depth") or 0):
             test += f" @ d{it['n_depth']}"
-        size = it.get("model_size")
+        size, n_params = _int(str(it.get("model_size") or "")), _int(str(it.get("model_n_params") or ""))
         row = {
-            "model": str(it.get("model_type", "")), "size": f"{int(size) / 2**30:.2f} GiB" if size else "",
-            "params": f"{int(it['model_n_params']) / 1e9:.2f} B" if it.get("model_n_params") else "",
+            # size and params as llama-bench's markdown table prints them, and the exact counts beside them
+            "model": str(it.get("model_type", "")), "size": _mib_gib(size) if size else "",
+            "params": _m_b(n_params) if n_params else "",
+            "model_size": str(size or ""), "model_n_params": str(n_params or ""),
             "backend": str(it.get("backends", "")), "ngl": str(it.get("n_gpu_layers", "")), "test": test,
             "t/s": f"{it.get('avg_ts')} ± {it.get('stddev_ts')}" if it.get("stddev_ts") not in (None, "")
             else str(it.get("avg_ts", "")),
-            "gpu_info": str(it.get("gpu_info") or ""),
+            "gpu_info": str(it.get("gpu_info") or ""), "cpu_info": str(it.get("cpu_info") or ""),
+            "build_commit": str(it.get("build_commit") or ""),
+            "build_number": "" if it.get("build_number") in (None, "") else str(it["build_number"]),
             "threads": str(it.get("n_threads") or ""), "n_batch": str(it.get("n_batch") or ""),
             "n_ubatch": str(it.get("n_ubatch") or ""), "type_k": str(it.get("type_k") or ""),
             "type_v": str(it.get("type_v") or ""),
@@ -320,9 +428,9 @@ def log_records(text: str, src: Source, run_id: str) -> tuple[list[schema.Record
     if model is None:
         return [], [Skipped(src.path, "no model the log names (print_info: arch, model type, file type): "
                                       f"{info or 'none of those lines'}")]
-    dev, why = _resolve_device(src.device)
+    dev = _device({}, None, src)  # a load log names no device of its own here: the given one
     if dev is None:
-        return [], [Skipped(src.path, f"device: {why}")]
+        return [], [Skipped(src.path, _NO_DEVICE)]
     contexts: list[tuple[list[str], list[str]]] = []  # (the context's lines, its model's buffer lines)
     model_lines: list[str] = []
     new_load = False  # a model buffer line after a context: the log loads the model again
@@ -356,15 +464,38 @@ def log_records(text: str, src: Source, run_id: str) -> tuple[list[schema.Record
             weights_bytes=sum(weights.values()) or None, kv_bytes=sum(b.kv.values()),
             compute_bytes=sum(b.compute.values()), output_bytes=sum(b.output.values()),
             cache_type_k=types["k"] if types else None, cache_type_v=types["v"] if types else None,
-            extra={"source": src.url, "date": src.date, "build": src.build, "quote": src.quote, "file": src.path,
-                   "context": i, "lines": [x.strip() for x in ctx if "buffer size" in x or _CTX_RE.match(x)],
-                   "architecture": model[0], "size_label": model[1], "device_as_printed": src.device},
+            extra={"source": src.url, "date": src.date, **_runtime_build(src, None, {}), "quote": src.quote,
+                   "file": src.path, "context": i,
+                   "lines": [x.strip() for x in ctx if "buffer size" in x or _CTX_RE.match(x)],
+                   "architecture": model[0], "size_label": model[1], **_device_extra(dev)},
         ))
     return recs, []
 
 
+def _columns(path: Path, value: Any) -> dict[str, dict[str, Any]]:
+    """A yaml's `columns:` as {rate column header: {runtime:, build:}}; anything else is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, dict) and set(v) <= {"runtime", "build"}
+                                              for v in value.values()):
+        raise ImportError_(f"{path}: columns: must map rate column headers to {{runtime:, build:}}")
+    return {str(k).strip(): {f: None if x is None else str(x) for f, x in v.items()} for k, v in value.items()}
+
+
+def this_cpu() -> str:
+    """This machine's CPU, as the harness's own runs name it (what `--device cpu` means)."""
+    from harness.measure.env import cpu_model
+
+    return cpu_model()
+
+
 def read_source(path: Path, meta: dict[str, Any] | None = None) -> Source:
+    """The source of `path`: the yaml beside it, with `meta` (the command line's flags) over it. A given
+    device "cpu" (any case) is this machine's CPU."""
     meta = dict(meta or {})
+    device_from = "given"
+    if str(meta.get("device") or "").strip().lower() == "cpu":
+        meta["device"], device_from = this_cpu(), "this machine's CPU (--device cpu)"
     side = path.with_suffix(".yaml")
     if side.is_file() and side != path:
         import yaml
@@ -375,14 +506,16 @@ def read_source(path: Path, meta: dict[str, Any] | None = None) -> Source:
     fmt = str(meta.get("format") or {".json": "json", ".jsonl": "jsonl", ".csv": "csv",
                                       ".sql": "sql", ".log": "log"}.get(path.suffix, "md"))
     return Source(str(meta["url"]), str(meta["date"]) if meta.get("date") else None, meta.get("build"),
-                  meta.get("device"), meta.get("backend"), fmt, meta.get("quote"), str(path))
+                  meta.get("device"), meta.get("backend"), fmt, meta.get("quote"), str(path),
+                  runtime=None if meta.get("runtime") is None else str(meta["runtime"]),
+                  columns=_columns(side, meta.get("columns")), device_from=device_from)
 
 
 def import_file(path: Path, run_id: str, meta: dict[str, Any] | None = None
                 ) -> tuple[list[schema.Record], list[Skipped], Source]:
     src = read_source(path, meta)
     text = path.read_text(encoding="utf-8")
-    if src.fmt in ("json", "jsonl", "csv", "sql"):
+    if src.fmt in MACHINE_FORMATS:
         rows = json_rows(text, src.fmt)
     elif src.fmt == "md":
         rows = md_rows(text)
