@@ -196,8 +196,8 @@ def here_estimate(cal: dict | None, device: dict, quant: str, context: int) -> d
     probes' kernel time + overhead (+ the bytes term at this machine's bandwidth where the calibration's model
     has one), f and the overhead from `cal`'s probe model where it has one (another CPU's), else f = 1 and no
     overhead (the probes alone)."""
+    from harness.analysis import probe_here
     from harness.analysis.points import kernel_seconds, kv_bytes_per_token
-    from harness.measure import probe_here
 
     types = tensor_types(cal, quant)
     if not types:

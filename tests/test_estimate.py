@@ -139,7 +139,7 @@ def probes_here(monkeypatch):
     tests/test_probe_here.py measures them for real, on the tiny shape."""
     import json
 
-    from harness.measure import probe_here
+    from harness.analysis import probe_here
 
     costs = json.loads((AMD_RUN / "calibration.json").read_text())["probes"]
     asked = []

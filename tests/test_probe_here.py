@@ -1,4 +1,4 @@
-"""This machine's kernel costs (harness.measure.probe_here): the tiny shape's probes measured here once, then
+"""This machine's kernel costs (harness.analysis.probe_here): the tiny shape's probes measured here once, then
 answered from the per-machine cache."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from harness.analysis import points
-from harness.measure import probe_here, runner
+from harness.analysis import points, probe_here
+from harness.measure import runner
 from harness.sources import synthetic
 
 TINY = synthetic.ARCHS["tiny"]

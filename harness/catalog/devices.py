@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+import platform
 import re
+from pathlib import Path
 from typing import NamedTuple
 
 log = logging.getLogger(__name__)
@@ -210,6 +212,17 @@ def lookup(name: str) -> Device:
     close = difflib.get_close_matches(" ".join(toks), list(names), n=1, cutoff=0.5)
     hint = f" (did you mean {names[close[0]]!r}?)" if close else ""
     raise UnknownDevice(f"unknown device {name!r}{hint}; known: {', '.join(d.name for d in CATALOG)}")
+
+
+def cpu_model() -> str:
+    """This machine's CPU as /proc/cpuinfo names it (the name the harness's runs record and `--device cpu` means)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def find(name: str | None) -> Device | None:

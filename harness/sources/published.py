@@ -21,7 +21,7 @@ The device a row ran on (the record's `gpu_name`; its `device` is the backend, "
   Apple chip); with no backend named, whichever of the two is there. A markdown table carries these only as
   compare-llama-bench.py's "CPU" / "GPU" columns, llama-bench's own table not at all;
 - else the device given (the yaml's `device`, or `--device`; `--device cpu` is this machine's CPU, named as
-  the harness's own runs name it: :func:`harness.measure.env.cpu_model`). Where the row names a device and the
+  the harness's own runs name it: :func:`harness.catalog.devices.cpu_model`). Where the row names a device and the
   given one is another, the row's is kept (it is llama-bench's own record of what ran) and the given name is
   noted in `extra.device_given`;
 - a row that names no device and is given none is skipped ("device: none named").
@@ -484,9 +484,7 @@ def _columns(path: Path, value: Any) -> dict[str, dict[str, Any]]:
 
 def this_cpu() -> str:
     """This machine's CPU, as the harness's own runs name it (what `--device cpu` means)."""
-    from harness.measure.env import cpu_model
-
-    return cpu_model()
+    return devices.cpu_model()
 
 
 def read_source(path: Path, meta: dict[str, Any] | None = None) -> Source:
