@@ -3,14 +3,20 @@
 CONFIG ?= configs/1b-synthetic.yaml
 PY := .venv/bin/python
 
-.PHONY: setup run test lint
+.PHONY: setup run test test-all lint
 setup:
 	bash scripts/setup.sh
 
 run: setup
 	$(PY) -m harness run $(CONFIG)
 
+# test: the suite less the tests marked slow (under 4 min on 2 cores); test-all: every test (what CI runs).
 test:
+	bash scripts/setup.sh test
+	$(PY) -m ruff check harness tests
+	$(PY) -m pytest -q -m "not slow"
+
+test-all:
 	bash scripts/setup.sh test
 	$(PY) -m ruff check harness tests
 	$(PY) -m pytest -q

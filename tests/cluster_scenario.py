@@ -4,11 +4,15 @@ root), and a sweep of the tiny model over it: used by tests/test_cluster.py and 
     unshare -n python tests/cluster_scenario.py SCENARIO WORKDIR
 
 Nodes: the head advertises harness:kind-a, node B harness:kind-a too (same kind, its own port), node C
-harness:kind-b. Scenarios:
+harness:kind-b, each started when a scenario first needs it. Scenarios:
   kill:    the sweep over [kind-a, kind-b]; node B's raylet is killed once B has sent a record, node C's once C
            has; then the sweep is resumed with a fresh kind-b node (D).
+  all, client, hang, interrupt: see tests/test_cluster.py.
   plain:   the same sweep with no fault, timed (for the overhead benchmark), beside the same sweep run locally.
-Writes WORKDIR/scenario.json: what happened (return codes, node ids killed, timings)."""
+  session: client, hang, interrupt, all and kill one after another on one cluster (the tests' way: one
+           cluster's start and stop instead of five), each in WORKDIR/<scenario>/.
+Writes WORKDIR/scenario.json: what happened (return codes, node ids killed, timings); for `session`, one such
+entry per scenario."""
 
 from __future__ import annotations
 
@@ -119,77 +123,100 @@ def harness(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def configure(scenario: str, work: Path) -> Path:
+    quants = ["IQ3_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
+    if scenario == "kill":
+        return write_config(work, quants)
+    if scenario == "all":  # cluster.devices: all: every node once, its quants one after another
+        cfg = write_config(work, quants[:3], groups=("kind-a",))
+        cfg.write_text(cfg.read_text().replace('"devices": [{"name": "kind-a"}]', '"devices": "all"'))
+        return cfg
+    if scenario == "client":  # through Ray Client (ray://): no streaming tasks there
+        return write_config(work, quants[:2], groups=("kind-a",))
+    if scenario == "interrupt":  # Ctrl-C once a record is in, then --resume
+        return write_config(work, quants[:3], groups=("kind-a",))
+    if scenario == "hang":  # every repetition outlasts the time limit: the node's child is cut
+        return write_config(work, quants[:2], groups=("kind-a",), n_gen=100_000, timeout_s=3)
+    return write_config(work, quants, threads=2, groups=("kind-a",))  # plain: against the same sweep run locally
+
+
+def sweep(scenario: str, work: Path, ids: dict[str, str]) -> dict:
+    """One scenario's sweep on the running cluster (nodes `ids`); what happened, as a dict."""
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = configure(scenario, work)
+    out = work / "out"
+    report: dict = {"scenario": scenario, "nodes": dict(ids)}
+    t0 = time.monotonic()
+    address = "ray://127.0.0.1:10001" if scenario == "client" else f"127.0.0.1:{PORT}"
+    p = harness("run", str(cfg), "--cluster", address, "--out", str(out), "--no-report")
+    if scenario == "kill":
+        killed: dict[str, int] = {}
+        deadline = time.monotonic() + 300
+        while p.poll() is None and len(killed) < 2 and time.monotonic() < deadline:
+            recs = records_of(out / "records.jsonl")
+            by = {((r.get("extra") or {}).get("cluster") or {}).get("node_id") for r in recs}
+            for name, port in (("B", 6802), ("C", 6803)):
+                if name not in killed and ids[name] in by:
+                    killed[name] = sum(1 for r in recs if ((r.get("extra") or {}).get("cluster") or {})
+                                       .get("node_id") == ids[name])
+                    kill_raylet(port)
+            time.sleep(0.05)
+        report["killed_after_records"] = killed
+    if scenario == "interrupt":
+        deadline = time.monotonic() + 300
+        while p.poll() is None and not records_of(out / "records.jsonl") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        report["records_at_interrupt"] = len(records_of(out / "records.jsonl"))
+    stdout, stderr = p.communicate(timeout=600)
+    report.update(rc=p.returncode, seconds=time.monotonic() - t0, stdout=stdout[-4000:], stderr=stderr[-6000:])
+    if scenario in ("kill", "interrupt"):  # resume (after a kill: with a fresh node of kind-b)
+        if scenario == "kill":
+            ray_start(work, "D", "harness:kind-b", nm_port=6804)
+            report["nodes"]["D"] = ids["D"] = node_id_of(6804)
+        p = harness("run", str(cfg), "--cluster", f"127.0.0.1:{PORT}", "--resume", str(out))
+        stdout, stderr = p.communicate(timeout=600)
+        report["resume"] = {"rc": p.returncode, "stdout": stdout[-4000:], "stderr": stderr[-6000:]}
+    if scenario == "plain":  # the same sweep locally, for the overhead ratio
+        t0 = time.monotonic()
+        p = harness("run", str(cfg), "--out", str(work / "local"), "--no-report", "--no-progress")
+        p.communicate(timeout=600)
+        report["local_seconds"] = time.monotonic() - t0
+        report["local_rc"] = p.returncode
+    return report
+
+
+# `session`: every test scenario on one cluster, in the order the nodes they need come and go: the head
+# alone (client, hang, interrupt: each asserts its cells ran there), then node B (all: every node is a group),
+# then node C (kill: B and C die, D joins for the resume).
+SESSION = ("client", "hang", "interrupt", "all", "kill")
+
+
 def main() -> int:
     scenario, work = sys.argv[1], Path(sys.argv[2])
     work.mkdir(parents=True, exist_ok=True)
     sh("ip", "link", "set", "lo", "up")
-    quants = ["IQ3_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
-    if scenario == "kill":
-        cfg = write_config(work, quants)
-    elif scenario == "all":  # cluster.devices: all: every node once, its quants one after another
-        cfg = write_config(work, quants[:3], groups=("kind-a",))
-        cfg.write_text(cfg.read_text().replace('"devices": [{"name": "kind-a"}]', '"devices": "all"'))
-    elif scenario == "client":  # through Ray Client (ray://): no streaming tasks there
-        cfg = write_config(work, quants[:2], groups=("kind-a",))
-    elif scenario == "interrupt":  # Ctrl-C once a record is in, then --resume
-        cfg = write_config(work, quants[:3], groups=("kind-a",))
-    elif scenario == "hang":  # every repetition outlasts the time limit: the node's child is cut
-        cfg = write_config(work, quants[:2], groups=("kind-a",), n_gen=100_000, timeout_s=3)
-    else:  # plain: one node, one group, against the same sweep run locally
-        cfg = write_config(work, quants, threads=2,
-                           groups=("kind-a",))
-    out = work / "out"
-    report: dict = {"scenario": scenario}
+    names = SESSION if scenario == "session" else (scenario,)
+    report: dict = {}
+    t0 = time.monotonic()
     try:
         ray_start(work, "head", "harness:kind-a", head=True, nm_port=6801,
-                  client_port=10001 if scenario == "client" else None)
+                  client_port=10001 if "client" in names else None)
         ids = {"head": node_id_of(6801)}
-        if scenario == "all":
-            ray_start(work, "B", "harness:kind-a", nm_port=6802)
-            ids.update(B=node_id_of(6802))
-        if scenario == "kill":
-            ray_start(work, "B", "harness:kind-a", nm_port=6802)
-            ray_start(work, "C", "harness:kind-b", nm_port=6803)
-            ids.update(B=node_id_of(6802), C=node_id_of(6803))
-        report["nodes"] = ids
-        t0 = time.monotonic()
-        address = "ray://127.0.0.1:10001" if scenario == "client" else f"127.0.0.1:{PORT}"
-        p = harness("run", str(cfg), "--cluster", address, "--out", str(out), "--no-report")
-        if scenario == "kill":
-            killed: dict[str, int] = {}
-            deadline = time.monotonic() + 300
-            while p.poll() is None and len(killed) < 2 and time.monotonic() < deadline:
-                recs = records_of(out / "records.jsonl")
-                by = {((r.get("extra") or {}).get("cluster") or {}).get("node_id") for r in recs}
-                for name, port in (("B", 6802), ("C", 6803)):
-                    if name not in killed and ids[name] in by:
-                        killed[name] = sum(1 for r in recs if ((r.get("extra") or {}).get("cluster") or {})
-                                           .get("node_id") == ids[name])
-                        kill_raylet(port)
-                time.sleep(0.05)
-            report["killed_after_records"] = killed
-        if scenario == "interrupt":
-            deadline = time.monotonic() + 300
-            while p.poll() is None and not records_of(out / "records.jsonl") and time.monotonic() < deadline:
-                time.sleep(0.05)
-            p.send_signal(signal.SIGINT)
-            report["records_at_interrupt"] = len(records_of(out / "records.jsonl"))
-        stdout, stderr = p.communicate(timeout=600)
-        report.update(rc=p.returncode, seconds=time.monotonic() - t0, stdout=stdout[-4000:], stderr=stderr[-6000:])
-        if scenario in ("kill", "interrupt"):  # resume (after a kill: with a fresh node of kind-b)
-            if scenario == "kill":
-                ray_start(work, "D", "harness:kind-b", nm_port=6804)
-                report["nodes"]["D"] = node_id_of(6804)
-            p = harness("run", str(cfg), "--cluster", f"127.0.0.1:{PORT}", "--resume", str(out))
-            stdout, stderr = p.communicate(timeout=600)
-            report["resume"] = {"rc": p.returncode, "stdout": stdout[-4000:], "stderr": stderr[-6000:]}
-        if scenario == "plain":  # the same sweep locally, for the overhead ratio
-            t0 = time.monotonic()
-            p = harness("run", str(cfg), "--out", str(work / "local"), "--no-report", "--no-progress")
-            p.communicate(timeout=600)
-            report["local_seconds"] = time.monotonic() - t0
-            report["local_rc"] = p.returncode
-    except BaseException as e:  # noqa: BLE001 - said in scenario.json, for the test's message
+        for name in names:
+            if name in ("all", "kill") and "B" not in ids:
+                ray_start(work, "B", "harness:kind-a", nm_port=6802)
+                ids.update(B=node_id_of(6802))
+            if name == "kill":
+                ray_start(work, "C", "harness:kind-b", nm_port=6803)
+                ids.update(C=node_id_of(6803))
+            try:
+                report[name] = sweep(name, work / name if len(names) > 1 else work, ids)
+            except Exception as e:  # noqa: BLE001 - said in scenario.json, for that scenario's test
+                import traceback
+
+                report[name] = {"error": "".join(traceback.format_exception(e))[-4000:]}
+    except BaseException as e:  # noqa: BLE001 - said in scenario.json, for the tests' message
         import traceback
 
         report["error"] = "".join(traceback.format_exception(e))[-4000:]
@@ -198,7 +225,11 @@ def main() -> int:
         sh(str(BIN / "ray"), "stop", "--force", check=False)
         for d in TEMP_DIRS:
             shutil.rmtree(d, ignore_errors=True)
-        (work / "scenario.json").write_text(json.dumps(report, indent=1))
+        report["session_seconds"] = time.monotonic() - t0
+        out = report if scenario == "session" else {**report.get(scenario, {}), "error": report.get("error")}
+        if out.get("error") is None:
+            out.pop("error", None)
+        (work / "scenario.json").write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -1,7 +1,8 @@
 """`run --cluster` on a real local Ray cluster of three nodes (two of one kind, one of another), in a network
 namespace with only loopback: a node killed mid-sweep loses no finished record, its unfinished cells go to
 the other node of its kind, the kind left without nodes gets error records naming the dead node, and
-`--resume` with a fresh node completes the folder. Runs tests/cluster_scenario.py under `unshare -n`."""
+`--resume` with a fresh node completes the folder. Runs tests/cluster_scenario.py `session` under `unshare -n`:
+every scenario on one cluster, started and stopped once for the module."""
 
 from __future__ import annotations
 
@@ -29,24 +30,35 @@ def node_of(r: dict) -> str | None:
     return ((r.get("extra") or {}).get("cluster") or {}).get("node_id")
 
 
-def scenario(name: str, work):
-    r = subprocess.run(["unshare", "-n", sys.executable, str(REPO / "tests" / "cluster_scenario.py"), name,
-                        str(work)], capture_output=True, text=True, timeout=900)
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """Every scenario on one cluster (tests/cluster_scenario.py `session`): one start and stop for the module."""
+    work = tmp_path_factory.mktemp("cluster")
+    r = subprocess.run(["unshare", "-n", sys.executable, str(REPO / "tests" / "cluster_scenario.py"), "session",
+                        str(work)], capture_output=True, text=True, timeout=1500)
     assert (work / "scenario.json").is_file(), r.stderr[-3000:]
     sc = json.loads((work / "scenario.json").read_text())
     assert "error" not in sc, sc["error"]
     return work, sc
 
 
+def scenario(session, name: str):
+    work, sc = session
+    assert name in sc, f"the session never ran {name}: {sorted(sc)}"
+    assert "error" not in sc[name], sc[name]["error"]
+    return work / name, sc[name]
+
+
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory):
-    return scenario("kill", tmp_path_factory.mktemp("cluster"))
+def killed(session):
+    return scenario(session, "kill")
 
 
-def test_a_task_that_runs_past_the_time_limit_is_cut_on_its_node(tmp_path):
+@pytest.mark.slow
+def test_a_task_that_runs_past_the_time_limit_is_cut_on_its_node(session):
     """bench.timeout_s holds on the node as locally: the child measuring there is killed, its quant gets an
     error record with its group and node, the cells measured before it are kept, and the sweep goes on."""
-    work, sc = scenario("hang", tmp_path)
+    work, sc = scenario(session, "hang")
     assert sc["rc"] == 1
     recs = [json.loads(x) for x in (work / "out" / "records.jsonl").read_text().splitlines()]
     errors = [r for r in recs if r["status"] == "error"]
@@ -55,6 +67,7 @@ def test_a_task_that_runs_past_the_time_limit_is_cut_on_its_node(tmp_path):
     assert all(r["test"] == "pp" for r in recs if r["status"] == "ok")  # pp done, tg cut
 
 
+@pytest.mark.slow
 def test_a_killed_node_loses_no_record_and_its_cells_go_to_a_node_of_its_kind(killed):
     work, sc = killed
     assert sc["rc"] == 1, sc["stderr"]  # kind-b lost its only node: error records, exit 1
@@ -80,6 +93,7 @@ def test_a_killed_node_loses_no_record_and_its_cells_go_to_a_node_of_its_kind(ki
     assert sorted(p.name.split("-")[1] for p in (work / "out").glob("env-*.json")) >= ["kind", "kind"]
 
 
+@pytest.mark.slow
 def test_resume_with_a_fresh_node_completes_the_folder_and_reports_per_group(killed, tmp_path):
     work, sc = killed
     assert sc["resume"]["rc"] == 0, sc["resume"]["stderr"]
@@ -107,10 +121,11 @@ def test_cluster_needs_ray_message_and_bad_groups(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_ctrl_c_leaves_a_folder_that_resume_completes(tmp_path):
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_folder_that_resume_completes(session):
     """The driver interrupted (SIGINT) once a record is in: exit 130 with the folder on disk; --resume measures
     only the missing cells, and every cell ends measured exactly once."""
-    work, sc = scenario("interrupt", tmp_path)
+    work, sc = scenario(session, "interrupt")
     assert sc["rc"] == 130 and "interrupted: every finished measurement is on disk" in sc["stderr"]
     hint = sc["stderr"].rsplit("\n", 2)[-2]  # the resume hint repeats the whole command, flags kept
     assert "--cluster 127.0.0.1:6393" in hint and "--no-report --resume RESULTS_DIR" in hint, hint
@@ -122,10 +137,11 @@ def test_ctrl_c_leaves_a_folder_that_resume_completes(tmp_path):
     assert "cells already measured" in sc["resume"]["stderr"]
 
 
-def test_through_ray_client(tmp_path):
+@pytest.mark.slow
+def test_through_ray_client(session):
     """`--cluster ray://HOST:10001` (Ray Client, which has no streaming tasks): every cell measured on the
     node, records marked with its group and node."""
-    work, sc = scenario("client", tmp_path)
+    work, sc = scenario(session, "client")
     assert sc["rc"] == 0, sc["stderr"]
     recs = [json.loads(x) for x in (work / "out" / "records.jsonl").read_text().splitlines()]
     ok = Counter((r["quant"], r["test"], r["rep"]) for r in recs if r["status"] == "ok")
@@ -133,10 +149,11 @@ def test_through_ray_client(tmp_path):
     assert {node_of(r) for r in recs} == {sc["nodes"]["head"]} and {group_of(r) for r in recs} == {"kind-a"}
 
 
-def test_all_nodes_each_measure_every_quant_one_at_a_time(tmp_path):
+@pytest.mark.slow
+def test_all_nodes_each_measure_every_quant_one_at_a_time(session):
     """`cluster.devices: all`: each alive node is a group of its own and measures every quant; its quants run
     one after another (never two measurements at once on a node)."""
-    work, sc = scenario("all", tmp_path)
+    work, sc = scenario(session, "all")
     assert sc["rc"] == 0, sc["stderr"]
     recs = [json.loads(x) for x in (work / "out" / "records.jsonl").read_text().splitlines()]
     ids = sc["nodes"]

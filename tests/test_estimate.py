@@ -18,18 +18,18 @@ def run(capsys, *args):
     return rc, out.out, out.err
 
 
-@pytest.fixture
-def cpu_cal(tmp_path):
+@pytest.fixture(scope="module")
+def cpu_cal(tmp_path_factory):
     cal = calibration.calibrate(frame(make_records(noise=0.002)), ENV_CPU, run_id="cpu-run")
-    return calibration.write(cal, tmp_path / "cpu.json")
+    return calibration.write(cal, tmp_path_factory.mktemp("cal") / "cpu.json")
 
 
-@pytest.fixture
-def h100_cal(tmp_path):
+@pytest.fixture(scope="module")
+def h100_cal(tmp_path_factory):
     df = frame(make_records(device="cuda", gpu_name="NVIDIA H100 80GB HBM3", bw=3352, eff=0.5, overhead=0.002,
                             fam={}, noise=0.002, run_id="h100-run"))
     cal = calibration.calibrate(df, {"gpu": {"name": "NVIDIA H100 80GB HBM3"}}, run_id="h100-run")
-    return calibration.write(cal, tmp_path / "h100.json")
+    return calibration.write(cal, tmp_path_factory.mktemp("cal") / "h100.json")
 
 
 @pytest.mark.parametrize("device,printed", [("RTX 4090", 799), ("H100 SXM", 2657), ("MI300X", 3555),

@@ -274,6 +274,7 @@ def test_a_glob_of_files_each_labelled_by_its_header(tiny_file, tmp_path):
         config.from_dict({"name": "g", "model": {"source": "local", "path": str(d / "*.none")}})
 
 
+@pytest.mark.slow
 def test_a_non_editable_install_writes_under_the_current_directory(tiny_file, tmp_path):
     """`pip install .` (not editable) run from another folder: results and reports land under that folder,
     never inside the installed package."""

@@ -536,6 +536,7 @@ def _wait_records(proc: subprocess.Popen, rec_path: Path, at_least: int, below: 
 FOUR = ["IQ3_M", "Q4_0", "Q4_K_M", "Q8_0"]
 
 
+@pytest.mark.slow
 def test_kill9_then_resume(tiny_cache, tmp_path):
     d = _smoke(tiny_cache, quants=FOUR, bench={"repetitions": 2})
     cfg_path = tmp_path / "smoke4.yaml"

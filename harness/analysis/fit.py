@@ -139,6 +139,11 @@ def nnls(a: np.ndarray, b: np.ndarray, bounded: np.ndarray, max_iter: int | None
     algorithm (Solving Least Squares Problems, 1974, ch. 23), a free variable written as the difference of two
     bounded ones. Exact at the optimum (the KKT conditions hold), unlike pinning negative terms one by one."""
     free_cols = np.flatnonzero(~bounded)
+    # The unconstrained optimum, where it is unique and already inside the bounds, is the answer (the KKT
+    # conditions hold with every variable passive): one solve instead of one per variable the loop adds.
+    x0, _, rank, _ = np.linalg.lstsq(a, b, rcond=None)
+    if rank == a.shape[1] and (x0[bounded] > 0).all():
+        return x0
     aa = np.column_stack([a, -a[:, free_cols]]) if len(free_cols) else a
     m, n = aa.shape
     x = np.zeros(n)
@@ -183,13 +188,38 @@ def _fixed(points: pd.DataFrame, target: str, names: list[str]) -> np.ndarray:
     return out
 
 
-def solve(points: pd.DataFrame, names: list[str], target: str = "t_s", ridge: float = TYPE_RIDGE) -> dict[str, float]:
+@dataclass(frozen=True)
+class Design:
+    """A point set as arrays, built once: the target, the part no parameter scales, and each parameter's
+    feature column. Leave-one-out fits slice it by row masks instead of re-slicing the DataFrame."""
+    y: np.ndarray
+    fixed: np.ndarray
+    cols: dict[str, np.ndarray]
+    target: str
+
+    def rows(self, mask: np.ndarray) -> Design:
+        return Design(self.y[mask], self.fixed[mask], {n: c[mask] for n, c in self.cols.items()}, self.target)
+
+    def predict(self, params: dict[str, float]) -> np.ndarray:
+        out = self.fixed.copy()
+        for name, value in params.items():
+            if value:
+                out = out + value * self.cols[name]
+        return out
+
+
+def design(points: pd.DataFrame, names: list[str], target: str = "t_s") -> Design:
+    return Design(points[target].to_numpy(float) if target in points else np.full(len(points), np.nan),
+                  _fixed(points, target, names), {n: _column(points, n) for n in names}, target)
+
+
+def solve(points: pd.DataFrame | Design, names: list[str], target: str = "t_s",
+          ridge: float = TYPE_RIDGE) -> dict[str, float]:
     """Least squares in relative error (each point weighted by 1/target), physical terms bounded at 0
     (bounded least squares, :func:`nnls`), per-type terms shrunk towards 0 (their family's cost). A feature
     absent from `points` gets 0."""
-    y = points[target].to_numpy(float)
-    fixed = _fixed(points, target, names)
-    cols = {n: _column(points, n) for n in names}
+    d = points if isinstance(points, Design) else design(points, names, target)
+    y, fixed, cols = d.y, d.fixed, d.cols
     free = [n for n in names if np.any(cols[n] != 0)]
     params = dict.fromkeys(names, 0.0)
     y_scale = float(np.median(y))
@@ -208,7 +238,7 @@ def solve(points: pd.DataFrame, names: list[str], target: str = "t_s", ridge: fl
                 rows[r, i] = math.sqrt(ridge) * n_params / y_scale / scale[i]
             a = np.vstack([a, rows])
             b = np.concatenate([b, np.zeros(len(pen))])
-        bounded = np.array([_nonneg(n, target, names) for n in free])
+        bounded = np.array([_nonneg(n, d.target, names) for n in free])
         coef = nnls(a, b, bounded) / scale
         params.update({n: float(c) for n, c in zip(free, coef)})
     return params
@@ -232,16 +262,16 @@ def error_stats(ape: np.ndarray) -> dict[str, float]:
             "rms_ape": float(np.sqrt(np.mean(ape**2)))}
 
 
-def loqo(points: pd.DataFrame, names: list[str], target: str = "t_s") -> np.ndarray:
+def loqo(points: pd.DataFrame, names: list[str], target: str = "t_s", d: Design | None = None) -> np.ndarray:
     """Leave-one-quant-out predictions: each quant (all its depths) predicted by a fit to the others."""
+    d = d or design(points, names, target)
     pred = np.full(len(points), np.nan)
-    for q in points.quant.unique():
-        held = (points.quant == q).to_numpy()
-        train = points[~held]
-        if train.empty:
+    quants = points.quant.to_numpy()
+    for q in dict.fromkeys(quants):
+        held = quants == q
+        if held.all():
             continue
-        params = solve(train, names, target)
-        pred[held] = predict(points[held], params, target)
+        pred[held] = d.rows(held).predict(solve(d.rows(~held), names, target))
     return pred
 
 
@@ -262,8 +292,9 @@ def select(points: pd.DataFrame, candidates: tuple[Candidate, ...], target: str 
     table: dict[str, dict] = {}
     for c in candidates:
         names = feature_names(points, c.features)
-        pred = loqo(points, names, target)
-        fitted = predict(points, solve(points, names, target), target)
+        d = design(points, names, target)
+        pred = loqo(points, names, target, d)
+        fitted = d.predict(solve(d, names, target))
         if target == "t_s":
             ape, fit_ape = rate_ape(points, pred), rate_ape(points, fitted)
         else:
@@ -343,12 +374,14 @@ def bootstrap(points: pd.DataFrame, names: list[str], target: str = "t_s", n: in
     if len(quant_list) < 3:
         return dict.fromkeys(names, math.nan)
     draws = {k: [] for k in names}
-    groups = {q: points[points.quant == q] for q in quant_list}
+    d = design(points, names, target)
+    quants = points.quant.to_numpy()
+    groups = [np.flatnonzero(quants == q) for q in quant_list]
     for _ in range(n):
         pick = rng.choice(len(quant_list), size=len(quant_list), replace=True)
-        sample = pd.concat([groups[quant_list[i]] for i in pick], ignore_index=True)
+        sample = d.rows(np.concatenate([groups[i] for i in pick]))
         p = solve(sample, names, target)
         for k in names:
-            if np.any(_column(sample, k) != 0):
+            if np.any(sample.cols[k] != 0):
                 draws[k].append(p[k])
     return {k: float(np.std(v, ddof=1)) if len(v) > 2 else math.nan for k, v in draws.items()}
