@@ -293,10 +293,9 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
     runtime = xcal.get("runtime") or crossgpu.DEFAULT_RUNTIME
     lines.append(f"calibrated: tg ~{x['tok_s']:,.0f} tok/s on {runtime} with an empty cache, "
                  f"~{x['tok_s_at_context']:,.0f} tok/s at {context:,} tokens (the KV cache read added); cross-device "
-                 f"fit of {runtime}'s published rows: efficiency {fam['efficiency']:.2f}"
-                 f" x {fam['kind_factor']:.2f} ({fam['kind']})"
-                 + (f", overhead {fam['overhead_s'] * 1e3:.2f} ms/token" if fam.get("overhead_s") else "")
-                 + f" of the spec bandwidth for {x['family']}")
+                 f"fit of {runtime}'s published rows for {x['family']}: efficiency {fam['efficiency']:.2f}"
+                 f" x {fam['kind_factor']:.2f} ({fam['kind']}) of the spec bandwidth"
+                 + (f", overhead {fam['overhead_s'] * 1e3:.2f} ms/token" if fam.get("overhead_s") else ""))
     other = x.get("other_tok_s")
     if other and abs(other / x["tok_s"] - 1) > 0.25:
         lines.append(f"            the other model that fits the published rows ({xcal.get('other')}) says "
