@@ -171,8 +171,9 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
         s.append(("h2", "+ Context"))
         if ctxp is not None and len(ctxp):
             s.append(("p", "The page's VRAM column has no context term (its '+ Context' column is blank). Measured "
-                           "here by the memory test (bench.contexts): a context of each size created and "
-                           "decoded once, llama.cpp's KV and compute buffers recorded. Memory needed at each context = "
+                           "here by the memory test (bench.contexts): a context of each size "
+                           f"{_mem_test_decode(mem_df)}, llama.cpp's KV and compute buffers recorded. Memory needed "
+                           "at each context = "
                            "the quant's weights + that context's buffers (on a GPU: NVML's device memory with the "
                            "context made, where that quant's memory test ran). KV f16 unless named."))
             s.append(("table", CONTEXT_HEAD, context_rows(t)))
@@ -232,6 +233,14 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
                    "3352 and MI250X 3277 GB/s. Where its text and its numbers part ways:"))
     s.append(("list", list(page.DISCREPANCIES)))
     return s
+
+
+def _mem_test_decode(mem_df: pd.DataFrame | None) -> str:
+    """What the memory test did with each context, as its records say: runs before it decoded carry no
+    extra.decoded_tokens, and created the context only."""
+    extra = mem_df["extra"] if mem_df is not None and "extra" in mem_df else []
+    decoded = any(isinstance(e, dict) and e.get("decoded_tokens") for e in extra)
+    return "created and decoded once" if decoded else "created, not decoded (the harness of this run did not)"
 
 
 def _headline(t: pd.DataFrame, device: dict) -> list[tuple]:
