@@ -285,3 +285,14 @@ def test_kv_arithmetic_from_the_headers_shape():
     cells = 1024  # 1000 rounded up to 256 cells
     assert row[4] == f"{10 * 2 * cells * (64 * 2 + 64 * 34 / 32) / 2**20:,.1f}"  # K f16 + V q8_0, by hand
     assert tables.kv_rows(ctxp, {**shape, "sliding_window": 512})[0][4] == "-"  # a window, not the context
+
+
+def test_calibration_lines_take_missing_errors_as_dashes():
+    """A nested error with holes (a fold with too few quants leaves NaN, written to JSON as null) is shown as '-',
+    never a TypeError: CI once failed so on a cluster run's report."""
+    from harness.report.tables import calibration_lines
+
+    cal = {"tg": {"chosen": "bandwidth", "formula": "t = b / bw", "overhead_s_per_token": 0.001,
+                  "nested": {"median_ape": 0.1, "worst_ape": None, "rms_ape": None, "rms_ci95": [None, None]}}}
+    text = "\n".join(calibration_lines(cal))
+    assert "median 10.0%, worst -, RMS -" in text

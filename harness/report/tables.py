@@ -336,7 +336,7 @@ def size_rows(t: pd.DataFrame) -> list[list[str]]:
 def _fmt_err(e: dict | None) -> str:
     if not e or e.get("median_ape") is None:
         return "-"
-    return f"median {e['median_ape']:.1%}, worst {e['worst_ape']:.1%}"
+    return f"median {_f(e['median_ape'], '{:.1%}')}, worst {_f(e.get('worst_ape'), '{:.1%}')}"
 
 
 def calibration_lines(cal: dict) -> list[str]:
@@ -372,9 +372,10 @@ def calibration_lines(cal: dict) -> list[str]:
                    f"calibrated, held out (LOQO, the chosen model): {_fmt_err(tg.get('loqo'))}")
         nested = tg.get("nested") or {}
         if nested.get("median_ape") is not None:
-            ci = nested.get("rms_ci95") or [math.nan, math.nan]
+            ci = [x if x is not None else math.nan for x in (nested.get("rms_ci95") or [math.nan, math.nan])]
             out.append(f"- held out with the model choice repeated inside each fold (nested; the ± of `estimate`): "
-                       f"{_fmt_err(nested)}, RMS {nested['rms_ape']:.1%} (95% interval {ci[0]:.1%}-{ci[1]:.1%}); "
+                       f"{_fmt_err(nested)}, RMS {_f(nested.get('rms_ape'), '{:.1%}')} (95% interval "
+                       f"{_f(ci[0], '{:.1%}')}-{_f(ci[1], '{:.1%}')}); "
                        "chosen without each quant: "
                        + ", ".join(f"{q} {m}" for q, m in (nested.get("chosen_without") or {}).items()))
         stab = tg.get("selection_stability")
