@@ -11,15 +11,12 @@ run: setup
 	$(PY) -m harness run $(CONFIG)
 
 # test: the suite less the tests marked slow (under 4 min on 2 cores); test-all: every test (what CI runs).
-test:
+PYTEST_ARGS := -m "not slow"
+test-all: PYTEST_ARGS :=
+test test-all:
 	bash scripts/setup.sh test
 	$(PY) -m ruff check harness tests
-	$(PY) -m pytest -q -m "not slow"
-
-test-all:
-	bash scripts/setup.sh test
-	$(PY) -m ruff check harness tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check harness tests

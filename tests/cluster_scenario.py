@@ -226,9 +226,9 @@ def main() -> int:
         for d in TEMP_DIRS:
             shutil.rmtree(d, ignore_errors=True)
         report["session_seconds"] = time.monotonic() - t0
-        out = report if scenario == "session" else {**report.get(scenario, {}), "error": report.get("error")}
-        if out.get("error") is None:
-            out.pop("error", None)
+        out = report if scenario == "session" else dict(report.get(scenario, {}))
+        if report.get("error"):  # the cluster's own failure; a scenario's stays in its entry
+            out["error"] = report["error"]
         (work / "scenario.json").write_text(json.dumps(out, indent=1))
     return 0
 

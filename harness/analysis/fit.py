@@ -246,11 +246,8 @@ def solve(points: pd.DataFrame | Design, names: list[str], target: str = "t_s",
 
 def predict(points: pd.DataFrame, params: dict[str, float], target: str = "t_s") -> np.ndarray:
     """The model's value of `target` at each point, from a parameter dict (fitted or read from JSON)."""
-    out = _fixed(points, target, list(params))
-    for name, value in params.items():
-        if value:
-            out = out + value * _column(points, name)
-    return out
+    cols = {n: _column(points, n) for n, v in params.items() if v}  # a zero term's feature may be absent here
+    return Design(np.full(len(points), np.nan), _fixed(points, target, list(params)), cols, target).predict(params)
 
 
 def error_stats(ape: np.ndarray) -> dict[str, float]:
