@@ -32,40 +32,20 @@ def resolve_device(name: str, bandwidth_gb_s: float | None = None, cals: list[di
                    vendor: str | None = None) -> dict[str, Any]:
     """The target device as a dict (name, kind, vendor, bandwidth_gb_s, memory_bytes, source).
 
-    "cpu" is this machine's CPU ("here": True): its bandwidth from --bandwidth, else from a CPU calibration given,
-    else measured now (about 2 s). Any other name is looked up in the catalog (UnknownDevice says "did you
-    mean"); a GPU the catalog does not know is taken with --bandwidth (and its vendor from --vendor or its
-    name)."""
+    "cpu" is this machine's CPU ("here": True; :func:`this_cpu`): its fingerprint, its bandwidth measured now
+    (about 2 s) unless --bandwidth gives it, and which CPU calibrations are this machine's. A CPU named is the
+    calibration's of that name, never this machine. Any other name is looked up in the catalog (UnknownDevice
+    says "did you mean"); a GPU the catalog does not know is taken with --bandwidth (and its vendor from --vendor
+    or its name)."""
     if name.strip().lower() in ("cpu", "this cpu", "host"):
-        from harness.measure import env
-
-        here = env.cpu_model()
-        # a calibration's bandwidth is this machine's only if it was measured on this CPU
-        cpu_cals = [c for c in cals or [] if (c.get("device") or {}).get("kind") == "cpu"
-                    and ((c["device"].get("reported_name") or c["device"].get("name")) == here)]
-        if bandwidth_gb_s:
-            bw, src = bandwidth_gb_s, "given with --bandwidth"
-        elif cpu_cals and cpu_cals[0]["device"].get("bandwidth_gb_s"):
-            bw = cpu_cals[0]["device"]["bandwidth_gb_s"]
-            src = f"from {cpu_cals[0].get('source_path', 'the calibration')}"
-        else:  # the probe the runs use (compiled STREAM, numpy's without a compiler), so the two agree
-            d = env.memory_bandwidth()
-            if d is None:
-                raise devices.UnknownDevice("cpu: its memory bandwidth could not be measured; give --bandwidth")
-            bw, src = d["measured_gb_s"], f"measured now: {d['method']}"
-        import psutil
-
-        return {"name": here, "kind": "cpu", "vendor": "cpu", "bandwidth_gb_s": float(bw),
-                "memory_bytes": psutil.virtual_memory().total, "source": src, "here": True}
+        return this_cpu(bandwidth_gb_s, cals)
     cpu_named = [c for c in cals or [] if (c.get("device") or {}).get("kind") == "cpu"
                  and name in ((c["device"].get("reported_name") or ""), (c["device"].get("name") or ""))]
     if cpu_named or re.search(r"\b(xeon|epyc|ryzen|threadripper|core\(tm\)|core i\d)\b", name.lower()):
-        from harness.measure import env
-
         d = (cpu_named[0] if cpu_named else {}).get("device") or {}
         bw = bandwidth_gb_s or d.get("bandwidth_gb_s")
         return {"name": name, "kind": "cpu", "vendor": "cpu", "bandwidth_gb_s": float(bw) if bw else None,
-                "memory_bytes": None, "here": name == env.cpu_model(),
+                "memory_bytes": None, "here": False,  # a name is not a machine: `--device cpu` is this one
                 "source": "given with --bandwidth" if bandwidth_gb_s else
                           (f"from {cpu_named[0].get('source_path', 'its calibration')}" if bw else "bandwidth unknown")}
     try:
@@ -90,6 +70,34 @@ def resolve_device(name: str, bandwidth_gb_s: float | None = None, cals: list[di
     return out
 
 
+def this_cpu(bandwidth_gb_s: float | None, cals: list[dict] | None) -> dict[str, Any]:
+    """This machine's CPU as a device: its fingerprint (harness.measure.fingerprint) with its bandwidth measured
+    now (about 2 s; --bandwidth overrides the figure used, not the one compared), and for each CPU calibration
+    given whether it is this machine's (`matches`: the identity fields equal, the bandwidth in its band)."""
+    import psutil
+
+    from harness.measure import env, fingerprint
+
+    d = env.memory_bandwidth()  # the probe the runs use (compiled STREAM, numpy's without a compiler)
+    now = d["measured_gb_s"] if d else None
+    fp = fingerprint.collect(now)
+    if bandwidth_gb_s:
+        bw, src = bandwidth_gb_s, "given with --bandwidth"
+    elif now:
+        bw, src = now, f"measured now: {d['method']}"
+    else:
+        raise devices.UnknownDevice("cpu: its memory bandwidth could not be measured; give --bandwidth")
+    matches = []
+    for c in cals or []:
+        cd = c.get("device") or {}
+        if cd.get("kind") == "cpu":
+            ok, why = fingerprint.same_machine(cd.get("fingerprint"), fp)
+            matches.append({"calibration": c.get("source_path"), "this_machine": ok, "why": why})
+    return {"name": fp["model_name"], "kind": "cpu", "vendor": "cpu", "bandwidth_gb_s": float(bw),
+            "memory_bytes": psutil.virtual_memory().total, "source": src, "here": True, "fingerprint": fp,
+            "matches": matches}
+
+
 _VENDOR_WORDS = (("nvidia", r"nvidia|geforce|\brtx|\bgtx|quadro|tesla|\b[ahlbv]100\b|\bh200|\bl40|\bgb?200"),
                  ("amd", r"\bamd\b|radeon|instinct|\bmi\d{2,3}"), ("apple", r"apple|\bm[1-9]\b"),
                  ("intel", r"intel|\barc\b"))
@@ -103,6 +111,8 @@ def vendor_of(name: str) -> str | None:
 
 def _same_device(cal: dict, device: dict) -> bool:
     cd = cal.get("device") or {}
+    if device.get("here"):  # this machine: by its fingerprint, never by the CPU's name
+        return any(m["this_machine"] and m["calibration"] == cal.get("source_path") for m in device["matches"])
     if device["kind"] == "cpu" or cd.get("kind") == "cpu":
         return device["kind"] == cd.get("kind") == "cpu" and (cd.get("reported_name") or cd.get("name")) == \
             device["name"]
@@ -181,6 +191,36 @@ def calibrated_estimate(cal: dict, device: dict, quant: str, context: int) -> di
 
 
 MIN_CPUS_FOR_BAND = 3  # CPUs a cross-CPU error band must be measured across before a calibration is carried
+
+
+PROBE_BAND = 0.25  # a kernel probe measured now against the calibration's: within this share, the same machine
+
+
+def confirm_this_machine(cal: dict, device: dict, quant: str) -> tuple[bool, str]:
+    """Whether a calibration whose fingerprint is this machine's still measures as this machine: a short kernel
+    probe now (the quant's most-weighted type that the calibration probed) against the calibration's cost of it.
+    (confirmed, the line that says so)."""
+    from harness.analysis import probe_here
+
+    match = next(m["why"] for m in device["matches"] if m["calibration"] == cal.get("source_path"))
+    probed = cal.get("probes") or {}
+    types = tensor_types(cal, quant) or {}
+    t = next((t for t, _ in sorted(types.items(), key=lambda kv: -kv[1]) if (probed.get(t) or {}).get("s_per_weight")),
+             None)
+    if t is None:
+        return False, (f"{match}; not confirmed: the calibration has no kernel probe of {quant}'s types to measure "
+                       "again, so its figures are not used")
+    try:
+        now = probe_here.kernel_costs([t], fresh=True)[t]["s_per_weight"]
+    except (probe_here.ProbeHereError, RuntimeError, OSError) as e:
+        return False, f"{match}; not confirmed: the kernel probe failed ({e})"
+    then = probed[t]["s_per_weight"]
+    ok = abs(now / then - 1) <= PROBE_BAND
+    said = (f"a {t} kernel probe measured now: {now * 1e12:.2f} ps/weight vs {then * 1e12:.2f} in the "
+            f"calibration ({now / then - 1:+.0%}, band ±{PROBE_BAND:.0%})")
+    if ok:
+        return True, f"this machine's calibration: {match}; confirmed by {said}"
+    return False, f"{match}; NOT confirmed by {said}: its figures are not used"
 
 
 def tensor_types(cal: dict | None, quant: str) -> dict[str, int] | None:
@@ -490,10 +530,17 @@ def main(args) -> int:
         cals = gpu_cals
     cal, why = choose(cals, device) if cals else (None, "no --calibration given")
     est = None
-    if device["kind"] == "cpu" and device.get("here") and (cal is None or not _same_device(cal, device)):
-        # this machine, not calibrated here: its own kernels, measured now, instead of another CPU's fit
+    own = False
+    if device.get("here") and cal is not None and _same_device(cal, device):
+        own, why = confirm_this_machine(cal, device, args.quant)
+    if device.get("here") and not own:
+        # this machine, not calibrated here (or not confirmed): its own kernels, measured now, instead of another
+        # machine's fit
         try:
             est = here_estimate(cal, device, args.quant, args.context)
+            est["notes"] += [f"{m['calibration']}: {m['why']}" for m in device["matches"] if not m["this_machine"]]
+            if cal is not None and _same_device(cal, device):  # this machine's, not confirmed: why
+                est["notes"].append(why)
             why = ("kernel probes measured on this machine" + (f"; factors from {cal['device']['name']}" if cal
                                                                else ""))
         except (calibration.CalibrationError, RuntimeError, OSError) as e:

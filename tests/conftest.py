@@ -12,6 +12,24 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+LOOPBACK = "127.0.0.1,localhost,::1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_environment():
+    """The suite's environment, whatever the shell that runs it holds: runs and reports go where each test puts
+    them, not to the user's $HARNESS_RESULTS / $HARNESS_REPORTS; the tests' servers on loopback (the fake Hub,
+    RPC servers, Ray) are never reached through a proxy. $HARNESS_CACHE is kept: the user's cache is where set-up
+    put llama-perplexity and the compiled shims. Subprocesses the tests start inherit it."""
+    mp = pytest.MonkeyPatch()
+    for k in ("HARNESS_RESULTS", "HARNESS_REPORTS"):
+        mp.delenv(k, raising=False)
+    for k in ("NO_PROXY", "no_proxy"):
+        mp.setenv(k, ",".join(x for x in (os.environ.get(k), LOOPBACK) if x))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def bandwidth_once():
     """The CPU's memory bandwidth, measured for real once per session (compiled STREAM, ~1.4 s here) and given

@@ -7,7 +7,6 @@ every scenario on one cluster, started and stopped once for the module."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,8 +16,24 @@ import pytest
 from conftest import REPO, run_cli
 
 pytest.importorskip("ray", reason="the cluster extra is not installed: pip install -e '.[cluster]'")
-if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
-    pytest.skip("needs root, unshare and ip to run the test cluster in a loopback-only network namespace",
+
+
+def _netns_why_not() -> str | None:
+    """Why a loopback-only network namespace cannot be made here (None where it can): root alone is not enough
+    (a container may deny CAP_SYS_ADMIN), so it is tried."""
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return "no unshare or ip on PATH"
+    try:
+        r = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True,
+                           timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+
+
+_WHY_NOT = _netns_why_not()
+if _WHY_NOT:
+    pytest.skip(f"the test cluster runs in a loopback-only network namespace, which cannot be made here: {_WHY_NOT}",
                 allow_module_level=True)
 
 

@@ -109,15 +109,87 @@ def test_nearest_bandwidth_wins_among_other_devices(capsys, cpu_cal, h100_cal):
     assert rc == 0 and "factors from NVIDIA H100 SXM (nearest bandwidth" in out
 
 
-def test_cpu_device_takes_the_bandwidth_of_a_calibration_of_this_cpu(capsys, tmp_path):
+XEON = Path(__file__).resolve().parent / "hostsim" / "cpuinfo-xeon-amx.txt"
+Q4_K_PROBE = 2.5e-12  # s per weight: the made-up calibration's Q4_K kernel probe
+
+
+@pytest.fixture
+def as_xeon(monkeypatch):
+    """This machine taken as an Intel Xeon host (its identity from tests/hostsim/), whose bandwidth measures 20 GB/s
+    now; returns a function that sets the bandwidth measured now and the kernel probe's cost measured now."""
+    from harness.analysis import probe_here
     from harness.measure import env
 
-    here = {**ENV_CPU, "cpu": {"model": env.cpu_model()}}  # measured on this machine's CPU
-    cal = calibration.write(calibration.calibrate(frame(make_records(noise=0.002)), here, run_id="here"),
-                            tmp_path / "here.json")
-    rc, out, _ = run(capsys, "--device", "cpu", "--quant", "IQ3_M", "--calibration", str(cal))
-    assert rc == 0 and "(20.0 GB/s" in out and "~17 tok/s" in out  # the page: 20 / 0.64 x 0.55 = 17.2
-    assert "(measured on this device)" in out and "this CPU was not measured" not in out
+    monkeypatch.setenv("HARNESS_CPUINFO", str(XEON))
+    now = {"gb_s": 20.0, "q4_k": Q4_K_PROBE}
+    monkeypatch.setattr(env, "memory_bandwidth", lambda: {"measured_gb_s": now["gb_s"], "method": "test"})
+    asked = []
+
+    def costs(types, fresh=False, **kw):
+        asked.append((sorted(types), fresh))
+        return {t: {"s_per_weight": now["q4_k"] if t == "Q4_K" else 4e-12} for t in types}
+
+    monkeypatch.setattr(probe_here, "kernel_costs", costs)
+    return now, asked
+
+
+def xeon_calibration(tmp_path, bandwidth_gb_s=20.0) -> Path:
+    """A calibration made on the Xeon identity, with its fingerprint and a Q4_K probe."""
+    from harness.measure import fingerprint
+
+    fp = fingerprint.collect(bandwidth_gb_s)
+    env = {**ENV_CPU, "cpu": {"model": fp["model_name"], "fingerprint": fp},
+           "memory_bandwidth": {"measured_gb_s": bandwidth_gb_s, "method": "test"}}
+    cal = calibration.calibrate(frame(make_records(noise=0.002)), env, run_id="xeon")
+    cal["probes"] = {"Q4_K": {"s_per_weight": Q4_K_PROBE}}
+    return calibration.write(cal, tmp_path / "xeon.json")
+
+
+def test_a_calibration_is_this_machines_by_its_fingerprint_once_a_kernel_probe_confirms_it(capsys, tmp_path,
+                                                                                          as_xeon):
+    _, asked = as_xeon
+    cal = xeon_calibration(tmp_path)
+    rc, out, _ = run(capsys, "--device", "cpu", "--quant", "Q4_K_M", "--calibration", str(cal))
+    assert rc == 0 and "on Intel(R) Xeon(R) Processor (20.0 GB/s" in out
+    assert asked == [(["Q4_K"], True)]  # one probe, measured now (not taken from the cache)
+    assert "calibrated: tg ~" in out and "this machine's calibration: fingerprint equal" in out
+    assert "confirmed by a Q4_K kernel probe measured now: 2.50 ps/weight vs 2.50" in out
+    expected, _, _ = predict.predict_tg_tok_s(calibration.load(cal), "Q4_K_M", 0)
+    assert float(re.search(r"tg ~([\d,.]+) tok/s", out)[1].replace(",", "")) == pytest.approx(expected, rel=1e-2)
+
+
+def test_a_probe_that_disagrees_leaves_the_calibration_unused(capsys, tmp_path, as_xeon):
+    now, _ = as_xeon
+    cal = xeon_calibration(tmp_path)
+    now["q4_k"] = Q4_K_PROBE * 1.6  # one fingerprint, another machine's kernels (a busy host, another part)
+    rc, out, _ = run(capsys, "--device", "cpu", "--quant", "Q4_K_M", "--calibration", str(cal))
+    assert rc == 0 and "calibrated:" not in out and "measured:   tg ~" in out
+    assert "NOT confirmed by a Q4_K kernel probe measured now: 4.00 ps/weight vs 2.50" in out
+
+
+@pytest.mark.parametrize("change,why", [
+    ("bandwidth", "not within ±25% of the calibration's (20.0 GB/s)"),
+    ("cpu", "another machine: vendor: GenuineIntel vs AuthenticAMD"),
+    ("none", "no machine fingerprint"),
+])
+def test_another_machines_calibration_is_never_this_machines(capsys, tmp_path, monkeypatch, as_xeon, change, why):
+    """One name, not one machine: the bandwidth measured now out of the band, another CPU's identity, or a
+    calibration without a fingerprint (every committed one before fingerprints) -- this machine's own kernels."""
+    now, asked = as_xeon
+    cal = xeon_calibration(tmp_path)
+    if change == "bandwidth":
+        now["gb_s"] = 30.0
+    elif change == "cpu":
+        other = tmp_path / "cpuinfo"
+        other.write_text(XEON.read_text().replace("GenuineIntel", "AuthenticAMD"))
+        monkeypatch.setenv("HARNESS_CPUINFO", str(other))
+    else:
+        doc = calibration.load(cal)
+        doc["device"].pop("fingerprint")
+        calibration.write(doc, cal)
+    rc, out, _ = run(capsys, "--device", "cpu", "--quant", "Q4_K_M", "--calibration", str(cal))
+    assert rc == 0 and "measured:   tg ~" in out and "calibrated:" not in out
+    assert why in out and all(not fresh for _, fresh in asked)  # no confirming probe: not this machine's
 
 
 def test_quant_not_on_the_page(capsys, cpu_cal):

@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO, run_cli
 
 from harness import config, schema
-from harness.measure import runner
+from harness.measure import memory, runner
 from harness.sources import synthetic
 from harness.sources.base import sha256_file
 
@@ -85,7 +85,9 @@ def test_run_folder_has_provenance(measured):
     assert env["llama"]["llama_cpp_python"] == "0.3.36"
     assert "AVX" in env["llama"]["system_info"] or "NEON" in env["llama"]["system_info"]
     assert env["cpu"]["logical_cores"] >= 1 and env["ram_bytes"] > 0
-    assert env["gpu"] is None
+    # the host's GPU as NVML names it (None without a driver): provenance, never this CPU run's device
+    nv = memory.nvml_probe()
+    assert env["gpu"] == (nv.info() if nv else None)
     assert env["harness"]["commit"] is None or len(env["harness"]["commit"]) == 40
     resolved = config.load(run_dir / "config.resolved.yaml")
     assert resolved == cfg

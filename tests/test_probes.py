@@ -250,10 +250,18 @@ def test_two_probes_cancel_the_probes_own_overhead():
     assert "overhead_s" not in c["Q8_0"]
 
 
-def test_rounds_default_to_three_on_a_cpu():
-    assert runner.default_rounds(5, -1) == 3  # no GPU here (NVML finds none): a CPU run
+def test_rounds_default_to_three_on_a_cpu(monkeypatch):
+    from harness.measure import devices
+
+    if not devices.gpu_backends():  # a CPU or RPC build, whatever the host's driver says
+        assert runner.default_rounds(5, -1) == 3
+    monkeypatch.setattr(devices, "gpu_backends", lambda: [])  # a build with no GPU back end
+    assert runner.default_rounds(5, -1) == 3
     assert runner.default_rounds(2, -1) == 2  # never more rounds than repetitions
+    monkeypatch.setattr(devices, "gpu_backends", lambda: ["CUDA"])  # a CUDA build that found its GPU
+    assert runner.default_rounds(5, -1) == 1
     assert runner.default_rounds(6, 0) == 3  # weights kept on the CPU
+    monkeypatch.setattr(devices, "gpu_backends", lambda: [])
     cfg = config.from_dict({"name": "x", "bench": {"repetitions": 6}})
     assert cfg.bench.rounds is None and runner.resolved_bench(cfg)["rounds"] == 3
     assert runner.resolved_bench(config.from_dict({"name": "x", "bench": {"rounds": 2}}))["rounds"] == 2

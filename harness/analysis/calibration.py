@@ -129,6 +129,8 @@ def run_device(df: pd.DataFrame, env: dict | None) -> dict[str, Any]:
         "bandwidth_source": f"measured: {bw['method']}" if bw.get("measured_gb_s") else
         "unknown (env.json has no memory_bandwidth)",
         "memory_bytes": env.get("ram_bytes"), "peak_source": "rss",
+        # harness.measure.fingerprint's: the calibration is another machine's own only where this matches it
+        "fingerprint": (env.get("cpu") or {}).get("fingerprint"),
     }
 
 

@@ -8,10 +8,10 @@ sweep's own: the probe models of :mod:`harness.sources.probes` (both layer count
 (:meth:`harness.measure.runner.Runner._probe`), the records turned into costs by
 :func:`harness.analysis.kernels.costs`.
 
-The result is cached in ``<cache dir>/kernel-costs.json``, one entry per key: CPU model, llama-cpp-python
-version, threads, layer shape and the probe test's settings. A type already in the entry is returned from it;
-only the missing types are measured. The records themselves are appended to
-``<cache dir>/kernel-costs/records.jsonl`` (the JSON file is a view of them).
+The result is cached in ``<cache dir>/kernel-costs.json``, one entry per key: the machine's fingerprint
+(:mod:`harness.measure.fingerprint`), llama-cpp-python version, threads, layer shape and the probe test's
+settings. A type already in the entry is returned from it; only the missing types are measured. The records
+themselves are appended to ``<cache dir>/kernel-costs/records.jsonl`` (the JSON file is a view of them).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 
 from harness import config as config_mod
 from harness.measure import env as env_mod
+from harness.measure import fingerprint
 from harness.sources import probes, synthetic
 from harness.sources.synthetic import Arch
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 CACHE_NAME = "kernel-costs.json"  # under the cache dir: {key: {"key": {...}, "types": {type: {...}}}}
 RECORDS_DIR = "kernel-costs"  # under the cache dir: the probe records (records.jsonl) and the children's logs
-CACHE_VERSION = 1  # bumped when an entry's content changes meaning: older entries are then not used
+CACHE_VERSION = 2  # bumped when an entry's content changes meaning: older entries are then not used
 
 # A file's kernel seconds from these costs is the calibration's own sum, harness.analysis.points.kernel_seconds
 # (weights in each type x its cost), which takes kernel_costs' result as it is.
@@ -103,11 +104,14 @@ def _llama_cpp_python_version() -> str:
 
 
 def cache_key(shape: Arch, cfg: config_mod.Config) -> dict[str, Any]:
-    """What makes two probe measurements comparable: this CPU, the llama.cpp build, the threads, the layer shape
-    and the probe test's settings."""
+    """What makes two probe measurements comparable: this machine (its fingerprint's identity, not the CPU's name,
+    which hypervisors share among many processors), the llama.cpp build, the threads, the layer shape and the
+    probe test's settings."""
     b, p = cfg.bench, cfg.probes
+    fp = fingerprint.collect(build="")  # the build is keyed by its version below, without loading the library
     return {
-        "cpu": env_mod.cpu_model(), "llama_cpp_python": _llama_cpp_python_version(), "threads": b.threads,
+        "cpu": fp["model_name"], "machine": fp["id"], "llama_cpp_python": _llama_cpp_python_version(),
+        "threads": b.threads,
         "shape": f"e{shape.n_embd}-f{shape.n_ff}-h{shape.n_head}-kv{shape.n_head_kv}",
         "probe_layers": f"{p.n_layer}/{p.base_n_layer}", "n_gen": p.n_gen, "repetitions": p.repetitions,
         "warmup": b.warmup, "flash_attn": b.flash_attn, "n_batch": b.n_batch, "n_ubatch": b.n_ubatch,
@@ -188,7 +192,8 @@ def probe_records(t: str, shape: Arch, cfg: config_mod.Config, progress: bool = 
 
 
 def kernel_costs(types: Iterable[str], shape: Arch | str | None = None, threads: int | None = None,
-                 cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, dict]:
+                 cache_dir: str | os.PathLike | None = None, progress: bool = True, fresh: bool = False
+                 ) -> dict[str, dict]:
     """This machine's probe cost per weight for each ggml type in `types` (e.g. ["Q4_K", "Q6_K"]), for the layer
     shape `shape` (an Arch or a name of synthetic.ARCHS; default Llama 3.2 1B's), in kernels.costs' format:
     {type: {"s_per_weight", "tok_s", "n", "n_weights", "spread", "method", ...}}.
@@ -197,7 +202,8 @@ def kernel_costs(types: Iterable[str], shape: Arch | str | None = None, threads:
     and the cache file are (default: $HARNESS_CACHE, else ~/.cache/harness). Types already in the cache for this
     machine, build, threads, shape and probe settings are returned from it without measuring; the others are
     built and measured (about 40 s a type for the 1B's shape on 2 cores), each added to the cache as it is
-    done. F32 (norms, never probed) is left out. A progress line per probe on stderr with `progress`; nothing on
+    done; `fresh`: every type measured now, cached or not (the cache then holds the new figure). F32 (norms,
+    never probed) is left out. A progress line per probe on stderr with `progress`; nothing on
     stdout. ProbeHereError: a type with no probe, or a probe that failed."""
     wanted = _probe_types(types)
     arch = _shape(shape)
@@ -209,10 +215,11 @@ def kernel_costs(types: Iterable[str], shape: Arch | str | None = None, threads:
     key = cache_key(arch, cfg)
     path = cache_path(cache_dir)
     cached = (_read(path).get(_key_text(key)) or {}).get("types", {})
-    todo = [t for t in wanted if t not in cached]
+    todo = list(wanted) if fresh else [t for t in wanted if t not in cached]
     if todo and progress:
-        print(f"kernel probes of {', '.join(todo)} on this CPU ({key['cpu']}, threads {threads}, "
-              f"{key['shape']}): building and measuring; cached in {path}", file=sys.stderr, flush=True)
+        print(f"kernel probes of {', '.join(todo)} on this CPU ({key['cpu']}, machine {key['machine']}, "
+              f"threads {threads}, {key['shape']}): building and measuring; cached in {path}", file=sys.stderr,
+              flush=True)
     for t in todo:
         found = {t: _measure(t, arch, cfg, progress)}
         _store(path, key, found)  # each type as it is done: an interrupted call keeps the finished ones

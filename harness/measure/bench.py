@@ -291,7 +291,9 @@ class DeviceWatch:
 def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], None],
             capture: LogCapture, progress: Callable[[str], None] = lambda s: None) -> None:
     """Load `path`, run every test, and emit one dict per timed repetition (fields of schema.Record)."""
-    nvml = memory.nvml_probe()
+    # NVML only where this build can put weights on an NVIDIA GPU: a CPU or RPC build on a host with a driver
+    # records no GPU (its memory is other processes')
+    nvml = memory.nvml_probe() if "CUDA" in devices.gpu_backends() else None
     rpc = list(bench.get("rpc_endpoints") or ())
     if rpc:
         try:

@@ -136,6 +136,20 @@ def backends() -> list[str]:
     return out + (["RPC"] if rpc else []) or ["CPU"]
 
 
+def gpu_backends() -> list[str]:
+    """The build's GPU back ends that found a device ("CUDA", "Vulkan", "Metal", ...): where llama.cpp can put
+    weights on a GPU. Neither the CPU nor RPC counts (an RPC device is a server's, reached over the network);
+    no device is opened (a CUDA device's memory query would create its context)."""
+    g = ggml()
+    out = []
+    for i in range(g.ggml_backend_reg_count()):
+        reg = g.ggml_backend_reg_get(i)
+        name = g.ggml_backend_reg_name(reg).decode()
+        if name != "CPU" and not name.startswith("RPC") and g.ggml_backend_reg_dev_count(reg) > 0:
+            out.append(name)
+    return out
+
+
 def rpc_supported() -> bool:
     return bool(ggml().ggml_backend_reg_by_name(b"RPC"))
 

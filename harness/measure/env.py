@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 
 from harness.catalog import devices
-from harness.measure import bandwidth, machine, memory
+from harness.measure import bandwidth, fingerprint, machine, memory
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def catalog_entry(gpu: dict[str, Any] | None) -> dict[str, Any] | None:
 def collect() -> dict[str, Any]:
     nvml = memory.nvml_probe()
     vm = psutil.virtual_memory()
+    bw = memory_bandwidth()
     return {
         "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "harness": git_info(),
@@ -91,11 +92,13 @@ def collect() -> dict[str, Any]:
             "physical_cores": psutil.cpu_count(logical=False),
             "logical_cores": psutil.cpu_count(logical=True),
             "machine": platform.machine(),
+            # what a CPU calibration of this run must match to count as another machine's own
+            "fingerprint": fingerprint.collect((bw or {}).get("measured_gb_s")),
         },
         "ram_bytes": vm.total,
         "gpu": nvml.info() if nvml else None,
         "machine_state": machine.host_state(),
-        "memory_bandwidth": memory_bandwidth(),
+        "memory_bandwidth": bw,
         "catalog": catalog_entry(nvml.info() if nvml else None),
         "python": sys.version.split()[0],
         "os": platform.platform(),

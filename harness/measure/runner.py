@@ -32,8 +32,8 @@ from harness import schema
 from harness.catalog import page
 from harness.config import Config
 from harness.gguf import validate
+from harness.measure import devices, worker
 from harness.measure import env as env_mod
-from harness.measure import worker
 from harness.measure.bench import MemCell, mem_cells, tests_for
 from harness.sources import probes, quantize
 from harness.sources.base import ModelFile, SourceError, sha256_file
@@ -177,16 +177,13 @@ def resolved_bench(cfg: Config) -> dict[str, Any]:
 
 def default_rounds(repetitions: int, n_gpu_layers: int) -> int:
     """3 passes on a CPU (a shared machine's slow spells and drift then fall on several quants), 1 where the
-    weights go to a GPU; never more than the repetitions."""
-    from harness.measure import memory
-
+    weights go to a GPU (the build has a GPU back end with a device: not a driver alone, not RPC, which every
+    build has); never more than the repetitions."""
     gpu = False
-    if n_gpu_layers != 0 and memory.nvml_probe() is not None:
+    if n_gpu_layers != 0:
         try:
-            import llama_cpp
-
-            gpu = bool(llama_cpp.llama_supports_gpu_offload())
-        except ImportError:
+            gpu = bool(devices.gpu_backends())
+        except (ImportError, devices.DeviceError):
             gpu = False
     return 1 if gpu else min(3, repetitions)
 
