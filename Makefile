@@ -3,7 +3,7 @@
 CONFIG ?= configs/1b-synthetic.yaml
 PY := .venv/bin/python
 
-.PHONY: setup run test test-all lint
+.PHONY: setup run test test-all test-other-host lint
 setup:
 	bash scripts/setup.sh
 
@@ -17,6 +17,11 @@ test test-all:
 	bash scripts/setup.sh test
 	$(PY) -m ruff check harness tests
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the suite less the slow tests as another host (tests/hostsim/README.md): an Intel Xeon's CPU identity and an
+# NVIDIA driver answering NVML beside a CPU build; CI runs it after test-all
+test-other-host:
+	PYTHONPATH=tests/hostsim HARNESS_CPUINFO=tests/hostsim/cpuinfo-xeon-amx.txt $(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check harness tests

@@ -169,6 +169,7 @@ def table(df: pd.DataFrame, order: list[str], baseline: str | None = None, show_
         d = df[df.column == c]
         per_col[c] = {"folder": d.folder.iloc[0], "run": d.run.iloc[0],
                       "machine": d.machine.dropna().iloc[0] if d.machine.notna().any() else None,
+                      "machine_id": d.machine_id.dropna().iloc[0] if d.machine_id.notna().any() else None,
                       "n": sorted({int(x) for x in d.n}),
                       "runtime": sorted(set(d.runtime.dropna())),
                       "weights": sorted(set(d.weights.dropna()))}
@@ -263,9 +264,15 @@ def main(args) -> int:
         print(f"t/s {c}: median over {n} repetitions; {d['machine'] or 'machine unknown'}; "
               f"{', '.join(d['weights'])} weights; {', '.join(d['runtime']) or 'runtime unknown'}")
     machines = {d["machine"] for d in info["columns"].values()}
+    ids = {d["machine_id"] for d in info["columns"].values()}
     if len(machines) > 1:
         print(f"note: the columns come from different machines ({', '.join(sorted(map(str, machines)))}): "
               "a speedup compares the machines as well as the runs")
+    elif len(ids) > 1:
+        known = sorted(i for i in ids if i)
+        which = "different machine fingerprints" if len(known) > 1 else "not every run with a machine fingerprint"
+        print(f"note: one CPU name, {which} ({', '.join(known) or '-'}): hypervisors give one name to many "
+              "processors, so a speedup may compare the machines as well as the runs")
     if "backends" in df and (df.backends.astype(str) == "rpc").any():
         print("note: backend rpc is llama.cpp's RPC device (a server's device over the network; loopback in this "
               "harness's tests): its t/s is the server's and the network's, not a GPU's")

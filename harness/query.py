@@ -127,6 +127,8 @@ def bench_sql(where: str | None = None) -> str:
                stddev_samp(r.tokens_per_s) AS stddev_ts,
                any_value(r.model_size_bytes) AS model_size, any_value(r.model_n_params) AS model_n_params,
                any_value(r.weights) AS weights,
+               -- a CPU's fingerprint (harness.measure.fingerprint): one name can be many machines
+               any_value(CASE WHEN r.gpu_name IS NULL THEN e.env->>'$.cpu.fingerprint.id' END) AS machine_id,
                -- published: the row's runtime and its build as printed ("llama.cpp build: 0c1e570 (1)")
                any_value(coalesce('llama-cpp-python ' || r.llama_cpp_version,
                                   nullif(concat_ws(' ', r.extra->>'$.runtime', r.extra->>'$.build'), '')))
@@ -139,7 +141,8 @@ def bench_sql(where: str | None = None) -> str:
 RUNS_SQL = """
     SELECT r.run, r.folder, r.n_records, r.first_utc, r.last_utc, r.weights, r.devices, r.gpu_names,
            r.llama_cpp_versions,
-           e.env->>'$.cpu.model' AS cpu_name, e.env->>'$.gpu.name' AS gpu_name,
+           e.env->>'$.cpu.model' AS cpu_name, e.env->>'$.cpu.fingerprint.id' AS cpu_fingerprint,
+           e.env->>'$.gpu.name' AS gpu_name,
            e.env->>'$.gpu.driver' AS gpu_driver,
            e.env->>'$.llama.llama_cpp_python' AS llama_cpp_python,
            e.env->>'$.harness.commit' AS harness_commit,

@@ -45,13 +45,15 @@ def rec(run_id: str, quant: str = "Q4_0", test: str = "tg", rep: int = 0, tps: f
     return schema.make(**base)
 
 
-def write_run(root: Path, name: str, records: list[schema.Record], cpu: str = "Test CPU") -> Path:
+def write_run(root: Path, name: str, records: list[schema.Record], cpu: str = "Test CPU",
+              fingerprint: str | None = None) -> Path:
     d = root / name
     d.mkdir(parents=True)
     with schema.RecordWriter(d / "records.jsonl") as w:
         for r in records:
             w.write(r)
-    (d / "env.json").write_text(json.dumps({"harness": {"commit": "c0ffee", "dirty": False}, "cpu": {"model": cpu},
+    cpu_env = {"model": cpu, **({"fingerprint": {"id": fingerprint}} if fingerprint else {})}
+    (d / "env.json").write_text(json.dumps({"harness": {"commit": "c0ffee", "dirty": False}, "cpu": cpu_env,
                                             "gpu": None, "llama": {"llama_cpp_python": "0.3.36"}}))
     return d
 
@@ -182,6 +184,19 @@ def test_compare_two_committed_runs_medians_and_speedup():
     assert len(rows) == 1 and rows[0]["Test"] == "tg64"
     assert float(rows[0]["Speedup"]) == round(a[("Q8_0", "tg64")] / b[("Q8_0", "tg64")], 2)
     assert r.stdout.index(f"t/s {RUN_B}") < r.stdout.index(f"t/s {RUN_A}")
+
+
+def test_compare_warns_of_one_cpu_name_on_two_machines(tmp_path):
+    """Hypervisors give one name to many processors: runs of one name with other fingerprints are flagged."""
+    root = tmp_path / "results"
+    write_run(root, "a", [rec("a", tps=10.0)], cpu="AMD EPYC", fingerprint="0123456789ab")
+    write_run(root, "b", [rec("b", tps=20.0)], cpu="AMD EPYC", fingerprint="ba9876543210")
+    write_run(root, "c", [rec("c", tps=20.0)], cpu="AMD EPYC", fingerprint="0123456789ab")
+    r = run_cli("compare", "a", "b", "--results", str(root))
+    assert r.returncode == 0, r.stderr
+    assert "one CPU name, different machine fingerprints (0123456789ab, ba9876543210)" in r.stdout
+    r = run_cli("compare", "a", "c", "--results", str(root))
+    assert r.returncode == 0 and "fingerprint" not in r.stdout  # one machine
 
 
 def test_compare_a_run_folder_path_and_mistakes_are_one_line():
