@@ -32,7 +32,12 @@ if [ "$(uname -m)" = x86_64 ] && echo 'int main(void){return 0;}' | ${CC:-cc} -m
   export CFLAGS="${CFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   export CXXFLAGS="${CXXFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
-KEY=$(printf '%s|%s|%s|%s' "$VER" "$CMAKE_ARGS" "${CFLAGS:-}" "$(uname -m)" | sha256sum | cut -c1-12)
+# llama.cpp builds for the CPU it is compiled on (GGML_NATIVE: -march=native), so a wheel is keyed by that CPU's
+# instruction set (the SIMD and matrix flags; on ARM its features): a cache shared with another CPU's machine
+# never hands it a wheel that faults there.
+ISA=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | tr ' ' '\n' |
+  grep -E '^(pni|sse.*|ssse3|avx.*|f16c|fma|bmi2|amx.*|asimd.*|sve.*|i8mm|bf16|fphp)$' | sort | tr '\n' ' ' || true)
+KEY=$(printf '%s|%s|%s|%s|%s' "$VER" "$CMAKE_ARGS" "${CFLAGS:-}" "$(uname -m)" "$ISA" | sha256sum | cut -c1-12)
 WHEELS=${HARNESS_CACHE:-$HOME/.cache/harness}/wheels/$BACKEND-$KEY
 STAMP=.venv/.llama-cpp-python-build
 echo "back end: $BACKEND ($DETECT_why); llama-cpp-python $VER with $CMAKE_ARGS"
