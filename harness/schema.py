@@ -33,7 +33,8 @@ class Record:
     quant: str  # recipe name, e.g. "Q4_K_M"
     weights: str  # where the weights came from: "synthetic" (seeded random, shape-faithful), "hub", "local", or
     # "published" (a row transcribed from someone else's llama-bench output: weights_ref is its URL)
-    weights_ref: str | None  # synthetic: "llama-3.2-1b seed=0 imatrix=uniform"; hub: "repo@commit:file"; local: path
+    # synthetic: "llama-3.2-1b seed=0 imatrix=uniform blocks=tiled" (no blocks=: quantized whole, before writer 3);
+    weights_ref: str | None  # hub: "repo@commit:file"; local: path
     file_path: str | None  # GGUF file measured
     file_bytes: int | None  # its size on disk
     file_sha256: str | None  # its sha256

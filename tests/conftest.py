@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny shape-faithful models built once per session by llama.cpp's own quantizer."""
+"""Shared fixtures: tiny shape-faithful models built once per session as the harness builds them (llama.cpp's
+recipe from its quantizer's dry run, llama.cpp's blocks tiled: harness.sources.quantize.build_tiled)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def tiny_cache(tmp_path_factory) -> Path:
     from harness.sources import quantize
 
     cache = tmp_path_factory.mktemp("harness-cache")
-    for q in quants.PAGE_QUANTS:
+    for q in ("F16", *quants.PAGE_QUANTS):
         quantize.ensure_synthetic(cache, "tiny", 0, q, imatrix=True)
     return cache
 

@@ -22,8 +22,10 @@ GB = 1e9
 
 WEIGHTS_MEANING = {
     "synthetic": "Llama 3.2 1B's exact architecture and tensor shapes with seeded random weights, "
-                 "quantized by llama.cpp. Speed and memory stand for the real model (same shapes, same quant "
-                 "types); quality does not.",
+                 "quantized by llama.cpp (blocks=tiled: each tensor's type from llama.cpp's quantizer, its first "
+                 "rows quantized by llama.cpp and repeated to its full size; the file's size is the quantizer's "
+                 "to the byte). Speed and memory stand for the real model (same shapes, same quant types); "
+                 "quality does not.",
     "hub": "the real weights, downloaded from the Hugging Face Hub.",
     "local": "local GGUF files given in the config.",
 }

@@ -27,6 +27,18 @@ class ModelFile(NamedTuple):
     built_now: bool = False  # synthetic: built (not taken from the cache) by this call
 
 
+def publish(tmp: Path, dst: Path) -> None:
+    """Put the finished file `tmp` at `dst`: on disk first, then renamed (a killed build never leaves a file that
+    looks done). On disk before it counts as built, and before anything is timed: writing back hundreds of MB
+    of dirty pages during the next measurement would slow it."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dst)
+
+
 def hash_cache_dir() -> Path:
     """Where file hashes are remembered: the harness's cache ($HARNESS_CACHE or ~/.cache/harness), never beside
     the user's own model files."""

@@ -5,15 +5,16 @@ file's tensors use than on its size: IQ3_M, the smallest of the page's files, is
 machines. A model fitted to the other quants cannot know a kernel that only the held-out quant uses. A probe
 measures each kernel on its own: a model with the measured model's layer shapes (the same matrices, so the
 same kernels, blocking and CPU repacking) but few layers and a 512-token vocabulary, every matrix in one ggml
-type (llama.cpp's quantizer with ``pure``), measured with the same tg test as the quants. Each type is probed
+type (llama.cpp's quantizer's ``pure`` recipe), measured with the same tg test as the quants. Each type is probed
 at two layer counts; the difference of their times per token over the difference of their weights is that
 type's cost per weight, free of the probe's own per-token overhead (output, decode call, synchronisation);
 :mod:`harness.analysis.calibration` turns it into a feature of the tg model::
 
     kernel time of a file = sum over its tensor types of (weights in that type x the type's probe cost)
 
-Probe files are built once per shape, type and llama.cpp version and cached beside the synthetic models.
-Their weights are seeded random numbers, like the synthetic models'.
+Probe files are built once per shape, type and llama.cpp version and cached beside the synthetic models, the
+way the synthetic quants are (:func:`harness.sources.quantize.build_tiled`: the types from llama.cpp's
+quantizer's dry run with ``pure``, the blocks llama.cpp's own quantization of seeded random rows, tiled).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.gguf import validate
-from harness.sources import quantize, synthetic
+from harness.sources import quantize, tiled
 from harness.sources.synthetic import Arch
 
 log = logging.getLogger(__name__)
@@ -92,18 +93,15 @@ def probe_file(cache_dir: Path, parch: Arch, type_name: str) -> Path:
 
 
 def ensure_probe(cache_dir: Path, parch: Arch, type_name: str, progress: bool = False) -> tuple[Path, bool]:
-    """The probe file of `type_name` for `parch`, built (its F16 first) if not cached: (path, built_now)."""
+    """The probe file of `type_name` for `parch`, built if not cached: (path, built_now)."""
     if type_name not in PURE_FTYPES:
         raise ProbeError(f"no probe for ggml type {type_name} (known: {', '.join(PURE_FTYPES)})")
     target = probe_file(cache_dir, parch, type_name)
     if target.exists():
         return target, False
-    f16 = quantize.synthetic_file(cache_dir, parch.name, SEED, "F16", imatrix=False)
-    if not f16.exists():
-        synthetic.write_f16(parch, f16, seed=SEED, progress=progress)
     # A uniform importance matrix, as for the synthetic quants (the IQ2 types require one).
-    quantize.quantize_pure(f16, target, PURE_FTYPES[type_name], label=f"probe {type_name}", imatrix=True,
-                           progress=progress)
+    quantize.build_tiled(parch, SEED, target, PURE_FTYPES[type_name], label=f"probe {type_name}", pure=True,
+                         imatrix=True, progress=progress)
     try:
         got = validate.check(target).type_weights
     except validate.InvalidGGUF as e:
@@ -128,4 +126,5 @@ def split_label(label: str) -> tuple[str, int | None]:
 
 
 def weights_ref(parch: Arch, type_name: str) -> str:
-    return f"kernel probe: {parch.n_layer} layers of {parch.n_embd}x{parch.n_ff}, all {type_name}, seed={SEED}"
+    return (f"kernel probe: {parch.n_layer} layers of {parch.n_embd}x{parch.n_ff}, all {type_name}, seed={SEED}, "
+            f"{tiled.WEIGHTS_REF}")

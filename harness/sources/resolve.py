@@ -1,6 +1,7 @@
 """Model sources: turn (config, quant) into a GGUF file on disk, or one clear reason why not.
 
-- ``synthetic``: built locally, shape-faithful, seeded random weights (:mod:`harness.sources.quantize`);
+- ``synthetic``: built locally, shape-faithful, seeded random weights, llama.cpp's recipe and blocks, tiled
+  (:mod:`harness.sources.quantize`);
 - ``hub``: downloaded from the Hugging Face Hub, sha256-verified (:mod:`harness.sources.hub`);
 - ``local``: a file the user already has (``path`` pattern with ``{quant}``).
 """
@@ -14,8 +15,10 @@ from harness.sources.base import ModelFile, SourceError, sha256_file
 
 
 def synthetic_ref(cfg: Config) -> str:
+    from harness.sources import tiled
+
     m = cfg.model
-    return f"{m.architecture} seed={m.seed} imatrix={'uniform' if m.imatrix else 'none'}"
+    return f"{m.architecture} seed={m.seed} imatrix={'uniform' if m.imatrix else 'none'} {tiled.WEIGHTS_REF}"
 
 
 def resolve(cfg: Config, quant: str, progress: bool = False) -> ModelFile:

@@ -2,7 +2,11 @@
 
 Speed and memory depend on tensor shapes and quant types, not on weight values, so a file with the real
 model's metadata, tensor names and shapes measures the same work as the real download (quality does not
-carry over). The F16 file written here is quantized by llama.cpp itself (:mod:`harness.sources.quantize`).
+carry over). The quants are built from what this module defines (:mod:`harness.sources.quantize`): each
+tensor's type comes from llama.cpp's quantizer run dry over a header-only F16 file written here, and its bytes
+from llama.cpp quantizing the first rows of the seeded values (:mod:`harness.sources.tiled`). The full F16 file
+(the seeded values themselves) is the source of the reference quants that llama.cpp's quantizer makes the slow
+way, against which the tiled ones are checked.
 
 Tensors are written one at a time, so writing the 2.5 GB F16 file of the 1B model needs no more memory
 than its largest tensor.
@@ -10,6 +14,7 @@ than its largest tensor.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -22,8 +27,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Bumped whenever the bytes this module writes change, so cached files are rebuilt.
-WRITER_VERSION = 2
+# Bumped whenever the bytes this module writes (or the quants built from it) change, so cached files are rebuilt.
+# 3: quants tiled from llama.cpp's blocks (types from its quantizer's dry run), not quantized whole.
+WRITER_VERSION = 3
 
 
 class Arch(NamedTuple):
@@ -142,6 +148,7 @@ class Tokenizer(NamedTuple):
     eos: int  # <|end_of_text|>
 
 
+@functools.cache  # ~1 s for the 1B's 128k tokens, and every file built in a process writes them
 def build_tokenizer(arch: Arch) -> Tokenizer:
     """A byte-level BPE vocabulary of the right size that llama.cpp loads as Llama 3's ("gpt2", "llama-bpe").
 
@@ -175,16 +182,31 @@ def build_tokenizer(arch: Arch) -> Tokenizer:
     return Tokenizer(tokens, types, merges, bos=n_regular, eos=n_regular + 1)
 
 
-def _tensor_data(name: str, shape: tuple[int, ...], ggml_type: int, arch: Arch, seed: int) -> np.ndarray:
-    if name == "rope_freqs.weight":
-        return rope_factors(arch)
-    if name.endswith("norm.weight"):
-        return np.ones(shape, dtype=np.float32)
+def random_weights(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """The seeded values of matrix `name` (float32), its first ``shape[0]`` rows when `shape` has fewer rows than
+    the tensor: the stream is drawn row after row, so a slice's values are the whole tensor's first rows."""
     # One stream per tensor, keyed by name: a tensor's values do not depend on the others.
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     scale = 1.0 / math.sqrt(shape[-1])  # keeps activations O(1) through the random layers
     data = rng.standard_normal(shape, dtype=np.float32)
     data *= scale
+    return data
+
+
+def fixed_values(name: str, shape: tuple[int, ...], arch: Arch) -> np.ndarray | None:
+    """The real values of the tensors that are not random (F32 norms, rope factors), else None."""
+    if name == "rope_freqs.weight":
+        return rope_factors(arch)
+    if name.endswith("norm.weight"):
+        return np.ones(shape, dtype=np.float32)
+    return None
+
+
+def _tensor_data(name: str, shape: tuple[int, ...], ggml_type: int, arch: Arch, seed: int) -> np.ndarray:
+    fixed = fixed_values(name, shape, arch)
+    if fixed is not None:
+        return fixed
+    data = random_weights(name, shape, seed)
     return data.astype(np.float16) if ggml_type == F16 else data
 
 
@@ -193,16 +215,13 @@ def iter_tensors(arch: Arch, seed: int) -> Iterator[tuple[str, np.ndarray]]:
         yield name, _tensor_data(name, shape, t, arch, seed)
 
 
-def write_f16(arch: Arch, path: str | os.PathLike, seed: int = 0, progress: bool = False) -> Path:
-    """Write the F16 GGUF of `arch` with seeded random weights; atomic (a partial file never has `path`)."""
+def add_metadata(w, arch: Arch, seed: int) -> None:
+    """Every key of the synthetic model's header but ``general.file_type``, which llama.cpp's quantizer moves to
+    the end (it removes the key and appends it after ``general.quantization_version``): the F16 writer and the
+    tiled quants append theirs after these, so both lay their keys out as llama.cpp's quantizer does."""
     import gguf
-    from tqdm import tqdm
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tok = build_tokenizer(arch)
-    w = gguf.GGUFWriter(tmp, arch="llama")
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(f"synthetic {arch.name} (seed {seed})")
     w.add_description(f"shape-faithful copy of {arch.hf_id} with seeded random weights, written by harness")
@@ -217,7 +236,6 @@ def write_f16(arch: Arch, path: str | os.PathLike, seed: int = 0, progress: bool
     w.add_head_count_kv(arch.n_head_kv)
     w.add_rope_freq_base(arch.rope_theta)
     w.add_layer_norm_rms_eps(arch.rms_eps)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     w.add_vocab_size(arch.n_vocab)
     w.add_rope_dimension_count(arch.head_dim)
     w.add_key_length(arch.head_dim)
@@ -231,21 +249,44 @@ def write_f16(arch: Arch, path: str | os.PathLike, seed: int = 0, progress: bool
     w.add_eos_token_id(tok.eos)
     w.add_add_bos_token(True)
 
+
+def write_f16(arch: Arch, path: str | os.PathLike, seed: int = 0, progress: bool = False,
+              data: bool = True) -> Path:
+    """Write the F16 GGUF of `arch` with seeded random weights; atomic (a partial file never has `path`).
+
+    ``data=False``: the header alone, the data region left a hole of its full size (a sparse file: nothing
+    written, no disk used where the file system supports holes). llama.cpp's loader accepts it (it checks that
+    each tensor lies inside the file, and reads nothing until asked), which is all its quantizer's dry run needs
+    to choose every tensor's type.
+    """
+    import gguf
+    from tqdm import tqdm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    w = gguf.GGUFWriter(tmp, arch="llama")
+    add_metadata(w, arch, seed)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
     specs = tensor_specs(arch)
     np_dtype = {F32: np.float32, F16: np.float16}
-    for name, shape, t in specs:
-        nbytes = int(np.prod(shape)) * np.dtype(np_dtype[t]).itemsize
+    sizes = [int(np.prod(shape)) * np.dtype(np_dtype[t]).itemsize for _, shape, t in specs]
+    for (name, shape, t), nbytes in zip(specs, sizes):
         w.add_tensor_info(name, shape, np.dtype(np_dtype[t]), nbytes)
-    total = sum(int(np.prod(s)) * np.dtype(np_dtype[t]).itemsize for _, s, t in specs)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"write {arch.name} F16",
-                  disable=None if progress else True, leave=False) as bar:
-            for _name, data in iter_tensors(arch, seed):
-                w.write_tensor_data(data)
-                bar.update(data.nbytes)
+        if data:
+            with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"write {arch.name} F16",
+                      disable=None if progress else True, leave=False) as bar:
+                for _name, values in iter_tensors(arch, seed):
+                    w.write_tensor_data(values)
+                    bar.update(values.nbytes)
+        else:
+            f = w.fout[0]
+            f.truncate(w.ggml_pad(f.tell(), w.data_alignment) + sum(w.ggml_pad(n, w.data_alignment) for n in sizes))
         w.close()
         os.replace(tmp, path)
     except BaseException:
