@@ -33,6 +33,14 @@ class Buffers(NamedTuple):
     output: dict[str, int]  # logits/embeddings output
 
 
+def is_host_buffer(name: str) -> bool:
+    """Whether a buffer of this name is host memory: the CPU's (CPU, CPU_Mapped, CPU_REPACK) and every back end's
+    pinned host buffers (CUDA_Host, ROCm_Host, Vulkan_Host, ...), which hold weights with mmap off, the output and
+    host-side compute; everything else (CUDA0, Vulkan0, RPC0[host:port], Metal, ...) is on a device."""
+    up = name.upper()
+    return up.startswith("CPU") or up.endswith("_HOST")
+
+
 def parse_buffers(lines: Iterable[str]) -> Buffers:
     """Bytes per buffer name and kind. MiB in the log carry 2 decimals: each value is good to ~5 KiB.
     The same name logged twice for one kind (e.g. several compute reservations) is summed."""
@@ -59,7 +67,10 @@ def offloaded_layers(lines: Iterable[str]) -> tuple[int, int] | None:
     return None
 
 
-_FA_RE = re.compile(r"Flash Attention (?:was auto, set to )?(?P<val>enabled|disabled)"
+# The pinned build resolves 'auto' in llama_context::resolve_fused_ops (src/llama-context.cpp): "Flash Attention
+# enabled", or "Flash Attention not supported, set to disabled" where a layer's attention would leave its device;
+# older builds print "Flash Attention was auto, set to ..." or "flash_attn = enabled".
+_FA_RE = re.compile(r"Flash Attention (?:was auto, set to |not supported, set to )?(?P<val>enabled|disabled)"
                     r"|flash_attn\s+=\s+(?P<val2>enabled|disabled)")
 
 

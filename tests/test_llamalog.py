@@ -1,6 +1,6 @@
 """Parsing llama.cpp's buffer log lines into bytes: fixed text, exact answers."""
 
-from harness.llamalog import flash_attn_resolved, parse_buffers
+from harness.llamalog import flash_attn_resolved, is_host_buffer, parse_buffers
 
 MIB = 1024 * 1024
 
@@ -37,3 +37,21 @@ def test_flash_attn_resolved():
     assert flash_attn_resolved(["llama_context: Flash Attention was auto, set to disabled"]) == "disabled"
     assert flash_attn_resolved(["llama_context: flash_attn    = auto"]) is None  # the request, not the outcome
     assert flash_attn_resolved(["no such line"]) is None
+    # the pinned build's other outcome of 'auto' (llama_context::resolve_fused_ops, src/llama-context.cpp of
+    # llama-cpp-python 0.3.36's llama.cpp: "%s: %s not supported, set to disabled\n"), e.g. a CUDA build whose
+    # attention of a layer would leave its device
+    assert flash_attn_resolved(["resolve_fused_ops: Flash Attention not supported, set to disabled"]) == "disabled"
+
+
+def test_pinned_host_buffers_are_host_memory():
+    """CUDA_Host (pinned host memory: the weights with mmap off, the output, host-side compute) is the host's, as
+    every *_Host buffer is; a device is CUDA0, Vulkan0, an RPC server's, Metal."""
+    for name in ("CPU", "CPU_Mapped", "CPU_REPACK", "CUDA_Host", "ROCm_Host", "Vulkan_Host"):
+        assert is_host_buffer(name), name
+    for name in ("CUDA0", "CUDA1", "Vulkan0", "RPC0[127.0.0.1:50052]", "Metal", "MTL0"):
+        assert not is_host_buffer(name), name
+    from harness.measure.bench import device_of
+
+    # a run whose weights went only to pinned host memory (mmap off, nothing offloaded) ran on the CPU
+    assert device_of({"CUDA_Host": 700 * MIB}) == "cpu"
+    assert device_of({"CUDA_Host": 200 * MIB, "CUDA0": 500 * MIB}) == "cuda"

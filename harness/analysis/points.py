@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness import llamalog
 from harness.sources.probes import UNPROBED
 from harness.sources.synthetic import ARCHS
 
@@ -176,7 +177,7 @@ def device_bytes(bufs: Any, total: Any, device_side: bool) -> float:
     """Bytes in llama.cpp's buffers; on a GPU only the device's own (not CPU_Mapped or pinned host memory)."""
     if isinstance(bufs, dict) and bufs:
         if device_side:
-            return float(sum(v for k, v in bufs.items() if not k.upper().startswith("CPU") and "HOST" not in k.upper()))
+            return float(sum(v for k, v in bufs.items() if not llamalog.is_host_buffer(k)))
         return float(sum(bufs.values()))
     return float(total) if total is not None and not pd.isna(total) else math.nan
 

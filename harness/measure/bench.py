@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from harness import llamalog
 from harness.config import CACHE_TYPES, FLASH_ATTN_TYPES
 from harness.llamalog import LogCapture, flash_attn_resolved, offloaded_layers, parse_buffers
 from harness.measure import breakdown, devices, machine, memory
@@ -88,7 +89,7 @@ def mem_cells(bench: dict[str, Any]) -> list[MemCell]:
 def device_of(model_buffers: dict[str, int]) -> str:
     """Where the weights live, from llama.cpp's buffer names: CUDA0 -> cuda, Metal -> metal, RPC0[host:port] -> rpc
     (llama.cpp's RPC device: a server's device over the network, loopback in the tests), else cpu."""
-    names = [n for n, size in model_buffers.items() if size > 0]
+    names = [n for n, size in model_buffers.items() if size > 0 and not llamalog.is_host_buffer(n)]  # not CUDA_Host
     for prefix, dev in (("CUDA", "cuda"), ("ROCm", "rocm"), ("Metal", "metal"), ("MTL", "metal"),
                         ("Vulkan", "vulkan"), ("SYCL", "sycl"), ("RPC", "rpc")):
         if any(n.startswith(prefix) for n in names):

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness import stats
+from harness import llamalog, stats
 from harness.analysis import points, summary
 from harness.catalog import page
 
@@ -296,10 +296,6 @@ DEVICE_MEMORY_HEAD = ["quant", "where", "layers on device", "model on device MiB
                       "runtime fixed cost MiB", "used source"]
 
 
-def _on_host(name: str) -> bool:
-    return name.startswith("CPU")  # CPU, CPU_Mapped, CPU_REPACK, CUDA_Host is not CPU but pinned host memory
-
-
 def device_memory_rows(df: pd.DataFrame) -> list[list[str]]:
     """What a quant needs on a device, line by line: its model buffers on the device and those llama.cpp keeps on
     the host (token_embd stays in CPU_Mapped), the KV and compute buffers on each side, the device memory this
@@ -314,7 +310,7 @@ def device_memory_rows(df: pd.DataFrame) -> list[list[str]]:
         r = d.loc[d.device_used_bytes.fillna(-1).idxmax()] if "device_used_bytes" in d else d.iloc[0]
 
         def part(bufs, host: bool) -> float:
-            return float(sum(v for k, v in (bufs or {}).items() if _on_host(k) == host))
+            return float(sum(v for k, v in (bufs or {}).items() if llamalog.is_host_buffer(k) == host))
 
         mdev, mhost = part(r.model_buffers, False), part(r.model_buffers, True)
         kv, cdev, chost = part(r.kv_buffers, False), part(r.compute_buffers, False), part(r.compute_buffers, True)
