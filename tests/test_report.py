@@ -85,6 +85,10 @@ def test_quant_table_gpu_uses_the_catalog_and_device_memory():
     assert t.tg_inside.iloc[0] is not None and t.tg_verdict.iloc[0] != "-"
     assert "The page prints a speed for this device at Q4_K_M" in report._headline(t, {"vendor": "nvidia"})[0][1]
     assert "NVML" in built[3]
+    # the page-on-GPUs section says a GPU measured this run (it said "No GPU measured" for every run)
+    assert "This run measured its files on NVIDIA H100 SXM" in built[3] and "No GPU measured" not in built[3]
+    assert "No GPU measured this run's files" in report.measured_where({"kind": "cpu"})
+    assert "not a GPU's: no GPU measured them" in report.measured_where({"kind": "rpc"})
 
 
 def _pngs_in_html(text: str) -> list[bytes]:

@@ -220,7 +220,7 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
                        "measurement."))
         s.append(("table", PROBE_HEAD, prows))
     if gpus is not None:
-        s += _page_on_gpus(*gpus)
+        s += _page_on_gpus(*gpus, device=device)
     s.append(("h2", "Calibration"))
     s.append(("raw-md", "\n".join(calibration_lines(cal))))
     if cal.get("tg"):
@@ -271,7 +271,18 @@ def _headline(t: pd.DataFrame, device: dict) -> list[tuple]:
     return [("p", speed + mem)]
 
 
-def _page_on_gpus(xcal: dict, gpus: list[dict]) -> list[tuple]:
+def measured_where(device: dict) -> str:
+    """Whether a GPU measured this run's files, said before the published figures of the page's GPUs."""
+    if device.get("kind") == "gpu":
+        return (f"This run measured its files on {device.get('name')} (the tables above); the figures below are "
+                "published llama.cpp results on the page's GPUs")
+    if device.get("kind") == "rpc":
+        return ("This run measured its files on llama.cpp's RPC device, whose speed is its server's and the "
+                "network's, not a GPU's: no GPU measured them. The figures below are published llama.cpp results")
+    return "No GPU measured this run's files: these figures are published llama.cpp results"
+
+
+def _page_on_gpus(xcal: dict, gpus: list[dict], device: dict) -> list[tuple]:
     """The page's four GPUs: its tok/s beside the shipped cross-device estimate and the published measurements
     on them (each against the page's rule at its own size), and its quality claims beside published figures."""
     s: list[tuple] = [("h2", "The page on GPUs")]
@@ -280,7 +291,7 @@ def _page_on_gpus(xcal: dict, gpus: list[dict]) -> list[tuple]:
     n_in = sum(bool(r["inside"]) for r in judged)
     ratios = [r["ratio"] for g in gpus for r in g["published"]]
     method = (xcal.get("held_out") or {}).get("method", "held out")
-    s.append(("p", f"No GPU measured this run's files: these figures are published llama.cpp results "
+    s.append(("p", f"{measured_where(device)} "
                    f"(weights: published, from {xcal.get('built_from')}, each row with its source, runtime and "
                    f"build) and the cross-device calibration fitted on them ({xcal.get('n_rows')} tg rows on "
                    f"{xcal.get('n_devices')} devices; model: {xcal.get('chosen')}, {xcal.get('chosen_by')}). "
