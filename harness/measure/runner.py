@@ -87,10 +87,7 @@ def _expected_synthetic_bytes(cfg: Config, todo: list[str]) -> int:
     n = arch.n_params()
     need = 0
     cache = cfg.resolved_cache_dir
-    if any(not quantize.synthetic_file(cache, arch.name, cfg.model.seed, q, cfg.model.imatrix).exists()
-           for q in todo) and not quantize.synthetic_file(cache, arch.name, cfg.model.seed, "F16", False).exists():
-        need += 2 * n
-    for q in todo:
+    for q in todo:  # each quant built on its own (tiled: no F16 file first)
         if not quantize.synthetic_file(cache, arch.name, cfg.model.seed, q, cfg.model.imatrix).exists():
             bits = page.BY_QUANT[q].bits if q in page.BY_QUANT else 8.5
             need += int(n * (bits + 1.0) / 8)  # +1 bit: the page's bits run low (its column is not the truth)
@@ -99,9 +96,9 @@ def _expected_synthetic_bytes(cfg: Config, todo: list[str]) -> int:
             if not n_layer:
                 continue
             parch = probes.probe_arch(arch, n_layer)
-            if not quantize.synthetic_file(cache, parch.name, probes.SEED, "F16", False).exists():
-                # its F16 file and, as a bound, 9 types (the page's quants use 9) at Q8_0's 8.5 bits
-                need += int(parch.n_params() * (2 + 9 * 8.5 / 8))
+            if not quantize.synthetic_dir(cache, parch.name, probes.SEED).exists():
+                # as a bound, 9 types (the page's quants use 9) at Q8_0's 8.5 bits
+                need += int(parch.n_params() * 9 * 8.5 / 8)
     return need
 
 
