@@ -13,6 +13,7 @@ turns them into bytes per buffer name. The parser is pure, so it is tested on fi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
 from collections.abc import Callable, Iterable
@@ -138,6 +139,23 @@ class LogCapture:
         if self._partial:
             self._feed("\n")
         silence()
+
+    @contextlib.contextmanager
+    def paused(self, null_callback=None):
+        """llama.cpp's log to `null_callback` (a C function that does nothing) while inside, then back to this
+        capture: a timed region must not call into Python for each line llama.cpp logs (a CUDA build logs debug
+        lines per token), as llama-bench installs its llama_null_log_callback. Without a C callback nothing
+        changes."""
+        if null_callback is None or self._cb is None:
+            yield
+            return
+        import llama_cpp
+
+        llama_cpp.llama_log_set(null_callback, ctypes.c_void_p(0))
+        try:
+            yield
+        finally:
+            llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
 
 
 _silent_cb = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -428,6 +429,57 @@ def _run_mem(s: Session, cell: MemCell, model_fields: dict[str, Any], nvml, gpu_
         s.lib.llama_free(ctx)
 
 
+# ggml-cuda's debug lines about its CUDA graphs (ggml/src/ggml-cuda/ggml-cuda.cu of the pinned llama.cpp): a graph
+# is captured on the second identical call ("CUDA graph warmup complete"), launched again after that ("CUDA Graph
+# id N reused" where llama.cpp reused its graph), captured anew after a change ("warmup reset", "update failed").
+_GRAPH_RE = re.compile(r"CUDA [Gg]raph|CUDA graphs")
+GRAPH_EXTRA_WARMUPS = 4  # at most this many warm-ups past the config's while the graphs settle
+
+
+def graph_state(lines: list[str], state: dict[str, Any]) -> bool:
+    """Update `state` ({"in_use", "warmups", "said"}) with one warm-up's debug lines; True once the CUDA graphs are
+    settled: captured in a warm-up (so no timed repetition pays the capture) or disabled, or where a later warm-up
+    said nothing of them (a build or device without graphs)."""
+    said = [x.split(":", 1)[-1].strip() if "ggml_" in x.split(":", 1)[0] else x.strip()
+            for x in lines if _GRAPH_RE.search(x)]
+    state["warmups"] += 1
+    for x in said:
+        if x not in state["said"] and len(state["said"]) < 6:
+            state["said"].append(x)
+    if any("disabling" in x for x in said):
+        state["in_use"] = False
+        return True
+    if any("reset" in x or "update failed" in x for x in said):
+        state["in_use"] = False
+        return False
+    if any("warmup complete" in x or "reused" in x for x in said):
+        state["in_use"] = True
+        return True
+    return state["in_use"] or (state["warmups"] >= 2 and not said)
+
+
+def warm_until_graphs(s: Session, warm_up: Callable[[], None], n: int) -> dict[str, Any] | None:
+    """The test's `n` warm-ups (llama-bench's), and on a CUDA device more while its CUDA graphs settle (the debug
+    log read for them, at most GRAPH_EXTRA_WARMUPS more): with one warm-up, repetition 0 would pay the graph's
+    capture. Returns {"in_use": whether graphs are in use, "warmups": how many ran, "said": the log's lines of
+    them} on a CUDA device, None elsewhere."""
+    if s.device != "cuda":
+        for _ in range(n):
+            warm_up()
+        return None
+    state: dict[str, Any] = {"in_use": False, "warmups": 0, "said": []}
+    debug, s.capture.debug = s.capture.debug, True
+    try:
+        settled = False
+        while state["warmups"] < n or (not settled and state["warmups"] < n + GRAPH_EXTRA_WARMUPS):
+            s.capture.take()
+            warm_up()
+            settled = graph_state(s.capture.take(), state)
+    finally:
+        s.capture.debug = debug
+    return state
+
+
 def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], model_fields: dict[str, Any],
               gpu_sampler, emit, progress, watch: DeviceWatch, after_load: dict[str, Any]) -> None:
     lib = s.lib
@@ -441,12 +493,18 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
         label = f"{test.kind}{test.n_tokens}" + (f"@d{test.n_depth}" if test.n_depth else "")
         depth_state = None
         progress(f"{label}: warm-up and {len(reps)} repetitions")  # nothing is sent inside the timed region
-        for _ in range(bench["warmup"]):
+
+        def warm_up() -> None:
             lib.llama_memory_clear(mem, False)
             if test.kind == "pp":
                 s.run_prompt(ctx, batch, test.n_prompt, s.prompt_chunks(test.n_prompt))
             else:
                 s.run_gen(ctx, batch, s.gen_tokens(1))
+
+        graphs = warm_until_graphs(s, warm_up, bench["warmup"])
+        if graphs is not None:
+            ctx_fields["extra"] = {**ctx_fields["extra"], "cuda_graphs": graphs}
+        null = breakdown.null_log()  # llama-bench's null log callback: no Python call per log line while timed
         for r in reps:
             lib.llama_memory_clear(mem, False)
             if test.n_depth:
@@ -458,18 +516,19 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
                 elif lib.llama_state_seq_set_data(ctx, depth_state, len(depth_state), 0) == 0:
                     lib.llama_memory_clear(mem, False)
                     s.run_prompt(ctx, batch, test.n_depth, s.prompt_chunks(test.n_depth))
-            if test.kind == "pp":
-                chunks = s.prompt_chunks(test.n_prompt)
-                st0 = machine.snapshot()
-                t0 = time.perf_counter_ns()
-                s.run_prompt(ctx, batch, test.n_prompt, chunks)
-                wall = time.perf_counter_ns() - t0
-            else:
-                toks = s.gen_tokens(test.n_gen)
-                st0 = machine.snapshot()
-                t0 = time.perf_counter_ns()
-                s.run_gen(ctx, batch, toks)
-                wall = time.perf_counter_ns() - t0
+            with s.capture.paused(null):
+                if test.kind == "pp":
+                    chunks = s.prompt_chunks(test.n_prompt)
+                    st0 = machine.snapshot()
+                    t0 = time.perf_counter_ns()
+                    s.run_prompt(ctx, batch, test.n_prompt, chunks)
+                    wall = time.perf_counter_ns() - t0
+                else:
+                    toks = s.gen_tokens(test.n_gen)
+                    st0 = machine.snapshot()
+                    t0 = time.perf_counter_ns()
+                    s.run_gen(ctx, batch, toks)
+                    wall = time.perf_counter_ns() - t0
             state = machine.during(st0, machine.snapshot(), wall / 1e9, bench["threads"], s.device)
             g = gpu_sampler.peak if gpu_sampler else None
             out.append({

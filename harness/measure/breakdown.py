@@ -5,7 +5,8 @@ any quant x context x K/V type x flash attention on the devices at hand in milli
 
 ``llama_get_memory_breakdown`` is exported by libllama but is C++ (it returns a ``std::map``): a ten-line C shim
 compiled once with the C++ compiler that built llama.cpp flattens it into arrays (cached beside the harness's
-other builds, keyed by the libllama it links). Where no compiler is found the breakdown is None, said once.
+other builds, keyed by the libllama it links); the same shim has llama-bench's null log callback. Where no
+compiler is found the breakdown is None, said once.
 The command is :mod:`harness.simulate`.
 """
 
@@ -50,6 +51,10 @@ extern "C" int harness_memory_breakdown(const llama_context * ctx, void ** bufts
         i++;
     }
     return i;
+}
+// llama-bench's llama_null_log_callback: llama.cpp's log goes nowhere, without a call into Python per line
+extern "C" void harness_null_log(int level, const char * text, void * user_data) {
+    (void) level; (void) text; (void) user_data;
 }
 """
 
@@ -109,6 +114,17 @@ def shim():
         _shim_error = str(e)
         log.warning("llama.cpp's memory breakdown is not available: %s", e)
     return _shim
+
+
+def null_log():
+    """A C log callback that does nothing (the shim's harness_null_log), as a function pointer for llama_log_set;
+    None where the shim cannot be built."""
+    s = shim()
+    if s is None:
+        return None
+    import llama_cpp
+
+    return ctypes.cast(s.harness_null_log, llama_cpp.llama_log_callback)
 
 
 def shim_error() -> str | None:
