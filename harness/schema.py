@@ -100,9 +100,12 @@ class Record:
     device_memory: dict[str, Any] | None = None  # readings by stage (before_load, after_load, after_context,
     # after_test or, for "mem", after_decode), each {"devices": {ggml device name: {"free_bytes", "total_bytes"}},
     # "process_bytes": the device-holding process's own memory (NVML per process; the harness's RPC server's
-    # anonymous resident memory), "process": "nvml" | "rpc-server"}; the CPU device is the host (see rss_*)
+    # anonymous resident memory), "process": "nvml" | "rpc-server", with NVML "nvml_device_used_bytes"}; the CPU
+    # device is the host (see rss_*); on an NVIDIA GPU before_load also has "nvml_before_cuda" (NVML's reading before
+    # any CUDA call: the one baseline) and "counts_cuda_context": true (every figure holds the CUDA context)
     device_used_bytes: int | None = None  # what this run holds on its devices at the highest stage reading:
-    # the holding process's growth since before load, else the devices' free-memory drop
+    # the holding process's growth since before load (on a GPU since before its CUDA context), else the devices'
+    # drop
     memory_breakdown: dict[str, dict[str, Any]] | None = None  # llama.cpp's own accounting of this context, to
     # the byte (llama_get_memory_breakdown): {buffer type: {"model", "context" (KV), "compute" bytes, "host"}}
     memory_breakdown_simulated: dict[str, dict[str, Any]] | None = None  # "mem": the same from a model loaded

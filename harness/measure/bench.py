@@ -245,12 +245,17 @@ class DeviceWatch:
     (``ggml_backend_dev_memory``), and, where the harness knows the process that holds the device's memory, that
     process's own figure: NVML's per-process usage on an NVIDIA GPU, the resident anonymous memory of the RPC
     server the harness started. `used` is that process's growth since before the load where there is one
-    (source "process"), else the device's free-memory drop (source "device": it includes other tenants)."""
+    (source "process"), else the device's drop (source "device": it includes other tenants).
+
+    On an NVIDIA GPU one baseline serves every figure: NVML's, read before any ggml call, since the first CUDA call
+    (a device's memory query, an allocation) creates this process's CUDA context (~0.3-0.5 GiB); every figure then
+    counts the context (`counts_cuda_context`), as NVML's per-process usage does."""
 
     def __init__(self, nvml, server_pid: int | None):
         self.nvml = nvml
         self.server_pid = server_pid
         self.base: dict[str, Any] | None = None
+        self.nvml_base = None  # NVML's reading before any CUDA call
         self.sampler = None  # NVML's peak sampler, sampled here (at the boundaries) rather than by a thread
 
     def read(self) -> dict[str, Any]:
@@ -262,17 +267,25 @@ class DeviceWatch:
             out["process_bytes"] = rss.get("anon_bytes", rss["rss_bytes"]) if rss else None
             out["process"] = "rpc-server"
         elif self.nvml:
-            out["process_bytes"] = self.nvml.read().process_bytes
+            g = self.nvml.read()
+            out["process_bytes"], out["nvml_device_used_bytes"] = g.process_bytes, g.device_used_bytes
             out["process"] = "nvml"
         return out
 
     def start(self) -> dict[str, Any]:
+        if self.nvml:  # before read(), whose device memory query creates the CUDA context
+            self.nvml_base = self.nvml.read()
         self.base = self.read()
         return self.base
 
     def used(self, now: dict[str, Any]) -> tuple[int | None, str | None]:
         """(bytes this run holds on its devices now, which source that figure is)."""
         b = self.base or {}
+        if self.nvml_base is not None:  # NVML's baseline, from before the CUDA context
+            if now.get("process_bytes") is not None:  # not listed before any CUDA call: nothing on the device
+                return now["process_bytes"] - (self.nvml_base.process_bytes or 0), "process"
+            if now.get("nvml_device_used_bytes") is not None:
+                return now["nvml_device_used_bytes"] - self.nvml_base.device_used_bytes, "device"
         if now.get("process_bytes") is not None and b.get("process_bytes") is not None:
             return now["process_bytes"] - b["process_bytes"], "process"
         devs = now.get("devices") or {}
@@ -285,7 +298,10 @@ class DeviceWatch:
         """Record fields from readings by stage name: all of them, and the `used` figure at the highest one."""
         used = [self.used(r) for r in stages.values()]
         vals = [u for u, _ in used if u is not None]
-        return {"device_memory": {"before_load": self.base, **stages},
+        base = self.base or {}
+        if self.nvml_base is not None:  # the figures count this process's CUDA context: NVML's baseline is before it
+            base = {**base, "nvml_before_cuda": self.nvml_base._asdict(), "counts_cuda_context": True}
+        return {"device_memory": {"before_load": base, **stages},
                 "device_used_bytes": max(vals) if vals else None,
                 "device_used_source": next((src for u, src in used if u is not None), None)}
 
@@ -305,7 +321,7 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
     watch = DeviceWatch(nvml, bench.get("rpc_server_pid"))
     watch.start()
     rss_before = memory.rss_bytes()
-    gpu_before = nvml.read() if nvml else None
+    gpu_before = watch.nvml_base  # one baseline, from before the CUDA context
     with contextlib.ExitStack() as stack:
         # NVML read at the tests' boundaries only, never by a thread inside a timed region: what a test holds on
         # a GPU (its context's buffers, cuBLAS's workspace, the pools, which CUDA keeps once grown) is still held
@@ -530,7 +546,6 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
                     s.run_gen(ctx, batch, toks)
                     wall = time.perf_counter_ns() - t0
             state = machine.during(st0, machine.snapshot(), wall / 1e9, bench["threads"], s.device)
-            g = gpu_sampler.peak if gpu_sampler else None
             out.append({
                 **model_fields,
                 "test": test.kind, "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth,
@@ -538,13 +553,15 @@ def _run_test(s: Session, test: Test, reps: list[int], bench: dict[str, Any], mo
                 "n_ctx": test.n_prompt + test.n_gen + test.n_depth,
                 **ctx_fields,
                 "rss_peak_bytes": memory.peak_rss_bytes(), **memory.rss_parts(),
-                "gpu_used_peak_bytes": g.device_used_bytes if g else None,
-                "gpu_process_bytes": g.process_bytes if g else None,
                 "extra": {**ctx_fields["extra"], "machine": state},
             })
-        # the test's device memory, read once its repetitions are done (its peak at the boundaries: pp's is not tg's)
+        # the test's device memory, read once its repetitions are done (its peak at the boundaries: pp's is not tg's;
+        # what the decodes grew, cuBLAS's workspace and CUDA's pools, is held until the context goes)
         dev = watch.fields({"after_load": after_load, "after_context": after_ctx, "after_test": watch.read()})
         dev["memory_breakdown"] = breakdown.breakdown(ctx)
+        g = gpu_sampler.peak if gpu_sampler else None
+        dev.update(gpu_used_peak_bytes=g.device_used_bytes if g else None,
+                   gpu_process_bytes=g.process_bytes if g else None)
         out = [{**rec, **dev} for rec in out]
     finally:
         # sent after the test's repetitions, so that the parent's writing and progress bar never run inside a
