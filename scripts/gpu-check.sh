@@ -21,7 +21,9 @@
 #   5 collect  environment and logs, packed into OUT_DIR/gpu-check.tar.gz
 # OUT_DIR ends with at most 8 files (what the device tool returns): gpu-check.log (all output), stages.tsv,
 # records.jsonl, env.json, summary.csv, report.md, contexts.jsonl (the memory test), and gpu-check.tar.gz
-# (results/, report/, contexts/ (tg at depth), logs/, env/).
+# (results/, report/, contexts/ (tg at depth), logs/, env/). The run writes outside OUT_DIR; records.jsonl,
+# contexts.jsonl and env.json are copied into OUT_DIR every few seconds while it runs, so a call killed at its
+# limit (no exit trap then) still brings back every record measured by then.
 #
 # Environment:
 #   GPU_CHECK_DRY_RUN=1    stage 1, then stage 2 without compiling llama.cpp; exits 3 where there is no GPU
@@ -33,8 +35,10 @@
 #   GPU_CHECK_QUANTS       comma-separated quants to measure instead of the config's 12
 #   GPU_CHECK_CUDA_ARCH    CUDA architecture(s) to build for instead of the detected ones (e.g. 90)
 #   GPU_CHECK_CMAKE_ARGS   more cmake arguments for the llama.cpp build
-#   GPU_CHECK_DEADLINE_S   budget for the whole script (default 570 s): stage 4 is interrupted (records kept)
-#                          so that stage 5 always runs
+#   GPU_CHECK_LIMIT_S      the time limit of the call this runs in (the device tool's timeout_s, or the device
+#                          time left where that is less; default 600): the deadline is 30 s before it
+#   GPU_CHECK_DEADLINE_S   budget for the whole script (default GPU_CHECK_LIMIT_S - 30): stage 4 is interrupted
+#                          (records kept) so that stage 5 always runs
 #   GPU_CHECK_BUNDLE       default vendor/gpu-bundle
 #   GPU_CHECK_BUILD=1      compile llama-cpp-python here even where the bundle holds a prebuilt CUDA wheel
 #                          (vendor/gpu-bundle/cuda/, from scripts/build-cuda-wheel.sh) for this GPU
@@ -71,7 +75,8 @@ CACHE=${GPU_CHECK_CACHE:-/tmp/harness-gpu-cache}
 CONFIG=${GPU_CHECK_CONFIG:-configs/1b-synthetic-gpu.yaml}
 BUNDLE=${GPU_CHECK_BUNDLE:-vendor/gpu-bundle}
 case "$BUNDLE" in /*) ;; *) BUNDLE=$REPO/$BUNDLE ;; esac
-DEADLINE_S=${GPU_CHECK_DEADLINE_S:-570}
+LIMIT_S=${GPU_CHECK_LIMIT_S:-600}
+DEADLINE_S=${GPU_CHECK_DEADLINE_S:-$((LIMIT_S - 30))}
 VER=$(sed -n 's/.*"llama-cpp-python==\([0-9][0-9.]*\)".*/\1/p' pyproject.toml | head -1)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 mkdir -p "$WORK/logs" "$WORK/env"
@@ -108,6 +113,18 @@ die() { # CODE MESSAGE: the one loud line, then stage 5 runs from the exit trap
   echo "gpu-check: FAILED: $*"
   exit "$RC"
 }
+# The run's own folder is outside OUT_DIR; its records are copied in as they come (whole files: copied, then
+# renamed), so that a call killed at its limit, when no exit trap runs, still brings back what was measured.
+RES=$WORK/results
+mirror() {
+  local f
+  for f in records.jsonl contexts.jsonl env.json; do
+    if [ -f "$RES/$f" ] && ! cmp -s "$RES/$f" "$OUT_DIR/$f"; then
+      cp "$RES/$f" "$OUT_DIR/.$f.part" && mv "$OUT_DIR/.$f.part" "$OUT_DIR/$f"
+    fi
+  done
+}
+MIRROR_PID=""
 # Stage 5 runs from the exit trap, also after a failure.
 collect() {
   COLLECTED=1
@@ -125,18 +142,11 @@ collect() {
   { free -h; df -h; } >"$WORK/env/memory-disk.txt" 2>&1
   [ -x "$VPY" ] && "$VPY" -m pip list >"$WORK/env/pip-list.txt" 2>&1
   cp "$OUT_DIR/stages.tsv" "$WORK/env/" 2>/dev/null
-  local R=$OUT_DIR/results
-  [ -d "$R" ] && cp "$R/records.jsonl" "$R/env.json" "$OUT_DIR/" 2>/dev/null
-  [ -d "$OUT_DIR/report" ] && cp "$OUT_DIR/report/summary.csv" "$OUT_DIR/report/report.md" "$OUT_DIR/" 2>/dev/null
-  local parts=()
-  [ -d "$R" ] && parts+=(-C "$OUT_DIR" results)
-  [ -d "$OUT_DIR/report" ] && parts+=(-C "$OUT_DIR" report)
-  [ -f "$R/contexts.jsonl" ] && cp "$R/contexts.jsonl" "$OUT_DIR/" 2>/dev/null
-  [ -d "$OUT_DIR/contexts" ] && parts+=(-C "$OUT_DIR" contexts)
-  parts+=(-C "$WORK" logs env)
-  if tar -czf "$OUT_DIR/gpu-check.tar.gz" "${parts[@]}"; then
-    rm -rf "$R" "$OUT_DIR/report" "$OUT_DIR/contexts"  # now in the tarball: OUT_DIR keeps few files
-  fi
+  mirror
+  [ -d "$WORK/report" ] && cp "$WORK/report/summary.csv" "$WORK/report/report.md" "$OUT_DIR/" 2>/dev/null
+  local parts=(-C "$WORK")
+  for d in results report contexts logs env; do [ -d "$WORK/$d" ] && parts+=("$d"); done
+  tar -czf "$OUT_DIR/gpu-check.tar.gz" "${parts[@]}" || echo "could not pack gpu-check.tar.gz"
   echo "packed: gpu-check.tar.gz ($(du -h "$OUT_DIR/gpu-check.tar.gz" | cut -f1)); in $OUT_DIR: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
   end ok
 }
@@ -148,6 +158,7 @@ on_exit() {
   [ "$RC" != 0 ] || RC=$rc
   # what this script started and left running, after a failure or an interrupt
   [ -z "$BPID" ] || kill -- "-$BPID" 2>/dev/null
+  [ -z "$MIRROR_PID" ] || kill "$MIRROR_PID" 2>/dev/null
   [ -z "$STAGE" ] || end "failed (exit $RC)"
   [ "$COLLECTED" = 1 ] || collect
   echo
@@ -361,7 +372,9 @@ for w in "$BUNDLE"/cuda/llama_cpp_python-"$VER"-*.whl "$BUNDLE"/cuda/llama_cpp_p
 done
 cuda_libs_path() {  # add to LD_LIBRARY_PATH the folders of the CUDA libraries the installed build cannot find
   local so missing lib dir cands=() sp
-  so=$("$VPY" -c 'import llama_cpp, os, glob; print(" ".join(glob.glob(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cuda*.so*"))))' 2>/dev/null) || return 0
+  # the installed package's libraries found without importing it: the import is what fails where libcudart or
+  # libcublas are not on the loader's path, the one case this function is for
+  so=$("$VPY" -c 'import importlib.util as u, os, glob; s = u.find_spec("llama_cpp"); print(" ".join(glob.glob(os.path.join(os.path.dirname(s.origin), "lib", "libggml-cuda*.so*"))) if s else "")' 2>/dev/null) || return 0
   [ -n "$so" ] || return 0
   [ -n "${CUDA_ROOT:-}" ] && cands+=("$CUDA_ROOT"/lib64 "$CUDA_ROOT"/targets/*/lib)
   cands+=(/usr/local/cuda/lib64 /usr/local/cuda/targets/*/lib)
@@ -488,16 +501,22 @@ if [ "$left" -lt 60 ]; then
   end "skipped (${left} s left of GPU_CHECK_DEADLINE_S=$DEADLINE_S)"
   die 1 "no time left to measure"
 fi
-args=(run "$CONFIG" --out "$OUT_DIR/results" --cache-dir "$CACHE" --no-report --no-progress)
+args=(run "$CONFIG" --out "$RES" --cache-dir "$CACHE" --no-report --no-progress)
 [ -z "${GPU_CHECK_QUANTS:-}" ] || args+=(--quants "$GPU_CHECK_QUANTS")
 echo "python -m harness ${args[*]} (interrupted after $left s)"
+echo "deadline: $DEADLINE_S s after the start (GPU_CHECK_LIMIT_S=$LIMIT_S less 30 s, unless GPU_CHECK_DEADLINE_S)"
+( while sleep 5; do mirror; done ) &
+MIRROR_PID=$!
 # SIGINT: the harness stops cleanly (exit 130) with every record measured so far written
 timeout -s INT -k 15 "$left" env PYTHONUNBUFFERED=1 "$VPY" -m harness "${args[@]}" 2>&1 | tee "$WORK/logs/run.log"
 run_rc=${PIPESTATUS[0]}
+kill "$MIRROR_PID" 2>/dev/null
+MIRROR_PID=""
+mirror
 case "$run_rc" in 124|137) run_rc=130 ;; esac  # timeout's own codes: the deadline, then KILL 15 s later
 echo "harness run: exit $run_rc"
-if [ -f "$OUT_DIR/results/records.jsonl" ]; then
-  "$VPY" - "$OUT_DIR/results/records.jsonl" "$CONFIG" "${GPU_CHECK_QUANTS:-}" <<'EOF' || { [ "$run_rc" != 0 ] || run_rc=1; }
+if [ -f "$RES/records.jsonl" ]; then
+  "$VPY" - "$RES/records.jsonl" "$CONFIG" "${GPU_CHECK_QUANTS:-}" <<'EOF' || { [ "$run_rc" != 0 ] || run_rc=1; }
 import collections
 import json
 import sys
@@ -529,8 +548,8 @@ else
 fi
 if [ "$(elapsed)" -gt $((DEADLINE_S - 25)) ]; then
   echo "no time left for the report: python -m harness report results/ after unpacking gpu-check.tar.gz"
-elif [ -d "$OUT_DIR/results" ] && "$VPY" -c "import harness.report" 2>/dev/null; then
-  "$VPY" -m harness report "$OUT_DIR/results" --out "$OUT_DIR/report" >"$WORK/logs/report.log" 2>&1 ||
+elif [ -d "$RES" ] && "$VPY" -c "import harness.report" 2>/dev/null; then
+  "$VPY" -m harness report "$RES" --out "$WORK/report" >"$WORK/logs/report.log" 2>&1 ||
     { tail -5 "$WORK/logs/report.log"; echo "report failed (records intact)"; }
 fi
 if [ -n "$CTX_CONFIG" ]; then  # speed along the context axis: tg at depth (its own results folder)
@@ -538,7 +557,7 @@ if [ -n "$CTX_CONFIG" ]; then  # speed along the context axis: tg at depth (its 
   if [ "$cleft" -lt 45 ]; then
     echo "context sweep ($CTX_CONFIG) skipped: $cleft s left of GPU_CHECK_DEADLINE_S"
   else
-    cargs=(run "$CTX_CONFIG" --out "$OUT_DIR/contexts" --cache-dir "$CACHE" --no-report --no-progress)
+    cargs=(run "$CTX_CONFIG" --out "$WORK/contexts" --cache-dir "$CACHE" --no-report --no-progress)
     echo "python -m harness ${cargs[*]} (interrupted after $cleft s)"
     timeout -s INT -k 15 "$cleft" env PYTHONUNBUFFERED=1 "$VPY" -m harness "${cargs[@]}" 2>&1 |
       tee "$WORK/logs/contexts-run.log"
