@@ -175,6 +175,7 @@ trap 'die 130 "interrupted"' INT TERM
 
 # ---------------------------------------------------------------------------------------------------------------
 begin 1 detect
+echo "deadline: $DEADLINE_S s after the start (GPU_CHECK_LIMIT_S=$LIMIT_S less 30 s, unless GPU_CHECK_DEADLINE_S)"
 GPU_OK=0
 GPU_WHY=""
 if ! command -v nvidia-smi >/dev/null 2>&1; then
@@ -504,7 +505,6 @@ fi
 args=(run "$CONFIG" --out "$RES" --cache-dir "$CACHE" --no-report --no-progress)
 [ -z "${GPU_CHECK_QUANTS:-}" ] || args+=(--quants "$GPU_CHECK_QUANTS")
 echo "python -m harness ${args[*]} (interrupted after $left s)"
-echo "deadline: $DEADLINE_S s after the start (GPU_CHECK_LIMIT_S=$LIMIT_S less 30 s, unless GPU_CHECK_DEADLINE_S)"
 ( while sleep 5; do mirror; done ) &
 MIRROR_PID=$!
 # SIGINT: the harness stops cleanly (exit 130) with every record measured so far written

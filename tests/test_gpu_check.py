@@ -101,10 +101,11 @@ def test_dry_run_reads_the_architecture_off_nvidia_smi(tmp_path):
                    '  *) echo "stand-in nvidia-smi" ;;\nesac\n')
     smi.chmod(0o755)
     env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHON": sys.executable, "GPU_CHECK_VENV": str(tmp_path / "venv"),
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "GPU_CHECK_LIMIT_S": "300"}
     r = subprocess.run(["bash", str(SCRIPTS[0]), str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
                        env=env)
     log = r.stdout
+    assert "deadline: 270 s after the start (GPU_CHECK_LIMIT_S=300" in log  # the call's limit, less 30 s
     assert "GPU: NVIDIA H100 80GB HBM3, 9.0" in log
     assert "CUDA architecture(s) to build for: 90\n" in log
     assert "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 " in log
