@@ -19,8 +19,11 @@ import re
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+# What the tools put before a line (llama.cpp's common log: colour codes, "0.00.467.913 I " timestamps and levels);
+# the pinned build's callback gets lines without them, published logs often have them
+_PREFIX_RE = re.compile(r"^(?:\x1b\[[0-9;]*m)*(?:\d+\.\d+\.\d+\.\d+ [IWEDT] )?")
 _BUFFER_RE = re.compile(
-    r"^\s*(?P<func>[\w:]+):\s+(?P<buf>\S+)\s+(?P<kind>model|KV|compute|output|RS)\s+buffer size\s*=\s*"
+    r"^\s*(?P<func>[\w:]+):\s+(?P<buf>\S+)\s+(?:(?P<kind>model|KV|compute|output|RS)\s+)?buffer size\s*=\s*"
     r"(?P<mib>[0-9.]+)\s*MiB"
 )
 GGML_LOG_LEVEL_DEBUG, GGML_LOG_LEVEL_CONT = 1, 5  # enum ggml_log_level
@@ -42,17 +45,32 @@ def is_host_buffer(name: str) -> bool:
     return up.startswith("CPU") or up.endswith("_HOST")
 
 
+def strip_prefix(line: str) -> str:
+    """A log line without what llama.cpp's tools print before it (colour codes, a timestamp and level)."""
+    return _PREFIX_RE.sub("", line, count=1)
+
+
 def parse_buffers(lines: Iterable[str]) -> Buffers:
     """Bytes per buffer name and kind. MiB in the log carry 2 decimals: each value is good to ~5 KiB.
-    The same name logged twice for one kind (e.g. several compute reservations) is summed."""
+    The same name logged twice for one kind (e.g. several compute reservations) is summed. Builds before
+    mid-2024 logged the weights as "llm_load_tensors: CUDA0 buffer size" (no "model"): taken as model buffers."""
     out: Buffers = Buffers({}, {}, {}, {})
     for line in lines:
-        m = _BUFFER_RE.match(line)
-        if not m:
+        m = _BUFFER_RE.match(strip_prefix(line))
+        if not m or (m["kind"] is None and not m["func"].endswith("load_tensors")):
             continue
-        d = getattr(out, KINDS[m["kind"]])
+        d = getattr(out, KINDS[m["kind"] or "model"])
         d[m["buf"]] = d.get(m["buf"], 0) + round(float(m["mib"]) * 1024 * 1024)
     return out
+
+
+_CUDA_DEVICE_RE = re.compile(r"^\s*Device (?P<i>\d+): (?P<name>.+?), compute capability (?P<cc>[\d.]+)")
+
+
+def cuda_devices(lines: Iterable[str]) -> list[tuple[int, str, str]]:
+    """(index, name, compute capability) of each device ggml-cuda lists at start ("Device 0: NVIDIA H200, compute
+    capability 9.0, VMM: yes"): the GPU's name in the log itself."""
+    return [(int(m["i"]), m["name"], m["cc"]) for m in map(_CUDA_DEVICE_RE.match, map(strip_prefix, lines)) if m]
 
 
 _OFFLOAD_RE = re.compile(r"offloaded (?P<n>\d+)/(?P<m>\d+) layers to GPU")

@@ -411,8 +411,11 @@ def json_rows(text: str, fmt: str) -> list[tuple[str, dict[str, str]]]:
     return out
 
 
-_INFO_RE = re.compile(r"^\s*print_info:\s+(?P<key>file type|arch|model type|model params)\s*=\s*(?P<val>.+?)\s*$")
-_CTX_RE = re.compile(r"^\s*llama_context:\s+(?P<key>n_ctx|n_ubatch|n_batch|flash_attn)\s*=\s*(?P<val>\S+)")
+# print_info / llama_context since early 2025; llm_load_print_meta / llama_new_context_with_model before
+_INFO_RE = re.compile(r"^\s*(?:print_info|llm_load_print_meta):\s+(?P<key>file type|model ftype|arch|model type|"
+                      r"model params)\s*=\s*(?P<val>.+?)\s*$")
+_CTX_RE = re.compile(r"^\s*(?:llama_context|llama_new_context_with_model):\s+(?P<key>n_ctx|n_ubatch|n_batch|"
+                     r"flash_attn)\s*=\s*(?P<val>\S+)")
 _KV_TYPES_RE = re.compile(r"K \((?P<k>\w+)\):.*V \((?P<v>\w+)\):")
 
 
@@ -422,24 +425,26 @@ def log_records(text: str, src: Source, run_id: str) -> tuple[list[schema.Record
     llama.cpp logs them), n_ctx, n_ubatch, flash attention and the KV cache types where logged."""
     from harness import llamalog
 
-    lines = text.splitlines()
-    info = {m["key"]: m["val"] for m in map(_INFO_RE.match, lines) if m}
+    lines = [llamalog.strip_prefix(x) for x in text.splitlines()]  # without the tools' timestamps and colours
+    info = {m["key"].replace("model ftype", "file type"): m["val"] for m in map(_INFO_RE.match, lines) if m}
     model = parse_model(f"{info.get('arch', '')} {info.get('model type', '')} {info.get('file type', '')}")
     if model is None:
         return [], [Skipped(src.path, "no model the log names (print_info: arch, model type, file type): "
                                       f"{info or 'none of those lines'}")]
-    dev = _device({}, None, src)  # a load log names no device of its own here: the given one
+    # the device: the given one, else the first GPU ggml-cuda lists in the log ("Device 0: NVIDIA ...")
+    cuda = llamalog.cuda_devices(lines)
+    dev = _device({"gpu_info": cuda[0][1]} if cuda and not src.device else {}, "cuda" if cuda else None, src)
     if dev is None:
         return [], [Skipped(src.path, _NO_DEVICE)]
     contexts: list[tuple[list[str], list[str]]] = []  # (the context's lines, its model's buffer lines)
     model_lines: list[str] = []
     new_load = False  # a model buffer line after a context: the log loads the model again
     for line in lines:
-        if " model buffer size" in line:
+        if llamalog.parse_buffers([line]).model:
             if new_load:
                 model_lines, new_load = [], False
             model_lines.append(line)
-        if re.match(r"^\s*llama_context:\s+n_ctx\s*=", line):
+        if re.match(r"^\s*(?:llama_context|llama_new_context_with_model):\s+n_ctx\s*=", line):
             contexts.append(([], list(model_lines)))
             new_load = True
         if contexts:
@@ -447,13 +452,14 @@ def log_records(text: str, src: Source, run_id: str) -> tuple[list[schema.Record
     if not contexts:
         return [], [Skipped(src.path, "no context in the log (no 'llama_context: n_ctx =' line)")]
     recs = []
+    off = llamalog.offloaded_layers(lines)
     for i, (ctx, mlines) in enumerate(contexts):
         weights = llamalog.parse_buffers(mlines).model
         b = llamalog.parse_buffers(ctx)
         kv = {m["key"]: m["val"] for m in map(_CTX_RE.match, ctx) if m}
         types = next((m for m in map(_KV_TYPES_RE.search, ctx) if m), None)
         backend = next((BACKENDS.get(re.sub(r"\d+$", "", n).lower()) for n in (*b.kv, *weights)
-                        if not n.upper().startswith("CPU")), "cpu")
+                        if not llamalog.is_host_buffer(n)), "cpu")
         recs.append(schema.make(
             run_id=run_id, utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), status="ok",
             quant=model[2], weights=WEIGHTS, weights_ref=src.url, model_desc=" ".join(model[:2]) + " " +
@@ -464,8 +470,9 @@ def log_records(text: str, src: Source, run_id: str) -> tuple[list[schema.Record
             weights_bytes=sum(weights.values()) or None, kv_bytes=sum(b.kv.values()),
             compute_bytes=sum(b.compute.values()), output_bytes=sum(b.output.values()),
             cache_type_k=types["k"] if types else None, cache_type_v=types["v"] if types else None,
+            n_layers_offloaded=(off or (None, None))[0], n_layers_offloadable=(off or (None, None))[1],
             extra={"source": src.url, "date": src.date, **_runtime_build(src, None, {}), "quote": src.quote,
-                   "file": src.path, "context": i,
+                   "file": src.path, "context": i, "gpu_devices_logged": [list(c) for c in cuda],
                    "lines": [x.strip() for x in ctx if "buffer size" in x or _CTX_RE.match(x)],
                    "architecture": model[0], "size_label": model[1], **_device_extra(dev)},
         ))
