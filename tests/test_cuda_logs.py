@@ -103,7 +103,7 @@ def test_records_and_the_reports_device_table_split_device_and_host(name):
     row = tables.device_memory_rows(summary.records_frame(recs))[0]
 
     def side(d: dict[str, float], host: bool) -> str:
-        return f"{sum(v for k, v in d.items() if llamalog.is_host_buffer(k) == host):,.1f}"
+        return f"{sum(v for k, v in as_bytes(d).items() if llamalog.is_host_buffer(k) == host) / MIB:,.1f}"
 
     # model on the device | on the host | KV on the device | compute on the device | compute on the host
     assert row[2] == f"{off[0]}/{off[1]}"
