@@ -326,34 +326,45 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
         return
     fam = x["fam"]
     held = (fam.get("held_out") or {})
-    small, every = held.get("small"), held.get("all")
+    on = crossgpu.basis(xcal, fam, x["family"])
+    err_case = on["error"] or held.get("small") or held.get("all")
+    rng = crossgpu.tok_s_range(x["tok_s"], err_case)
 
     def err(e, n):
-        return f"median {e['median_ape']:.0%}, worst {e['worst_ape']:.0%} over {n} rows" if e else f"none ({n} rows)"
+        return (f"median {e['median_ape']:.0%}, RMS {e['rms_ape']:.0%}, worst {e['worst_ape']:.0%} over {n} rows"
+                if e else f"none ({n} rows)")
     runtime = xcal.get("runtime") or crossgpu.DEFAULT_RUNTIME
-    lines.append(f"calibrated: tg ~{x['tok_s']:,.0f} tok/s on {runtime} with an empty cache, "
-                 f"~{x['tok_s_at_context']:,.0f} tok/s at {context:,} tokens (the KV cache read added); cross-device "
-                 f"fit of {runtime}'s published rows for {x['family']}: efficiency {fam['efficiency']:.2f}"
-                 f" x {fam['kind_factor']:.2f} ({fam['kind']}) of the spec bandwidth"
-                 + (f", overhead {fam['overhead_s'] * 1e3:.2f} ms/token" if fam.get("overhead_s") else ""))
+    span = (f" (likely {rng[0]:,.0f}-{rng[1]:,.0f}" if rng and math.isfinite(rng[1]) else
+            f" (likely above {rng[0]:,.0f}" if rng else " (no held-out error for this case")
+    lines.append(f"calibrated: tg ~{x['tok_s']:,.0f} tok/s{span}{': ' + on['case'] if rng else ''}) on "
+                 f"{runtime} with an empty cache, ~{x['tok_s_at_context']:,.0f} tok/s at {context:,} tokens (the KV "
+                 "cache read added)")
+    what = (f"this device's own ({x['family']})" if fam.get("basis") == "device" else
+            "its back end's (no published row of its family)" if fam.get("basis") == "backend" else
+            f"its family's ({x['family']})")
+    lines.append(f"            rests on: {what} efficiency {fam['efficiency']:.2f} x {fam['kind_factor']:.2f} "
+                 f"({fam['kind']}) of the spec bandwidth"
+                 + (f", plus {on['floor']}" if on["floor"] else
+                    f", overhead {fam['overhead_s'] * 1e3:.2f} ms/token" if fam.get("overhead_s") else "")
+                 + f"; model {xcal.get('chosen')} ({why}; harness/data/crossgpu.json, from "
+                 f"{xcal.get('built_from')})")
+    if rng:
+        lines.append(f"            the range is the held-out error ({(xcal.get('held_out') or {}).get('method')}) for "
+                     f"{on['case']}: 1B-3B rows {err(err_case, on['n'])}")
     other = x.get("other_tok_s")
-    if other and abs(other / x["tok_s"] - 1) > 0.25:
-        lines.append(f"            the other model that fits the published rows ({xcal.get('other')}) says "
-                     f"~{other:,.0f} tok/s here: the published rows do not tell the two apart on this device; "
-                     "a measurement on it does")
+    if other and xcal.get("selection_close", True) and abs(other / x["tok_s"] - 1) > 0.25:
+        lines.append(f"            the selection was close: the runner-up model ({xcal.get('other')}) says "
+                     f"~{other:,.0f} tok/s here; a measurement on this device tells them apart")
     if fam.get("basis") == "device":  # this device's own published rows
         models = "; ".join(fam["models"][:4])
-        lines.append(f"            from this device's own {fam['n_rows']} published rows of {runtime} ({models}"
-                     f"): held-out error ({held.get('method')}) {err(every, held.get('n_all', 0))}; they are of "
-                     f"other models, whose size is scaled ({why}; harness/data/crossgpu.json, from "
-                     f"{xcal.get('built_from')})")
-    else:
-        lines.append(f"            held-out error ({held.get('method', 'held out')}) of {x['family']}: 1B-3B rows "
-                     f"{err(small, held.get('n_small', 0))}; all its rows {err(every, held.get('n_all', 0))}; "
-                     f"rests on {fam['n_rows']} published rows on {len(fam['devices'])} "
+        lines.append(f"            this device's own {fam['n_rows']} published rows of {runtime} ({models}): "
+                     f"{err(held.get('all'), held.get('n_all', 0))} ({held.get('method')}); they are of other "
+                     "models, whose size is scaled")
+    elif fam.get("devices"):
+        lines.append(f"            {x['family']}: {fam['n_rows']} published rows on {len(fam['devices'])} "
                      f"device{'s' if len(fam['devices']) != 1 else ''} "
-                     f"({', '.join(fam['devices'][:6])}{', ...' if len(fam['devices']) > 6 else ''}); model "
-                     f"{xcal.get('chosen')} ({why}; harness/data/crossgpu.json, from {xcal.get('built_from')})")
+                     f"({', '.join(fam['devices'][:6])}{', ...' if len(fam['devices']) > 6 else ''}); its "
+                     f"held-out error, all its rows: {err(held.get('all'), held.get('n_all', 0))}")
     for name, o in (xcal.get("other_runtimes") or {}).items():
         if device["name"] in o.get("devices", []):
             vs = (f"; its {o['n_predicted']} rows (on {', '.join(o['devices'])}) run at a median "
@@ -361,7 +372,7 @@ def render_cross(lines: list[str], device: dict, context: int, x: dict, xcal: di
                   else "")
             lines.append(f"            this device also has rows of {name} ({', '.join(o['sources'])}): another "
                          f"runtime, not in the fit{vs}; this estimate is for {runtime}")
-    if not crossgpu.rests_on_small_rows(fam):
+    if on["upper_bound"]:
         lines.append("            none of these rows is of a 1B-3B model: the per-token floor (kernel launches, "
                      "synchronisation) that a 1B model meets on a fast device is not in them, so read this as an "
                      "upper bound")

@@ -127,7 +127,17 @@ def quant_kind(quant: Any) -> str:
 # The models compared by leave-one-device-out; the first is the plain baseline (one efficiency per vendor x
 # backend, as the page has one per vendor), the other two are the candidates `chosen` picks from.
 PLAIN, KINDS, OVERHEAD = "bandwidth only (plain)", "bandwidth x quant kind", "overhead + bandwidth x quant kind"
-MODELS = (PLAIN, KINDS, OVERHEAD)
+POOLED = "back end's floor + family bandwidth shrunk to its back end's x quant kind"
+MODELS = (PLAIN, KINDS, POOLED, OVERHEAD)  # simplest first (POOLED: 2 terms per back end + 1 shrunk per family)
+# How many rows' weight a back end's efficiency has in a family's: a family of 2 rows moves about a third of the
+# way from its back end's inverse efficiency to its own, one of 40 nearly all the way.
+SHRINK_ROWS = 4.0
+
+
+def backend_of(family: str) -> str:
+    """"nvidia-cuda-hbm" -> "cuda": the software that sets the per-token floor (launches, synchronisation)."""
+    parts = family.split("-")
+    return parts[1] if len(parts) > 1 else family
 
 
 def _efficiency(pts: pd.DataFrame) -> np.ndarray:
@@ -167,6 +177,8 @@ def fit(pts: pd.DataFrame, model: str = OVERHEAD) -> dict[str, Any]:
     if model == KINDS:
         eff, kinds = fit_kinds(pts)
         return {"families": {f: {"efficiency": e, "overhead_s": 0.0} for f, e in eff.items()}, "kinds": kinds}
+    if model == POOLED:
+        return fit_pooled(pts)
     if model == PLAIN:
         pts = pts.assign(family=pts.base_family)
         kinds: dict[str, float] = {}
@@ -191,12 +203,85 @@ def fit(pts: pd.DataFrame, model: str = OVERHEAD) -> dict[str, Any]:
     return {"families": out, "kinds": kinds}
 
 
+def fit_pooled(pts: pd.DataFrame) -> dict[str, Any]:
+    """POOLED: time per token = floor[back end] + bytes / (efficiency[family] x kind x spec bandwidth), with
+    1 / efficiency[family] = 1 / efficiency[back end] + a family's deviation that SHRINK_ROWS pseudo-rows pull
+    to 0, the floor and the back end's inverse efficiency bounded (>= 0, >= 1), by least squares in relative
+    error; quant-kind factors from fit_kinds. The floor is one per back end (CUDA, ROCm, Vulkan, Metal), fitted
+    on every family's rows of it: an HBM family with no 1B-3B row of its own gets the floor its back end's
+    small-model rows show. Returns fit()'s shape plus "backends": {back end: {"efficiency", "overhead_s"}}, each
+    family's terms carrying its back end and "own_weight" (its rows / (its rows + SHRINK_ROWS))."""
+    kinds = fit_kinds(pts)[1]
+    be = pts.family.map(backend_of)
+    small = pts.size_b <= SMALL_MAX_B
+    backends = sorted(be.unique())
+    n_small = {b: int((small & (be == b)).sum()) for b in backends}
+    x, floors = _solve_pooled(pts, kinds, {b: None for b in backends if n_small[b]})
+    # a back end with no 1B-3B row cannot show its floor (its large-model rows trade a floor for efficiency
+    # freely): it takes the median of the floors the other back ends' small rows show, and says so
+    borrowed = float(np.median(list(floors.values()))) if floors else 0.0
+    fixed = {b: (None if n_small[b] else borrowed) for b in backends}
+    x, floors = _solve_pooled(pts, kinds, fixed)
+    families = sorted(pts.family.unique())
+    nb = 2 * len(backends)
+    out_b = {b: {"efficiency": 1.0 / (1.0 + x[2 * i]), "overhead_s": floors[b], "n_rows": int((be == b).sum()),
+                 "n_small": n_small[b], "floor": "its own 1B-3B rows" if n_small[b] else
+                 "borrowed: the median of the other back ends' floors (no 1B-3B row of its own)"}
+             for i, b in enumerate(backends)}
+    out = {}
+    for i, f in enumerate(families):
+        b = backend_of(f)
+        inv_e = max(1.0, 1.0 + x[2 * backends.index(b)] + x[nb + i])  # no device reads faster than its spec
+        n = int((pts.family == f).sum())
+        out[f] = {"efficiency": 1.0 / inv_e, "overhead_s": out_b[b]["overhead_s"], "backend": b,
+                  "own_weight": n / (n + SHRINK_ROWS)}
+    return {"families": out, "kinds": kinds, "backends": out_b}
+
+
+def _solve_pooled(pts: pd.DataFrame, kinds: dict[str, float], fixed: dict[str, float | None]
+                  ) -> tuple[np.ndarray, dict[str, float]]:
+    """fit_pooled's least squares: per back end of `fixed` (None: its floor fitted; a number: that floor, held;
+    absent: no floor), then per family its shrunk deviation. Returns (x, {back end: floor seconds})."""
+    families = sorted(pts.family.unique())
+    be = pts.family.map(backend_of)
+    backends = sorted(be.unique())
+    t = pts.t_s.to_numpy()
+    read = (pts.bytes / pts.bandwidth_b_s).to_numpy() / _factors(pts, kinds)
+    held = np.array([fixed.get(b) or 0.0 for b in be])
+    cols = []
+    for b in backends:
+        m = (be == b).to_numpy(float)
+        # 1 / efficiency - 1 of the back end (>= 0), its floor in seconds (>= 0; 0 where held or absent)
+        cols += [m * read, m if (b in fixed and fixed[b] is None) else np.zeros(len(pts))]
+    for f in families:
+        cols.append((pts.family == f).to_numpy(float) * read)  # the family's deviation (free, shrunk)
+    a = np.column_stack(cols) / t[:, None]
+    y = np.ones(len(pts)) - (read + held) / t
+    nb = 2 * len(backends)
+    bounded = np.array([True] * nb + [False] * len(families))
+    # SHRINK_ROWS pseudo-rows per family, each as sensitive to its deviation as its own rows are on average (the
+    # RMS of read / time over them): n rows against SHRINK_ROWS, whatever the family's share of its bandwidth
+    prior = np.zeros((len(families), a.shape[1]))
+    for i, f in enumerate(families):
+        m = (pts.family == f).to_numpy()
+        prior[i, nb + i] = math.sqrt(SHRINK_ROWS * np.mean((read[m] / t[m]) ** 2))
+    x = nnls(np.vstack([a, prior]), np.concatenate([y, np.zeros(len(families))]), bounded)
+    floors = {b: (float(x[2 * i + 1]) if fixed.get(b, 0.0) is None else float(fixed.get(b) or 0.0))
+              for i, b in enumerate(backends) if b in fixed}
+    return x, floors
+
+
+def _pooled_terms(params: dict[str, Any], family: str) -> dict[str, Any] | None:
+    """A family's POOLED terms, or its back end's where the fit has no row of the family."""
+    return params["families"].get(family) or (params.get("backends") or {}).get(backend_of(family))
+
+
 def predict_t(pts: pd.DataFrame, params: dict[str, Any], model: str = OVERHEAD) -> np.ndarray:
     out = np.full(len(pts), np.nan)
     fams = pts.base_family if model == PLAIN else pts.family
     factors = _factors(pts, params["kinds"])
     for i, (f, r) in enumerate(zip(fams, pts.itertuples())):
-        p = params["families"].get(f)
+        p = _pooled_terms(params, f) if model == POOLED else params["families"].get(f)
         if p and p["efficiency"] not in (0, math.inf):
             out[i] = p["overhead_s"] + r.bytes / r.bandwidth_b_s / (p["efficiency"] * factors[i])
     return out
@@ -274,6 +359,52 @@ def nested(pts: pd.DataFrame) -> tuple[np.ndarray, dict[str, int]]:
     return pred, chosen_in
 
 
+def family_small_in_training(pts: pd.DataFrame) -> np.ndarray:
+    """Per row, whether its source fold's training rows hold a 1B-3B row of its family (the case of a card
+    whose family has small-model rows of its own, from other sources and devices)."""
+    small = (pts.size_b <= SMALL_MAX_B).to_numpy()
+    out = np.zeros(len(pts), dtype=bool)
+    for held, train in folds(pts):
+        fams = set(pts.family[train & small])
+        out[held] = pts.family[held].isin(fams).to_numpy()
+    return out
+
+
+def small_withheld(pts: pd.DataFrame) -> np.ndarray:
+    """The case of a card whose family has no 1B-3B row (H100 SXM, H200, MI300X, MI250X): per source fold, its
+    1B-3B rows predicted by the model chosen (nested) on the fold's training rows less every 1B-3B row of those
+    rows' families, so the floor is its back end's (other families') and the efficiency its family's larger
+    rows'. NaN for rows not of 1B-3B models."""
+    small = (pts.size_b <= SMALL_MAX_B).to_numpy()
+    pred = np.full(len(pts), np.nan)
+    for held, train in folds(pts):
+        held = held & small
+        if not held.any():
+            continue
+        train = train & ~(small & pts.family.isin(pts.family[held].unique()).to_numpy())
+        if not train.any():
+            continue
+        tr = pts[train]
+        m, _, _ = choose(tr)
+        pred[held] = predict_t(pts[held], fit(tr, m), m)
+    return pred
+
+
+def leave_one_family_out(pts: pd.DataFrame, model: str | None = None) -> np.ndarray:
+    """Each family's rows predicted by a fit without any of them (`model`, or the one chosen on the other
+    families' rows when None): what a card of a family with no published row at all gets. Only a model with
+    terms beyond the family (PLAIN's vendor x backend, POOLED's back end) can predict; NaN elsewhere."""
+    pred = np.full(len(pts), np.nan)
+    for f in pts.family.unique():
+        held = (pts.family == f).to_numpy()
+        tr = pts[~held]
+        if tr.empty:
+            continue
+        m = model or choose(tr)[0]
+        pred[held] = predict_t(pts[held], fit(tr, m), m)
+    return pred
+
+
 def page_t(pts: pd.DataFrame) -> np.ndarray:
     """Time per token by the page's own rule (harness.catalog.page.rule_tok_s) at each row's own size."""
     return np.array([1.0 / page.rule_tok_s(r.bandwidth_b_s / 1e9, r.vendor, r.bytes / 1e9)
@@ -285,6 +416,20 @@ def _errors(ape: np.ndarray, small: np.ndarray) -> dict[str, Any]:
     return {"all": error_stats(ape[ok]) if ok.any() else None, "n_all": int(ok.sum()),
             "small": error_stats(ape[ok & small]) if (ok & small).any() else None,
             "n_small": int((ok & small).sum())}
+
+
+CASE_OWN = "a family with 1B-3B rows of its own"
+CASE_BORROWED = "a family without 1B-3B rows (its 1B-3B rows withheld: the floor is its back end's)"
+CLOSE = 1.25  # the runner-up is shown beside the chosen model where its selection RMS is within 25% of it
+
+
+def close(rms: dict[str, float], chosen: str, other: str) -> bool:
+    """Whether the selection between `chosen` and `other` was close: their held-out RMS within CLOSE of each
+    other, either way (a simpler model kept within the tolerance counts as close too)."""
+    from harness.analysis.fit import SELECT_SLACK
+
+    a, b = rms.get(chosen), rms.get(other)
+    return a is not None and b is not None and max(a, b) <= CLOSE * min(a, b) + SELECT_SLACK
 
 
 HELD_OUT_METHOD = "leave one source out, with every row on its devices (nested: the model choice inside the folds)"
@@ -321,16 +466,34 @@ def calibrate(df: pd.DataFrame, runtime: str = DEFAULT_RUNTIME) -> dict[str, Any
     nested_ape = rate_ape(pts, nested_t)
     errs["nested"] = {**_errors(nested_ape, small), "chosen_in_folds": chosen_in}
     lodo = rate_ape(pts, leave_one_device_out(pts, chosen))
+    own_small = family_small_in_training(pts)
+    cases = {CASE_OWN: _errors(np.where(own_small, nested_ape, np.nan), small),
+             CASE_BORROWED: _errors(rate_ape(pts, small_withheld(pts)), small)}
+    lofo = {"nested choice": _errors(rate_ape(pts, leave_one_family_out(pts)), small)}
+    for m in CANDIDATES:
+        lofo[m] = _errors(rate_ape(pts, leave_one_family_out(pts, m)), small)
+    lofo_chosen = rate_ape(pts, leave_one_family_out(pts))
+    lofo["by_family"] = {f: {"n_rows": int((pts.family == f).sum()),
+                             **_errors(np.where((pts.family == f).to_numpy(), lofo_chosen, np.nan), small)}
+                         for f in sorted(pts.family.unique())}
     out["held_out"] = {"method": HELD_OUT_METHOD, **errs, "n_common": int(common.sum()),
                        "n_common_small": int((common & small).sum()), "n_folds": len(folds(pts)),
-                       "leave one device out (not held out by source)": _errors(lodo, small)}
+                       "leave one device out (not held out by source)": _errors(lodo, small),
+                       "cases": cases, "leave one family out": lofo}
     out["chosen"] = chosen
     out["chosen_by"] = (f"the lowest held-out RMS error (by source and device) over the {n_cmp} rows every "
                         f"candidate predicts, a simpler one kept unless clearly worse: "
                         + ", ".join(f"{m} {v:.1%}" for m, v in rms.items()))
     others = sorted((m for m in CANDIDATES if m != chosen), key=lambda m: rms.get(m, math.inf))
     out["other"] = other = others[0]
+    out["selection_rms"] = rms
+    out["selection_close"] = close(rms, chosen, other)
     full = fit(pts, chosen)
+    if full.get("backends"):
+        be = pts.family.map(backend_of)
+        out["backends"] = {b: {**t, "devices": sorted(pts.device[be == b].unique()),
+                               "families": sorted(pts.family[be == b].unique())}
+                           for b, t in full["backends"].items()}
     out["kinds"] = {k: {"factor": v, "n_rows": int((pts.kind == k).sum())} for k, v in full["kinds"].items()}
     out["other_fit"] = fit(pts, other)  # the next candidate: shown beside, where the two disagree
     fam_col = pts.base_family if chosen == PLAIN else pts.family  # PLAIN: per vendor x backend, HBM or not
@@ -338,12 +501,14 @@ def calibrate(df: pd.DataFrame, runtime: str = DEFAULT_RUNTIME) -> dict[str, Any
         in_f = (fam_col == f).to_numpy()
         d = pts[in_f]
         out["families"][f] = {**p, "n_rows": int(len(d)), "devices": sorted(d.device.unique()),
+                              "n_small_rows": int((d.size_b <= SMALL_MAX_B).sum()),
                               "held_out": {"method": HELD_OUT_METHOD,
                                            **_errors(np.where(in_f, nested_ape, np.nan), small)}}
-    out["per_device"] = per_device(pts, full["kinds"])
+    floors = {f: p["overhead_s"] for f, p in full["families"].items()} if chosen == POOLED else None
+    out["per_device"] = per_device(pts, full["kinds"], floors)
     # where a device has rows of its own, which predicts them better: its rows from other sources, or the
     # nested cross-device fit that never saw the device?
-    loso = leave_one_source_out_on_device(pts)
+    loso = leave_one_source_out_on_device(pts, floors)
     both = ~np.isnan(loso) & ~np.isnan(nested_ape)
     own, cross = (error_stats(loso[both]), error_stats(nested_ape[both])) if both.any() else (None, None)
     out["per_device_check"] = {"n": int(both.sum()), "own rows (its rows from other sources)": own,
@@ -355,34 +520,45 @@ def calibrate(df: pd.DataFrame, runtime: str = DEFAULT_RUNTIME) -> dict[str, Any
                         | {"spec_limit_tok_s": r["bandwidth_b_s"] / r["bytes"]} for _, r in over.iterrows()]
     out["other_runtimes"] = _other_runtimes(apart, full, chosen)
     return out
-def _own_efficiency(pts: pd.DataFrame, kinds: dict[str, float]) -> np.ndarray:
-    """Each row's efficiency brought to its family's F16 terms (divided by its quant kind's factor)."""
-    return _efficiency(pts) / _factors(pts, kinds)
+def _floor(pts: pd.DataFrame, floors: dict[str, float] | None) -> np.ndarray:
+    """Each row's per-token floor in seconds: its back end's from POOLED (`floors` by family), else 0."""
+    return pts.family.map(lambda f: (floors or {}).get(f, 0.0)).to_numpy(float)
 
 
-def per_device(pts: pd.DataFrame, kinds: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+def _own_efficiency(pts: pd.DataFrame, kinds: dict[str, float], floors: dict[str, float] | None = None
+                    ) -> np.ndarray:
+    """Each row's efficiency brought to its family's F16 terms (divided by its quant kind's factor), the time
+    its back end's floor takes (`floors`, by family) set apart first; at most 1."""
+    read_t = np.maximum(pts.t_s.to_numpy() - _floor(pts, floors), 1e-12)
+    return np.minimum((pts.bytes / pts.bandwidth_b_s).to_numpy() / read_t, 1.0) / _factors(pts, kinds)
+
+
+def per_device(pts: pd.DataFrame, kinds: dict[str, float] | None = None, floors: dict[str, float] | None = None
+               ) -> dict[str, dict[str, Any]]:
     """{device: {family: terms}}: a device's own efficiency from its own published rows of a family (the median
     of bytes / (spec bandwidth x time), each row divided by its quant kind's factor), and its error where its
     rows come from two sources or more (each source's rows predicted by the others'). A device that llama.cpp
     drives far from its spec bandwidth (the MI300X's ROCm rows) keeps its own figure instead of its family's."""
     kinds = kinds or {}
     out: dict[str, dict[str, Any]] = {}
-    loso = leave_one_source_out_on_device(pts)
+    loso = leave_one_source_out_on_device(pts, floors)
     for (dev, fam), d in pts.groupby(["device", "family"]):
         apes = loso[pts.index.get_indexer(d.index)]
         apes = apes[~np.isnan(apes)]
         out.setdefault(dev, {})[fam] = {
-            "efficiency": float(np.median(_own_efficiency(d, kinds))), "n_rows": int(len(d)), "overhead_s": 0.0,
+            "efficiency": float(np.median(_own_efficiency(d, kinds, floors))), "n_rows": int(len(d)),
+            "overhead_s": float((floors or {}).get(fam, 0.0)),
             "models": sorted(set(map(str, d.model))), "sources": sorted(set(d.source)),
             "held_out": {"method": "each source's rows on this device predicted by its other sources' rows",
                          "n_all": len(apes), "all": error_stats(apes) if len(apes) else None}}
     return out
 
 
-def leave_one_source_out_on_device(pts: pd.DataFrame) -> np.ndarray:
+def leave_one_source_out_on_device(pts: pd.DataFrame, floors: dict[str, float] | None = None) -> np.ndarray:
     """Per row, |its rate / the rate its device's rows of its family from other sources predict - 1| (their
     median efficiency in F16 terms, times the row's quant kind factor, the factors fitted without the row's
-    source); NaN where no other source has a row on that device and family."""
+    source, after the back end's floor where `floors` gives one); NaN where no other source has a row on that
+    device and family."""
     out = np.full(len(pts), np.nan)
     kinds_without: dict[str, dict[str, float]] = {}
     for _, d in pts.groupby(["device", "family"]):
@@ -394,8 +570,10 @@ def leave_one_source_out_on_device(pts: pd.DataFrame) -> np.ndarray:
                 kinds_without[src] = fit_kinds(pts[pts.source != src])[1]
             k = kinds_without[src]
             mine, rest = (d.source == src).to_numpy(), (d.source != src).to_numpy()
-            ref = float(np.median(_own_efficiency(d[rest], k)))
-            out[pos[mine]] = np.abs(_own_efficiency(d[mine], k) / ref - 1)
+            ref = float(np.median(_own_efficiency(d[rest], k, floors)))
+            dm = d[mine]
+            pred_t = _floor(dm, floors) + (dm.bytes / dm.bandwidth_b_s).to_numpy() / (ref * _factors(dm, k))
+            out[pos[mine]] = np.abs(pred_t / dm.t_s.to_numpy() - 1)
     return out
 
 
@@ -445,6 +623,9 @@ def predict_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes
             {**own, "devices": [device], "basis": "device", "kind": kind, "kind_factor": factor}, \
             f"{family} on {device}"
     fam = _terms(cal.get("families") or {}, family)
+    if fam is None and cal.get("chosen") == POOLED:  # no row of the family: its back end's terms
+        b = (cal.get("backends") or {}).get(backend_of(family))
+        fam = {**b, "basis": "backend", "n_small_rows": 0, "held_out": {}} if b else None
     rate = _rate(fam, factor, bandwidth_gb_s, bytes_per_token)
     if rate is None:
         have = ", ".join(sorted(cal.get("families") or {})) or "none"
@@ -465,6 +646,43 @@ def _rate(terms: dict[str, Any] | None, factor: float, bandwidth_gb_s: float, by
     return 1.0 / (terms["overhead_s"] + bytes_per_token / (terms["efficiency"] * factor * bandwidth_gb_s * 1e9))
 
 
+def basis(cal: dict[str, Any], terms: dict[str, Any], family: str) -> dict[str, Any]:
+    """What an estimate from predict_tok_s's `terms` rests on, and the held-out error of that case:
+    {"case", "error" (error_stats or None), "n", "floor" (a sentence), "upper_bound" (no per-token floor
+    behind it)}. A family (or a device) with 1B-3B rows of its own: the nested error on 1B-3B rows whose
+    family kept such rows in training; one without, under POOLED: the error of predicting a family's 1B-3B rows
+    with all of them withheld (its back end's floor); otherwise no floor stands behind it: an upper bound."""
+    fam_name = family.split(" on ")[0]
+    b = (cal.get("backends") or {}).get(backend_of(fam_name)) if cal.get("chosen") == POOLED else None
+    cases = (cal.get("held_out") or {}).get("cases") or {}
+    if terms.get("basis") == "device":  # its own rows' efficiency; the floor its family's or back end's
+        own = (any(size_label_b(m, None) <= SMALL_MAX_B for m in terms.get("models") or [])
+               or bool(((cal.get("families") or {}).get(fam_name) or {}).get("n_small_rows")))
+    else:
+        own = bool(terms.get("n_small_rows")) or bool((terms.get("held_out") or {}).get("n_small"))
+    floor = (f"the {b and backend_of(fam_name)} back end's per-token floor, {b['overhead_s'] * 1e3:.2f} ms, "
+             + (f"from {b['n_small']} 1B-3B rows of its devices" if b["n_small"] else
+                "borrowed from the other back ends (no 1B-3B row of it is published)")) if b else None
+    if own:
+        c = cases.get(CASE_OWN) or {}
+        return {"case": CASE_OWN, "error": c.get("small"), "n": c.get("n_small", 0), "floor": floor,
+                "upper_bound": False}
+    if b is not None:
+        c = cases.get(CASE_BORROWED) or {}
+        return {"case": CASE_BORROWED, "error": c.get("small"), "n": c.get("n_small", 0), "floor": floor,
+                "upper_bound": False}
+    return {"case": "no 1B-3B row behind it", "error": None, "n": 0, "floor": None, "upper_bound": True}
+
+
+def tok_s_range(tok_s: float, err: dict[str, float] | None) -> tuple[float, float] | None:
+    """The measured rate an estimate's held-out RMS error allows: the error is |predicted / measured - 1|,
+    so measured in [estimate / (1 + RMS), estimate / (1 - RMS)] (no upper end at RMS >= 1)."""
+    if not err or err.get("rms_ape") is None or math.isnan(err["rms_ape"]):
+        return None
+    r = err["rms_ape"]
+    return float(tok_s / (1 + r)), float(tok_s / (1 - r) if r < 1 else math.inf)
+
+
 def rests_on_small_rows(terms: dict[str, Any]) -> bool:
     """Whether terms from predict_tok_s rest on any row of a 1B-3B model (by llama.cpp's size label): where
     none does, the per-token floor a 1B model meets on a fast device is not in them (an upper bound)."""
@@ -478,7 +696,8 @@ def other_tok_s(cal: dict[str, Any], vendor: str, bandwidth_gb_s: float, bytes_p
     """The same from the candidate model not chosen (its family terms): where the two disagree, the published
     rows could not tell them apart there."""
     o = cal.get("other_fit") or {}
-    fam = _terms(o.get("families") or {}, family_of(vendor, backend or DEFAULT_BACKEND.get(vendor, "cpu"), hbm))
+    family = family_of(vendor, backend or DEFAULT_BACKEND.get(vendor, "cpu"), hbm)
+    fam = (_pooled_terms(o, family) if cal.get("other") == POOLED else _terms(o.get("families") or {}, family))
     return _rate(fam, (o.get("kinds") or {}).get(quant_kind(quant), 1.0), bandwidth_gb_s, bytes_per_token)
 
 
@@ -578,13 +797,21 @@ def page_gpus(xcal: dict[str, Any]) -> list[dict[str, Any]]:
             size = sizes.get(q)
             est, fam, family = (predict_tok_s(xcal, d.vendor, d.bandwidth_gb_s, size, q, device=d.name,
                                               hbm=d.hbm) if size else (None, None, "no measured size"))
-            other = other_tok_s(xcal, d.vendor, d.bandwidth_gb_s, size, q, hbm=d.hbm) if size else None
-            held = ((fam or {}).get("held_out") or {})
-            err = held.get("small") or held.get("all")
+            # the other candidate only where the selection between them was close
+            other = (other_tok_s(xcal, d.vendor, d.bandwidth_gb_s, size, q, hbm=d.hbm)
+                     if size and xcal.get("selection_close", True) else None)
+            on = basis(xcal, fam, family) if fam else None
+            if on and on["error"]:
+                err = on["error"]
+            else:
+                held = ((fam or {}).get("held_out") or {})
+                err = held.get("small") or held.get("all")
+            rng = tok_s_range(est, err) if est else None
             quants.append({"quant": q, "model_size_bytes": size,
                            "page_tok_s": page.page_tok_s(d.bandwidth_gb_s, d.vendor, q),
                            "estimate_tok_s": est, "family": family, "other_model_tok_s": other,
-                           "rests_on_small_rows": rests_on_small_rows(fam) if fam else None,
+                           "case": on["case"] if on else None, "range_tok_s": list(rng) if rng else None,
+                           "rests_on_small_rows": (not on["upper_bound"]) if on else None,
                            "held_out_median": err["median_ape"] if err else None,
                            "held_out_worst": err["worst_ape"] if err else None})
         out.append({"device": d.name, "vendor": d.vendor, "bandwidth_gb_s": d.bandwidth_gb_s,
