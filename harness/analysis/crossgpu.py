@@ -714,7 +714,8 @@ def lines(cal: dict[str, Any]) -> list[str]:
     for f, p in cal["families"].items():
         ndev = len(p["devices"])
         out.append(f"  {f}: efficiency {p['efficiency']:.2f}"
-                   + (f", overhead {p['overhead_s'] * 1e3:.2f} ms/token" if cal.get("chosen") == OVERHEAD else "")
+                   + (f", overhead {p['overhead_s'] * 1e3:.2f} ms/token" if cal.get("chosen") in (OVERHEAD, POOLED)
+                      else "")
                    + f" ({p['n_rows']} rows, {ndev} device{'s' if ndev != 1 else ''})")
     out.append("  quant kinds (share of the family's F16 efficiency): "
                + ", ".join(f"{k} {v['factor']:.2f} ({v['n_rows']} rows)" for k, v in (cal.get("kinds") or {}).items()))
@@ -736,6 +737,16 @@ def lines(cal: dict[str, Any]) -> list[str]:
                "each fitted, held out by source and device, no choice")
         out.append(f"  {name} ({how}): all rows {fmt(e['all'], e['n_all'])}; 1B-3B rows "
                    f"{fmt(e['small'], e['n_small'])}")
+    for b, t in (cal.get("backends") or {}).items():
+        out.append(f"  back end {b}: per-token floor {t['overhead_s'] * 1e3:.2f} ms ({t['floor']}; "
+                   f"{t['n_small']} of its {t['n_rows']} rows 1B-3B), efficiency {t['efficiency']:.2f}")
+    for case, e in (h.get("cases") or {}).items():
+        out.append(f"  held out, {case}: 1B-3B rows {fmt(e['small'], e['n_small'])}")
+    lofo = h.get("leave one family out") or {}
+    if lofo.get("nested choice"):
+        e = lofo["nested choice"]
+        out.append(f"  leave one family out (a family with no published row at all; the choice nested): all rows "
+                   f"{fmt(e['all'], e['n_all'])}; 1B-3B rows {fmt(e['small'], e['n_small'])}")
     lodo = h.get("leave one device out (not held out by source)")
     if lodo:
         out.append(f"  for comparison, {cal.get('chosen')} left one device out only (a source's other devices "
