@@ -50,7 +50,7 @@ def test_records_carry_measurements_and_memory(measured, tiny_file):
     for r in recs:
         assert r.tokens_per_s > 0 and r.wall_ns > 0
         assert r.tokens_per_s == pytest.approx((r.n_prompt + r.n_gen) * 1e9 / r.wall_ns)
-        assert r.weights == "synthetic" and r.weights_ref == "tiny seed=0 imatrix=uniform"
+        assert r.weights == "synthetic" and r.weights_ref == "tiny seed=0 imatrix=uniform blocks=tiled"
         assert r.model_n_params == tiny.n_params()
         assert r.file_sha256 == sha256_file(tiny_file(r.quant))
         assert r.file_bytes == tiny_file(r.quant).stat().st_size
