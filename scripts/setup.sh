@@ -42,12 +42,27 @@ WHEELS=${HARNESS_CACHE:-$HOME/.cache/harness}/wheels/$BACKEND-$KEY
 STAMP=.venv/.llama-cpp-python-build
 echo "back end: $BACKEND ($DETECT_why); llama-cpp-python $VER with $CMAKE_ARGS"
 
+# A CUDA toolkit that can build ggml-cuda: nvcc with cuBLAS beside it (some images ship nvcc and the runtime only)
+cuda_toolkit() {
+  local nv root
+  nv=$(command -v nvcc) || { echo "no nvcc"; return 1; }
+  for root in "$(cd "$(dirname "$(readlink -f "$nv")")/.." && pwd)" "${CUDA_HOME:-/usr/local/cuda}"; do
+    if ls "$root"/lib64/libcublas.so* "$root"/targets/*/lib/libcublas.so* >/dev/null 2>&1; then
+      echo "the toolkit in $root"
+      return 0
+    fi
+  done
+  echo "nvcc ($nv) without cuBLAS beside it"
+  return 1
+}
+
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$BACKEND-$KEY" ] || ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
   whl=$(ls "$WHEELS"/llama_cpp_python-"$VER"-*.whl 2>/dev/null | head -1 || true)
-  if [ -z "$whl" ] && [ "$BACKEND" = cuda ] && ! command -v nvcc >/dev/null 2>&1; then
-    # No CUDA toolkit: CUDA's compiler and libraries from PyPI's nvidia-* wheels (scripts/build-cuda-wheel.sh).
+  if [ -z "$whl" ] && [ "$BACKEND" = cuda ] && ! toolkit=$(cuda_toolkit); then
+    # No complete CUDA toolkit: CUDA's compiler and libraries from PyPI's nvidia-* wheels of the same release
+    # (scripts/build-cuda-wheel.sh); with one, pip builds with it below.
     arch=$(echo "$CMAKE_ARGS" | sed -n 's/.*-DCMAKE_CUDA_ARCHITECTURES=\([^ ]*\).*/\1/p')
-    echo "no nvcc: building with CUDA's compiler from PyPI (scripts/build-cuda-wheel.sh, architectures $arch)"
+    echo "$toolkit: building with CUDA's compiler and cuBLAS from PyPI (scripts/build-cuda-wheel.sh, architectures $arch)"
     CUDA_ARCHS=$arch bash scripts/build-cuda-wheel.sh
     PURE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
     rm -rf "$PURE/llama_cpp" "$PURE"/llama_cpp_python-*.dist-info
@@ -94,11 +109,17 @@ fi
 .venv/bin/python - "$BACKEND" <<'PYEOF'
 import sys
 
-import llama_cpp
+backend = sys.argv[1]
+try:
+    import llama_cpp
+except (OSError, RuntimeError) as e:  # a GPU build without its driver's library (libcuda.so.1): one line
+    print(f"setup: this build is for {backend} but llama.cpp's libraries do not load here ({str(e).splitlines()[0]}):"
+          " no driver for it on this machine; build for the CPU on purpose: HARNESS_BACKEND=cpu make run",
+          file=sys.stderr)
+    sys.exit(1)
 
 from harness.measure import devices
 
-backend = sys.argv[1]
 devs = devices.list_devices()
 gpus = [d for d in devs if d.kind == "gpu"]
 print(f"harness ready: llama-cpp-python {llama_cpp.__version__}, built for {backend};",
