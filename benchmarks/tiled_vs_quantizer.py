@@ -12,8 +12,8 @@ quants made the slow way (``quantize.ensure_reference``: the full F16 file of se
 quantizer, 1-3 min a quant), and per quant the size of each, whether the headers (keys, tensor order, types,
 offsets) are equal to the byte, the tensors whose type differs, and the tensors whose first rows differ.
 ``speed``: the harness's tg and pp (llama-bench's protocol, the measuring child of a run) on the tiled file and
-on the quantizer's, in alternating runs (A B A B ...: a drift of the machine's speed falls on both), the median
-of each and the ratio tiled / quantizer per test.
+on the quantizer's, in alternating runs (A B B A A B ...: a drift of the machine's speed falls on both), the
+median of each and the ratio tiled / quantizer per test.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ def speed(a) -> int:
             return 1
         samples = {k: {"pp": [], "tg": []} for k in files}
         for i in range(a.rounds):
-            for kind in ("tiled", "quantizer"):  # A B A B ...
+            # A B B A A B ...: a linear drift of the machine's speed, and whatever the run before leaves behind
+            # (page cache, frequency), falls on both files alike
+            for kind in ("tiled", "quantizer") if i % 2 == 0 else ("quantizer", "tiled"):
                 got = run_harness(str(files[kind]), a)
                 for test in ("pp", "tg"):
                     samples[kind][test] += got[test]

@@ -28,8 +28,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Bumped whenever the bytes this module writes (or the quants built from it) change, so cached files are rebuilt.
-# 3: quants tiled from llama.cpp's blocks (types from its quantizer's dry run), not quantized whole.
-WRITER_VERSION = 3
+# 3: quants tiled from llama.cpp's blocks (types from its quantizer's dry run), not quantized whole; 4: the rows
+# after the first ones made of those rows' blocks drawn at random, not the first rows repeated.
+WRITER_VERSION = 4
 
 
 class Arch(NamedTuple):
@@ -182,11 +183,16 @@ def build_tokenizer(arch: Arch) -> Tokenizer:
     return Tokenizer(tokens, types, merges, bos=n_regular, eos=n_regular + 1)
 
 
+def stream(name: str, seed: int, *more: int) -> np.random.Generator:
+    """The seeded random stream of tensor `name` (`more`: another stream of it): one per tensor, keyed by name,
+    so a tensor's values do not depend on the others."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), *more])
+
+
 def random_weights(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """The seeded values of matrix `name` (float32), its first ``shape[0]`` rows when `shape` has fewer rows than
     the tensor: the stream is drawn row after row, so a slice's values are the whole tensor's first rows."""
-    # One stream per tensor, keyed by name: a tensor's values do not depend on the others.
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    rng = stream(name, seed)
     scale = 1.0 / math.sqrt(shape[-1])  # keeps activations O(1) through the random layers
     data = rng.standard_normal(shape, dtype=np.float32)
     data *= scale

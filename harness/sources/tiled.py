@@ -4,11 +4,12 @@ Speed and memory depend on each tensor's shape, type and bytes, not on the value
 need not pay for llama.cpp's quantizer over 1.24 B seeded random weights (1-3 min a quant on 2 cores). Given
 the types llama.cpp's quantizer chooses (its dry run, :func:`harness.sources.quantize.recipe`), each matrix
 here gets its first :data:`TILE_ROWS` rows of seeded values (the F16 file's own, :mod:`harness.sources.synthetic`)
-quantized by llama.cpp's ``ggml_quantize_chunk``, the call its quantizer makes for every chunk of rows, and those
-rows repeated to the tensor's full size; norms and rope factors get their real values. Every block is therefore
-one llama.cpp wrote (finite scales, no NaN, grids its IQ kernels know), the first rows are byte for byte what the
-quantizer writes, and the header (keys, tensor order, types, offsets) is laid out as the quantizer lays it
-out, so the file's size is the quantizer's to the byte (``tests/test_tiled.py``).
+quantized by llama.cpp's ``ggml_quantize_chunk``, the call its quantizer makes for every chunk of rows; its
+other rows are tiled from those rows' blocks, drawn at random (:func:`_write_rows` says why not whole rows);
+norms and rope factors get their real values. Every block is therefore one llama.cpp wrote (finite scales, no
+NaN, grids its IQ kernels know), the first rows are byte for byte what the quantizer writes, and the header
+(keys, tensor order, types, offsets) is laid out as the quantizer lays it out, so the file's size is the
+quantizer's to the byte (``tests/test_tiled.py``).
 
 The file is written under a temporary name, fsync'd and renamed into place, so a killed build never leaves a
 file that looks done.
@@ -90,30 +91,58 @@ def quantize_rows(type_name: str, rows: np.ndarray, imatrix: np.ndarray | None) 
     return out
 
 
-def tile(arch: Arch, seed: int, name: str, shape: tuple[int, ...], type_name: str, imatrix: bool) -> np.ndarray:
-    """The bytes that repeat through tensor `name` (uint8): a norm's or the rope factors' whole real values, a
-    matrix's first TILE_ROWS rows as llama.cpp quantizes them from the F16 file's values (`imatrix`: with the
-    uniform importance matrix the quantizer gives this tensor)."""
+def first_rows(arch: Arch, seed: int, name: str, shape: tuple[int, ...], type_name: str,
+               imatrix: bool) -> np.ndarray:
+    """Tensor `name`'s first rows as llama.cpp's quantizer writes them (uint8, one row of bytes per line): a
+    matrix's first TILE_ROWS rows quantized from the F16 file's values (`imatrix`: with the uniform importance
+    matrix the quantizer gives this tensor), a norm's or the rope factors' real values whole (one row)."""
     fixed = synthetic.fixed_values(name, shape, arch)
     if fixed is not None:
         if type_name != "F32":
             raise SourceError(f"{name}: llama.cpp chose {type_name}, the writer knows F32 for it")
-        return fixed.view(np.uint8)
+        return fixed.view(np.uint8).reshape(1, -1)
     n_rows = min(TILE_ROWS, shape[0])
     # through float16 and back: the values llama.cpp's quantizer reads from the F16 file
     values = synthetic.random_weights(name, (n_rows, shape[-1]), seed).astype(np.float16).astype(np.float32)
-    return quantize_rows(type_name, values, np.ones(shape[-1], dtype=np.float32) if imatrix else None)
+    rows = quantize_rows(type_name, values, np.ones(shape[-1], dtype=np.float32) if imatrix else None)
+    return rows.reshape(n_rows, -1)
 
 
-def _write_repeated(f, block: np.ndarray, nbytes: int, bar) -> None:
-    """`block` repeated to `nbytes` bytes (a whole number of its rows), a few MB per write."""
-    chunk = np.tile(block, max(1, _WRITE_CHUNK // block.nbytes)).tobytes()
-    left = nbytes
-    while left > 0:
-        n = min(left, len(chunk))  # chunk holds whole tiles, so its start continues the rows where it ended
-        f.write(chunk[:n] if n < len(chunk) else chunk)
-        left -= n
-        bar.update(n)
+def _n_rows(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape[:-1], dtype=np.int64))  # 1 for a vector
+
+
+def _unit_bytes(type_name: str, row_bytes: int) -> int:
+    """Bytes of the smallest piece of a row llama.cpp quantizes on its own: a block (K- and IQ-quants: 256
+    values, its scales inside), for a float type 32 values (converted one by one)."""
+    import gguf
+
+    blck, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    unit = size * (32 if blck == 1 else 1)
+    return unit if row_bytes % unit == 0 else size
+
+
+def _write_rows(f, first: np.ndarray, n_rows: int, type_name: str, rng: np.random.Generator, bar) -> None:
+    """`first` (rows of bytes: the quantizer's own first rows), then the tensor's other rows, each made of
+    `first`'s blocks drawn at random (seeded), a few MB per write.
+
+    Blocks, not whole rows: rows repeated with a short period would make a degenerate model (a 1B's 128k-token
+    embedding with 32 distinct rows, every attention head the same), whose activations, and with them the
+    data-dependent parts of a forward pass (the softmax's exponentials, flash attention's running maximum),
+    differ from a real quantization's. Each block quantizes its own values with its own scales (the uniform
+    importance matrix, or none, is the same at every position), so a block moved to another place in a row is
+    what llama.cpp writes for those values there: every block in the file is still one llama.cpp wrote.
+    """
+    f.write(first.tobytes())
+    bar.update(first.nbytes)
+    row = first.shape[1]
+    unit = _unit_bytes(type_name, row)
+    pool = np.ascontiguousarray(first).view(np.dtype((np.void, unit))).reshape(-1)
+    step = max(1, _WRITE_CHUNK // row)
+    for start in range(len(first), n_rows, step):
+        picks = pool[rng.integers(0, len(pool), size=min(step, n_rows - start) * (row // unit))]
+        f.write(picks.tobytes())
+        bar.update(picks.nbytes)
 
 
 def write(arch: Arch, seed: int, plan: list[Planned], dst: str | os.PathLike, file_type: int,
@@ -129,8 +158,7 @@ def write(arch: Arch, seed: int, plan: list[Planned], dst: str | os.PathLike, fi
     shapes = {name: shape for name, shape, _ in synthetic.tensor_specs(arch)}
     if sorted(p.name for p in plan) != sorted(shapes):
         raise SourceError(f"llama.cpp's recipe for {label} names other tensors than {arch.name} has")
-    sizes = [shapes[p.name][0] * row_bytes(p.type_name, shapes[p.name][-1]) if len(shapes[p.name]) == 2
-             else row_bytes(p.type_name, shapes[p.name][0]) for p in plan]
+    sizes = [_n_rows(shapes[p.name]) * row_bytes(p.type_name, shapes[p.name][-1]) for p in plan]
     tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
     w = gguf.GGUFWriter(tmp, arch="llama")
     synthetic.add_metadata(w, arch, seed)
@@ -146,10 +174,12 @@ def write(arch: Arch, seed: int, plan: list[Planned], dst: str | os.PathLike, fi
         f = w.fout[0]
         with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"build {label}",
                   disable=None if progress else True, leave=False) as bar:
-            for p, nbytes in zip(plan, sizes):
+            for p in plan:
                 w.write_padding(f, f.tell())
-                block = tile(arch, seed, p.name, shapes[p.name], p.type_name, p.name in imatrix_names)
-                _write_repeated(f, block, nbytes, bar)
+                shape = shapes[p.name]
+                first = first_rows(arch, seed, p.name, shape, p.type_name, p.name in imatrix_names)
+                _write_rows(f, first, _n_rows(shape), p.type_name,
+                            synthetic.stream(p.name, seed, 1), bar)
             w.write_padding(f, f.tell())
         w.close()
         publish(tmp, dst)
