@@ -115,7 +115,7 @@ def test_llama_cpp_accepts_the_tokenizer(tiny_file):
 
 
 @pytest.mark.large
-@pytest.mark.skipif(not os.environ.get("HARNESS_LARGE"), reason="set HARNESS_LARGE=1: builds the 2.5 GB 1B model")
+@pytest.mark.skipif(not os.environ.get("HARNESS_LARGE"), reason="set HARNESS_LARGE=1: builds the 1B's Q8_0 (1.3 GB)")
 def test_llama_cpp_counts_1b_params():
     from harness.config import Config
 
