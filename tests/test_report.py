@@ -163,6 +163,15 @@ def test_hub_weights_statement():
     assert "real weights" in tables.weights_statement(df)
 
 
+def test_synthetic_weights_statement_says_how_the_files_were_built():
+    df = frame(make_records(quant_list=["Q4_0"]))
+    assert "blocks=tiled" not in tables.weights_statement(df)  # quantized whole: runs before the tiled writer
+    df["weights_ref"] = "llama-3.2-1b seed=0 imatrix=uniform blocks=tiled"
+    s = tables.weights_statement(df)
+    assert "Reference: llama-3.2-1b seed=0 imatrix=uniform blocks=tiled. blocks=tiled: each tensor's type is the " \
+           "one llama.cpp's quantizer chooses" in s
+
+
 def test_cli_report(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

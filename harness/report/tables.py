@@ -14,18 +14,20 @@ import pandas as pd
 from harness import llamalog, stats
 from harness.analysis import points, summary
 from harness.catalog import page
+from harness.sources.tiled import WEIGHTS_REF as TILED
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 GB = 1e9
 
+TILED_MEANING = ("each tensor's type is the one llama.cpp's quantizer chooses (its dry run), its first rows "
+                 "llama.cpp's quantization of the seeded values and the rest made of their blocks; the file's "
+                 "size is the quantizer's to the byte.")
 WEIGHTS_MEANING = {
     "synthetic": "Llama 3.2 1B's exact architecture and tensor shapes with seeded random weights, "
-                 "quantized by llama.cpp (blocks=tiled: each tensor's type from llama.cpp's quantizer, its first "
-                 "rows quantized by llama.cpp and repeated to its full size; the file's size is the quantizer's "
-                 "to the byte). Speed and memory stand for the real model (same shapes, same quant types); "
-                 "quality does not.",
+                 "quantized by llama.cpp. Speed and memory stand for the real model (same shapes, same quant "
+                 "types); quality does not.",
     "hub": "the real weights, downloaded from the Hugging Face Hub.",
     "local": "local GGUF files given in the config.",
 }
@@ -155,6 +157,8 @@ def weights_statement(df: pd.DataFrame) -> str:
     refs = sorted(df.weights_ref.dropna().unique()) if "weights_ref" in df else []
     parts = [f"**{k}**: {WEIGHTS_MEANING.get(k, k)}" for k in kinds]
     ref = f" Reference: {'; '.join(refs[:3])}{' ...' if len(refs) > 3 else ''}." if refs else ""
+    if any(TILED in str(r) for r in refs):  # runs before the tiled writer (writer version 3) quantized whole
+        ref += f" {TILED}: {TILED_MEANING}"
     return "Weights: " + " ".join(parts) + ref
 
 
