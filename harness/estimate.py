@@ -542,7 +542,8 @@ def main(args) -> int:
     cal, why = choose(cals, device) if cals else (None, "no --calibration given")
     est = None
     own = False
-    if device.get("here") and cal is not None and _same_device(cal, device):
+    mine = bool(device.get("here")) and cal is not None and _same_device(cal, device)  # by its fingerprint
+    if mine:
         own, why = confirm_this_machine(cal, device, args.quant)
     if device.get("here") and not own:
         # this machine, not calibrated here (or not confirmed): its own kernels, measured now, instead of another
@@ -550,7 +551,7 @@ def main(args) -> int:
         try:
             est = here_estimate(cal, device, args.quant, args.context)
             est["notes"] += [f"{m['calibration']}: {m['why']}" for m in device["matches"] if not m["this_machine"]]
-            if cal is not None and _same_device(cal, device):  # this machine's, not confirmed: why
+            if mine:  # this machine's fingerprint, not confirmed by its probe: why
                 est["notes"].append(why)
             why = ("kernel probes measured on this machine" + (f"; factors from {cal['device']['name']}" if cal
                                                                else ""))

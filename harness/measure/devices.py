@@ -122,17 +122,18 @@ def memory_now() -> dict[str, dict[str, int]]:
             for d in list_devices() if d.kind != "cpu"}
 
 
+def _registry() -> list[tuple[str, int]]:
+    """(name, devices) of each back end registered, in registry order; no device is opened."""
+    g = ggml()
+    regs = [g.ggml_backend_reg_get(i) for i in range(g.ggml_backend_reg_count())]
+    return [(g.ggml_backend_reg_name(r).decode(), int(g.ggml_backend_reg_dev_count(r))) for r in regs]
+
+
 def backends() -> list[str]:
     """The registered back ends that have devices, as llama-bench's `backends` column names them (RPC once)."""
-    g = ggml()
-    out, rpc = [], False
-    for i in range(g.ggml_backend_reg_count()):
-        reg = g.ggml_backend_reg_get(i)
-        name = g.ggml_backend_reg_name(reg).decode()
-        if name.startswith("RPC"):
-            rpc = rpc or g.ggml_backend_reg_dev_count(reg) > 0
-        elif name != "CPU":
-            out.append(name)
+    regs = _registry()
+    out = [name for name, _ in regs if name != "CPU" and not name.startswith("RPC")]
+    rpc = any(n > 0 for name, n in regs if name.startswith("RPC"))
     return out + (["RPC"] if rpc else []) or ["CPU"]
 
 
@@ -140,14 +141,7 @@ def gpu_backends() -> list[str]:
     """The build's GPU back ends that found a device ("CUDA", "Vulkan", "Metal", ...): where llama.cpp can put
     weights on a GPU. Neither the CPU nor RPC counts (an RPC device is a server's, reached over the network);
     no device is opened (a CUDA device's memory query would create its context)."""
-    g = ggml()
-    out = []
-    for i in range(g.ggml_backend_reg_count()):
-        reg = g.ggml_backend_reg_get(i)
-        name = g.ggml_backend_reg_name(reg).decode()
-        if name != "CPU" and not name.startswith("RPC") and g.ggml_backend_reg_dev_count(reg) > 0:
-            out.append(name)
-    return out
+    return [name for name, n in _registry() if name != "CPU" and not name.startswith("RPC") and n > 0]
 
 
 def rpc_supported() -> bool:
