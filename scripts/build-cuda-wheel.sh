@@ -36,7 +36,7 @@ t0=$(date +%s)
 KEEP=${HARNESS_CACHE:-$HOME/.cache/harness}/cuda-builds
 TARBALL=llama_cpp_python-$VER-cuda${ARCHS//;/_}.tar.xz
 if [ "${FORCE:-0}" != 1 ] && [ -f "$KEEP/$TARBALL" ] && [ -f "$KEEP/BUILD-INFO.txt" ] &&
-   grep -q "^cuda_architectures: $ARCHS\$" "$KEEP/BUILD-INFO.txt"; then
+   grep -q "^cuda_architectures: $ARCHS\$" "$KEEP/BUILD-INFO.txt" && grep -q "^links: libcuda.so.1" "$KEEP/BUILD-INFO.txt"; then
   cp "$KEEP/$TARBALL" "$KEEP/BUILD-INFO.txt" "$OUT/"
   echo "reused the build kept in $KEEP:"
   cat "$OUT/BUILD-INFO.txt"
@@ -51,13 +51,13 @@ if [ ! -x "$CUDA_VENV/bin/python" ]; then python3 -m venv "$CUDA_VENV"; fi
 C=$("$CUDA_VENV/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu'"$major"'"))')
 [ -x "$C/bin/nvcc" ] || { echo "build-cuda-wheel: no nvcc in $C" >&2; exit 1; }
 # The wheels' layout lacks what a toolkit install has: lib64, unversioned .so names for the linker, and the
-# driver stub (an empty library named libcuda.so.1: ggml-cuda's symbols from it resolve at run time).
+# driver stub (libcuda.so.1 exporting the driver API, each call failing: scripts/cuda-driver-stub.sh). ggml-cuda
+# calls the driver API itself (its virtual-memory pool), so the stub must export those functions: an empty one
+# is dropped by the linker and the library then fails to load on a GPU machine too (undefined cuMemCreate).
 ln -sfn lib "$C/lib64"
 for l in cublas cublasLt cudart; do ln -sf "lib$l.so.$major" "$C/lib/lib$l.so"; done
-mkdir -p "$C/lib/stubs"
-if [ ! -f "$C/lib/stubs/libcuda.so" ]; then
-  echo 'void harness_libcuda_stub(void) {}' >"$BUILD/stub.c"
-  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$C/lib/stubs/libcuda.so" "$BUILD/stub.c"
+if ! nm -D "$C/lib/stubs/libcuda.so" 2>/dev/null | grep ' T cuMemCreate$' >/dev/null; then  # not -q: pipefail
+  bash scripts/cuda-driver-stub.sh "$C/include" "$C/lib/stubs/libcuda.so"
 fi
 echo "nvcc: $("$C/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p') at $C"
 
@@ -82,6 +82,11 @@ SLIM=$BUILD/slim
 rm -rf "$SLIM"
 mkdir -p "$SLIM"
 python3 -m zipfile -e "$whl" "$SLIM"
+# ggml-cuda must name the driver's library, or its driver API symbols resolve nowhere when it loads
+if ! readelf -d "$SLIM"/llama_cpp/lib/libggml-cuda.so | grep 'NEEDED.*\[libcuda\.so\.1\]' >/dev/null; then
+  echo "build-cuda-wheel: libggml-cuda.so does not link libcuda.so.1 (is the driver stub at $C/lib/stubs right?)" >&2
+  exit 1
+fi
 (
   cd "$SLIM/llama_cpp/lib"
   for full in lib*.so.*.*; do  # libggml-cuda.so.0.25.3 -> libggml-cuda.so.0 -> libggml-cuda.so
@@ -101,6 +106,7 @@ tar -C "$SLIM" -cf - llama_cpp "llama_cpp_python-$VER.dist-info" | xz -T"$JOBS" 
   echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m), $(nproc) cores, in $(( $(date +%s) - t0 )) s"
   echo "cmake_args: $CMAKE_ARGS"
   echo "features: $(grep -oE 'GGML_CUDA_USE_GRAPHS|GGML_CUDA_FA_[A-Z0-9_]+=1' "$BUILD/build.log" | sort -u | paste -sd' ')"
+  echo "links: libcuda.so.1 (readelf: NEEDED by libggml-cuda.so)"
   echo "sha256: $(sha256sum "$OUT/$TARBALL" | cut -c1-64)  $TARBALL"
 } >"$OUT/BUILD-INFO.txt"
 cat "$OUT/BUILD-INFO.txt"

@@ -364,6 +364,9 @@ for w in "$BUNDLE"/cuda/llama_cpp_python-"$VER"-*.whl "$BUNDLE"/cuda/llama_cpp_p
   warch=$(sed -n 's/^cuda_architectures: *//p' "$BUNDLE/cuda/BUILD-INFO.txt" 2>/dev/null)
   if [ "${GPU_CHECK_BUILD:-0}" = 1 ]; then
     echo "prebuilt $(basename "$w") ignored (GPU_CHECK_BUILD=1)"
+  elif ! grep -q '^links: libcuda.so.1' "$BUNDLE/cuda/BUILD-INFO.txt" 2>/dev/null; then
+    # builds linked against an empty driver stub do not name libcuda.so.1 and cannot load: undefined cuMemCreate
+    echo "prebuilt $(basename "$w") is not checked to link the driver's libcuda.so.1 (BUILD-INFO.txt): compiling instead"
   elif [ -n "$ARCH" ] && [ "$warch" = "$ARCH" ]; then
     PREBUILT=$w
     echo "prebuilt CUDA build: $(basename "$w") ($(du -h "$w" | cut -f1)); $(grep -E '^(cuda|built|llama)' "$BUNDLE/cuda/BUILD-INFO.txt" | paste -sd';')"

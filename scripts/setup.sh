@@ -67,6 +67,11 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$BACKEND-$KEY" ] || ! .venv/bin/python -c
     PURE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
     rm -rf "$PURE/llama_cpp" "$PURE"/llama_cpp_python-*.dist-info
     tar -xJf vendor/gpu-bundle/cuda/llama_cpp_python-"$VER"-cuda"${arch//;/_}".tar.xz -C "$PURE"
+    # The CUDA runtime and cuBLAS it links, from the same PyPI wheels, beside its libraries (which load from
+    # their own folder: RUNPATH $ORIGIN). The driver's libcuda.so.1 comes from the machine, as always.
+    major=$(sed -n 's/^cuda: \([0-9]*\)\..*/\1/p' vendor/gpu-bundle/cuda/BUILD-INFO.txt)
+    "${VPIP[@]}" install "nvidia-cuda-runtime~=$major.0.0" "nvidia-cublas~=$major.0"
+    for l in cudart cublas cublasLt; do ln -sf "$PURE/nvidia/cu$major/lib/lib$l.so.$major" "$PURE/llama_cpp/lib/"; done
   else
     if [ -z "$whl" ]; then
       t0=$(date +%s)
@@ -113,9 +118,10 @@ backend = sys.argv[1]
 try:
     import llama_cpp
 except (OSError, RuntimeError) as e:  # a GPU build without its driver's library (libcuda.so.1): one line
-    print(f"setup: this build is for {backend} but llama.cpp's libraries do not load here ({str(e).splitlines()[0]}):"
-          " no driver for it on this machine; build for the CPU on purpose: HARNESS_BACKEND=cpu make run",
-          file=sys.stderr)
+    why = str(e).splitlines()[0]
+    lacks = "no driver for it on this machine" if "libcuda.so" in why else "a library it links is missing"
+    print(f"setup: this build is for {backend} but llama.cpp's libraries do not load here ({why}): {lacks};"
+          " or build for the CPU on purpose: HARNESS_BACKEND=cpu make run", file=sys.stderr)
     sys.exit(1)
 
 from harness.measure import devices

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,3 +58,50 @@ def test_vulkan_device_with_old_headers_falls_back_to_the_cpu_and_says_why(tmp_p
     assert rc == 0 and out["backend"] in ("cpu", "vulkan")
     if out["backend"] == "cpu":  # this machine's headers (Debian 12: 1.3.239) are too old for the pinned llama.cpp
         assert "older than the 1.3.275" in out["why"] and "Fake GPU" in out["why"]
+
+
+def _cuda_include() -> Path | None:
+    """A CUDA toolkit's include folder holding cuda.h: nvcc's, else /usr/local/cuda*'s."""
+    nvcc = subprocess.run(["which", "nvcc"], capture_output=True, text=True).stdout.strip()
+    roots = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    roots += sorted(Path("/usr/local").glob("cuda*"))
+    for root in roots:
+        for inc in [root / "include", *root.glob("targets/*/include")]:
+            if (inc / "cuda.h").is_file():
+                return inc
+    return None
+
+
+def test_cuda_driver_stub_is_linked_where_an_empty_one_is_dropped(tmp_path):
+    """The stub scripts/build-cuda-wheel.sh links ggml-cuda against: exporting the driver API is what makes the
+    linker keep libcuda.so.1 (NEEDED); an empty stub, as the first CUDA build had, is dropped under --as-needed and
+    the library then fails to load on any machine (undefined cuMemCreate). Each call fails as NVIDIA's stub's do."""
+    inc = _cuda_include()
+    if inc is None:
+        pytest.skip("no CUDA toolkit's cuda.h on this machine")
+    stub = tmp_path / "stub" / "libcuda.so"
+    subprocess.run(["bash", str(REPO / "scripts/cuda-driver-stub.sh"), str(inc), str(stub)], check=True,
+                   capture_output=True)
+    (tmp_path / "empty.c").write_text("void nothing(void) {}\n")
+    empty = tmp_path / "empty" / "libcuda.so"
+    empty.parent.mkdir()
+    subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(empty), str(tmp_path / "empty.c")],
+                   check=True)
+    # a library using the driver API as ggml-cuda's virtual-memory pool does
+    (tmp_path / "user.c").write_text("int cuMemCreate(void *, unsigned long, const void *, unsigned long long);\n"
+                                     "int pool(void) { return cuMemCreate(0, 0, 0, 0); }\n")
+
+    def needed(lib: Path) -> list[str]:
+        out = tmp_path / f"user-{lib.parent.name}.so"
+        subprocess.run(["cc", "-shared", "-fPIC", "-Wl,--as-needed", "-o", str(out), str(tmp_path / "user.c"),
+                        str(lib)], check=True)
+        dyn = subprocess.run(["readelf", "-d", str(out)], capture_output=True, text=True, check=True).stdout
+        return [line.split("[")[1].rstrip("]") for line in dyn.splitlines() if "(NEEDED)" in line]
+
+    assert "libcuda.so.1" in needed(stub)
+    assert "libcuda.so.1" not in needed(empty)
+    drv = ctypes.CDLL(str(stub))
+    assert drv.cuInit(0) == 34  # CUDA_ERROR_STUB_LIBRARY
+    for sym in ("cuMemCreate", "cuMemMap", "cuMemAddressReserve", "cuDeviceGetAttribute", "cuGetProcAddress",
+                "cuMemAlloc_v2", "cuMemAlloc"):
+        assert getattr(drv, sym)() == 34
