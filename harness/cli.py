@@ -188,6 +188,10 @@ FLAGS = {
     "n_gpu_layers": (("-ngl", "--n-gpu-layers"), "n_gpu_layers", "GPU layer count"),
     "flash_attn": (("-fa", "--flash-attn"), "flash_attn", "flash-attention setting"),
     "repetitions": (("-r", "--repetitions"), "repetitions", "repetition count"),
+    # llama-batched-bench's (the batched test: bench.batched)
+    "npp": (("-npp",), "batched.npp", "prompt size per user"),
+    "ntg": (("-ntg",), "batched.ntg", "generation length per user"),
+    "npl": (("-npl",), "batched.npl", "user count"),
 }
 FA_WORDS = {**dict.fromkeys(("on", "enabled", "true", "1"), "on"),  # llama.cpp's is_truthy / is_falsey / is_autoy
             **dict.fromkeys(("off", "disabled", "false", "0"), "off"), **dict.fromkeys(("auto", "-1"), "auto")}
@@ -210,12 +214,21 @@ def _add_llama_bench_flags(p: argparse.ArgumentParser) -> None:
         "flash_attn": "bench.flash_attn: on|off|auto (or 1|0|-1); a list is crossed in the memory test (--contexts), "
                       "pp and tg using the first",
         "repetitions": "bench.repetitions: timed repetitions of each test",
+        "npp": "bench.batched.npp (llama-batched-bench's): prompt tokens per user, e.g. 128,512",
+        "ntg": "bench.batched.ntg: tokens generated per user, e.g. 128",
+        "npl": "bench.batched.npl: users decoding at once, e.g. 1,2,4,8,16,32 (the batched test: every npp x ntg x "
+               "npl cell, into batched.jsonl)",
     }
     metavars = {"n_depth": "N[,N...]", "cache_type_k": "TYPE[,TYPE...]", "cache_type_v": "TYPE[,TYPE...]",
                 "flash_attn": "on|off|auto"}
     for dest, (flags, _, _) in FLAGS.items():  # each given again adds values, as llama-bench's; -r: the last counts
         p.add_argument(*flags, dest=dest, action="store" if dest == "repetitions" else "append",
-                       metavar=metavars.get(dest, "N"), help=helps[dest])
+                       metavar=metavars.get(dest, "N[,N...]" if dest in ("npp", "ntg", "npl") else "N"),
+                       help=helps[dest])
+    p.add_argument("-pps", dest="pps", action="store_true", default=None,
+                   help="bench.batched.pps: one prompt shared by every user (llama-batched-bench's -pps)")
+    p.add_argument("-kvu", "--kv-unified", dest="kv_unified", action="store_true", default=None,
+                   help="bench.batched.kv_unified: one KV buffer for all users (llama.cpp's -kvu)")
 
 
 def _name(dest: str) -> str:
@@ -293,6 +306,12 @@ def bench_overrides(args) -> tuple[dict[str, Any], list[str]]:
             out[f"bench.{dest}"] = values
             if len(values) > 1:
                 memory_axes.append(dest)
+    for dest in ("npp", "ntg", "npl"):
+        if getattr(args, dest, None):
+            out[f"bench.{FLAGS[dest][1]}"] = int_values(dest, getattr(args, dest))
+    for dest in ("pps", "kv_unified"):
+        if getattr(args, dest, None):
+            out[f"bench.batched.{dest}"] = True
     if args.flash_attn:
         values = fa_values(args.flash_attn)
         out["bench.flash_attn"] = values[0]

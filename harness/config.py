@@ -65,6 +65,23 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class BatchedSpec:
+    # The batched test (harness.measure.batched): llama-batched-bench's protocol and names. Every combination of
+    # npp x ntg x npl is a cell: pl users, each with a prompt of pp tokens and tg tokens generated, decoded
+    # together; records in batched.jsonl. Empty npl: no batched test.
+    npp: tuple[int, ...] = (128,)  # -npp: prompt tokens per user
+    ntg: tuple[int, ...] = (128,)  # -ntg: tokens generated per user
+    npl: tuple[int, ...] = ()  # -npl: users decoding at once (parallel sequences); () = no batched test
+    pps: bool = False  # -pps: one prompt shared by every user (its KV cells copied to the others)
+    ctx: int = 0  # -c: one context of this many tokens for every cell, n_seq_max = max(npl), cells that need more
+    # skipped (llama-batched-bench's way); 0: each cell its own context of exactly what it needs, n_seq_max = pl
+    kv_unified: bool = False  # -kvu: one KV buffer shared by all sequences (else split evenly between them)
+    repetitions: int = 3  # timed repetitions of each cell (llama-batched-bench runs each once)
+    floor_tg_per_user: float = 0.0  # the report's floor for a user's reading speed (tokens/s): where adding users
+    # takes it below this, more users stop paying; 0 = no floor (only the aggregate's gain under 10% counts)
+
+
+@dataclass(frozen=True)
 class BenchSpec:
     n_prompt: int = 512  # tokens in the prompt-processing (pp) test; 0 skips pp
     n_gen: int = 128  # tokens in the generation (tg) test; 0 skips tg
@@ -98,6 +115,7 @@ class BenchSpec:
     # servers the user runs (ggml-rpc-server), as llama-bench's --rpc: layers are split over them
     context_quants: tuple[str, ...] = ()  # the quants that run the memory test; () = all (KV and compute buffers do
     # not depend on the weights' type, so two quants tell them; each quant's own weights are measured anyway)
+    batched: BatchedSpec = field(default_factory=BatchedSpec)  # the batched test (serving: pl users at once)
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,8 @@ class Config:
         d["bench"]["depths"] = list(self.bench.depths)
         for k in ("contexts", "cache_type_k", "cache_type_v", "context_flash_attn", "context_quants"):
             d["bench"][k] = list(getattr(self.bench, k))
+        for k in ("npp", "ntg", "npl"):
+            d["bench"]["batched"][k] = list(getattr(self.bench.batched, k))
         devs = self.cluster.devices
         d["cluster"] = {"devices": devs if isinstance(devs, str) else [dataclasses.asdict(g) for g in devs],
                         "retries": self.cluster.retries}
@@ -334,8 +354,6 @@ def _bench(data: Any) -> BenchSpec:
         raise ConfigError(f"bench.rounds ({kw['rounds']}) must not exceed bench.repetitions "
                           f"({kw['repetitions']}): each round measures at least one repetition")
     kw["contexts"] = _int_list("bench.contexts", data.get("contexts", list(d.contexts)), minimum=1)
-    if kw["n_prompt"] == 0 and kw["n_gen"] == 0 and not kw["contexts"]:
-        raise ConfigError("bench.n_prompt and bench.n_gen are both 0 and bench.contexts is empty: nothing to measure")
     if kw["n_ubatch"] > kw["n_batch"]:
         raise ConfigError(f"bench.n_ubatch ({kw['n_ubatch']}) must not exceed bench.n_batch ({kw['n_batch']})")
     depths = data.get("depths", list(d.depths))
@@ -385,7 +403,52 @@ def _bench(data: Any) -> BenchSpec:
     kw["shuffle"] = _typed("bench.shuffle", data.get("shuffle", d.shuffle), bool)
     mem = _typed("bench.memory_limit_mb", data.get("memory_limit_mb", d.memory_limit_mb), int, allow_none=True)
     kw["memory_limit_mb"] = None if mem is None else _positive("bench.memory_limit_mb", mem)
+    kw["batched"] = _batched(data.get("batched", {}))
+    if kw["n_prompt"] == 0 and kw["n_gen"] == 0 and not kw["contexts"] and not kw["batched"].npl:
+        raise ConfigError("bench.n_prompt and bench.n_gen are both 0, and there is no memory test (bench.contexts) "
+                          "and no batched test (bench.batched.npl): nothing to measure")
     return BenchSpec(**kw)
+
+
+def _batched(data: Any) -> BatchedSpec:
+    """bench.batched, llama-batched-bench's flags: each cell must fit a fixed context, -pps needs users to share."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"bench.batched must be a mapping (npp, ntg, npl, ...), got {type(data).__name__}")
+    _check_keys("bench.batched", data, _field_names(BatchedSpec))
+    d = BatchedSpec()
+    kw: dict[str, Any] = {}
+    for name, minimum in (("npp", 1), ("ntg", 1), ("npl", 1)):
+        kw[name] = _int_list(f"bench.batched.{name}", data.get(name, list(getattr(d, name))), minimum)
+    for name in ("npp", "ntg"):
+        if not kw[name]:
+            raise ConfigError(f"bench.batched.{name} (-{name}) must list at least one token count")
+    kw["pps"] = _typed("bench.batched.pps", data.get("pps", d.pps), bool)
+    kw["kv_unified"] = _typed("bench.batched.kv_unified", data.get("kv_unified", d.kv_unified), bool)
+    kw["ctx"] = _positive("bench.batched.ctx", _typed("bench.batched.ctx", data.get("ctx", d.ctx), int), zero_ok=True)
+    kw["repetitions"] = _positive("bench.batched.repetitions",
+                                  _typed("bench.batched.repetitions", data.get("repetitions", d.repetitions), int))
+    floor = _typed("bench.batched.floor_tg_per_user", data.get("floor_tg_per_user", d.floor_tg_per_user), float)
+    if floor < 0:
+        raise ConfigError(f"bench.batched.floor_tg_per_user must be >= 0 tokens/s, got {floor:g}")
+    kw["floor_tg_per_user"] = floor
+    if kw["pps"] and kw["npl"] and max(kw["npl"]) < 2:
+        raise ConfigError("bench.batched.pps (-pps) shares one prompt among users, but -npl has only 1 user: "
+                          "give -npl more than 1 (e.g. 1,4,16) or drop -pps")
+    spec = BatchedSpec(**kw)
+    if spec.ctx and spec.npl:
+        need = {(pp, tg, pl): _batched_kv(spec, pp, tg, pl) for pp in spec.npp for tg in spec.ntg for pl in spec.npl}
+        if min(need.values()) > spec.ctx:
+            (pp, tg, pl), n = min(need.items(), key=lambda kv: kv[1])
+            raise ConfigError(f"bench.batched.ctx (-c) {spec.ctx} holds no cell: the smallest (pp {pp}, tg {tg}, "
+                              f"pl {pl}) needs {n} KV cells; raise -c, or 0 for a context per cell")
+    return spec
+
+
+def _batched_kv(spec: BatchedSpec, pp: int, tg: int, pl: int) -> int:
+    """KV cells a batched cell needs (llama-batched-bench's n_ctx_req)."""
+    if spec.pps:
+        return (pp if spec.kv_unified else pl * pp) + pl * tg
+    return pl * (pp + tg)
 
 
 def _rpc(value: str) -> str:

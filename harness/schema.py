@@ -42,8 +42,9 @@ class Record:
     model_size_bytes: int | None  # llama_model_size: bytes of all weight tensors
     model_n_params: int | None  # llama_model_n_params
     # --- the test (llama-bench's protocol)
-    test: str | None  # "pp" (prompt processing), "tg" (text generation) or "mem" (a context created with no
-    # decoding: the memory test of bench.contexts, in contexts.jsonl); null for a model that failed to load
+    test: str | None  # "pp" (prompt processing), "tg" (text generation), "mem" (a context created with no
+    # decoding: the memory test of bench.contexts, in contexts.jsonl) or "batched" (pl users at once: bench.batched,
+    # in batched.jsonl; n_prompt and n_gen are per user); null for a model that failed to load
     n_prompt: int | None  # tokens in the pp test (0 for tg)
     n_gen: int | None  # tokens in the tg test (0 for pp)
     n_depth: int | None  # tokens already in the KV cache (pre-filled untimed) when the test starts
@@ -116,6 +117,10 @@ class Record:
     # their uncertainties; harness.measure.quality), the text and the reference in `extra`
     device_used_source: str | None = None  # "process" (this run's own) or "device" (a whole device's difference:
     # includes every other tenant's allocations)
+    batched: dict[str, Any] | None = None  # test "batched" (batched.jsonl): llama-batched-bench's jsonl fields by its
+    # names (n_kv_max, n_batch, n_ubatch, flash_attn, is_pp_shared, n_gpu_layers, n_threads, n_threads_batch, pp, tg,
+    # pl, n_kv, t_pp, speed_pp, t_tg, speed_tg, t, speed; seconds and tokens/s), n_seq_max and kv_unified of its
+    # context, speed_tg_per_user (S_TG / pl) and ttft_s (time to first token of pl users arriving at once: t_pp)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=False)
@@ -127,7 +132,7 @@ REQUIRED = [f.name for f in dataclasses.fields(Record) if f.default is dataclass
 
 # Measurement fields that must be present (non-null) in an "ok" record.
 OK_REQUIRED = ("test", "n_prompt", "n_gen", "n_depth", "rep", "wall_ns", "file_sha256")
-TESTS = ("pp", "tg", "mem", "quality")
+TESTS = ("pp", "tg", "mem", "quality", "batched")
 
 
 class SchemaError(ValueError):

@@ -23,7 +23,7 @@ import numpy as np
 from harness import llamalog
 from harness.config import CACHE_TYPES, FLASH_ATTN_TYPES
 from harness.llamalog import LogCapture, flash_attn_resolved, offloaded_layers, parse_buffers
-from harness.measure import breakdown, devices, machine, memory
+from harness.measure import batched, breakdown, devices, machine, memory
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +170,11 @@ class Session:
         b = self.bench
         return self.new_context(test.n_prompt + test.n_gen + test.n_depth, cache_types(b)[0], b["flash_attn"])
 
-    def new_context(self, n_ctx: int, kv: tuple[str, str], flash_attn: str):
-        """A llama_context of `n_ctx` tokens with KV types `kv` (K, V): (ctx, its log lines). BenchError
-        with llama.cpp's last log lines where it cannot be made."""
+    def new_context(self, n_ctx: int, kv: tuple[str, str], flash_attn: str, n_seq_max: int = 1,
+                    kv_unified: bool = False):
+        """A llama_context of `n_ctx` tokens with KV types `kv` (K, V) for `n_seq_max` sequences (split evenly
+        between them unless `kv_unified`): (ctx, its log lines). BenchError with llama.cpp's last log lines where
+        it cannot be made."""
         lib, b = self.lib, self.bench
         cp = lib.llama_context_default_params()
         cp.n_ctx = n_ctx
@@ -184,6 +186,8 @@ class Session:
         cp.type_k = CACHE_TYPES[kv[0]]
         cp.type_v = CACHE_TYPES[kv[1]]
         cp.swa_full = False
+        cp.n_seq_max = n_seq_max
+        cp.kv_unified = kv_unified
         self.capture.take()
         ctx = lib.llama_init_from_model(self.model, cp)
         ctx_log = self.capture.take()
@@ -374,6 +378,9 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
                 log.warning("%s", e)
         for cell in cells:
             _run_mem(s, cell, model_fields, nvml, gpu_sampler, emit, progress, watch, after_load, sim)
+        todo = [c for c in batched.cells(bench) if c.key not in skip_mem]
+        if todo:
+            batched.run(s, bench, model_fields, todo, emit, progress, watch, after_load, _context_fields, capture)
 
 
 def _context_fields(ctx_log: list[str], model_fields: dict[str, Any]) -> dict[str, Any]:

@@ -15,33 +15,29 @@ import json
 import logging
 import math
 import os
-import queue
 import random
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from harness import config as config_mod
 from harness import schema
 from harness.catalog import page
 from harness.config import Config
 from harness.gguf import validate
-from harness.measure import devices, worker
+from harness.measure import batched, devices, worker
 from harness.measure import env as env_mod
 from harness.measure.bench import MemCell, mem_cells, tests_for
+from harness.measure.child import Bar, ChildResult, measure_in_child
 from harness.sources import probes, quantize
 from harness.sources.base import ModelFile, SourceError, sha256_file
 from harness.sources.resolve import resolve as resolve_source
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def default_results() -> Path:
@@ -50,11 +46,6 @@ def default_results() -> Path:
 
 class RunError(RuntimeError):
     """The run cannot start or go on (unwritable folder, no disk, bad resume folder): one clear line."""
-
-
-class ChildResult(NamedTuple):
-    n_records: int  # records received and written
-    error: str | None  # why the child failed, None when it finished cleanly
 
 
 def new_run_dir(base: Path, name: str) -> Path:
@@ -185,91 +176,6 @@ def default_rounds(repetitions: int, n_gpu_layers: int) -> int:
     return 1 if gpu else min(3, repetitions)
 
 
-def measure_in_child(job: dict[str, Any], timeout_s: float, on_record: Callable[[dict], None],
-                     on_progress: Callable[[str], None], stderr_path: Path) -> ChildResult:
-    """Run harness.measure.worker on `job`; pass each record to `on_record` as it arrives."""
-    with open(stderr_path, "ab") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.measure.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=err, cwd=str(REPO), start_new_session=True,  # own group: a timeout kills it all
-        )
-    lines: queue.Queue[bytes | None] = queue.Queue()
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=reader, daemon=True).start()
-    try:
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps(job).encode())
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
-    deadline = time.monotonic() + timeout_s
-    n, reported = 0, None
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                _kill(proc)
-                return ChildResult(n, f"timed out after {timeout_s:g} s (hung or too slow); killed")
-            try:
-                line = lines.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a dying child
-            if msg.get("kind") == "record":
-                on_record(msg["record"])
-                n += 1
-            elif msg.get("kind") == "progress":
-                on_progress(msg["msg"])
-            elif msg.get("kind") == "error":
-                reported = msg["error"]
-    except BaseException:
-        _kill(proc)
-        raise
-    rc = proc.wait()
-    if rc == 0 and reported is None:
-        return ChildResult(n, None)
-    if reported:
-        return ChildResult(n, reported)
-    return ChildResult(n, _describe_exit(rc, stderr_path))
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-
-
-def _describe_exit(rc: int, stderr_path: Path) -> str:
-    tail = ""
-    try:
-        text = stderr_path.read_text(errors="replace").strip().splitlines()
-        tail = next((x.strip() for x in reversed(text) if x.strip()), "")
-    except OSError:
-        pass
-    if rc < 0:
-        sig = signal.Signals(-rc).name
-        why = {"SIGKILL": " (out of memory, or killed from outside)", "SIGSEGV": " (crash in native code)",
-               "SIGABRT": " (llama.cpp aborted)", "SIGILL": " (instruction this CPU cannot run)",
-               "SIGBUS": " (bad memory-mapped file)"}.get(sig, "")
-        msg = f"measuring process died of {sig}{why}"
-    else:
-        msg = f"measuring process exited with status {rc}"
-    return msg + (f"; last stderr line: {tail[:200]}" if tail else "")
-
-
 class Runner:
     def __init__(self, cfg: Config, run_dir: Path, progress: bool = True, echo: Callable[[str], None] | None = None):
         self.cfg = cfg
@@ -281,10 +187,10 @@ class Runner:
         self.errors: dict[str, str] = {}
         self.probed: set[tuple[str, str, int]] = set()  # (probe shape, ggml type, round) measured or tried
         self.probe_errors: set[tuple[str, str]] = set()  # (probe shape, ggml type) that failed: not tried again
-        self.mem_writer: schema.RecordWriter | None = None  # contexts.jsonl, for bench.contexts
+        self.side_writers: dict[str, schema.RecordWriter] = {}  # mem: contexts.jsonl; batched: batched.jsonl
         self.visit: dict | None = None  # the visit being measured (round, position, order), into each record
         self.no_probe_archs: set[str | None] = set()  # architectures already said to have no probes
-        self.mem_done: set[tuple] = set()  # (quant, "mem", n_ctx, type_k, type_v, flash_attn) recorded
+        self.side_done: set[tuple] = set()  # (quant, *key) of memory-test contexts and batched cells recorded
         self.resolved: dict[str, ModelFile] = {}  # the files got so far, by label (the quality test reuses them)
 
     def _error_record(self, quant: str, error: str, mf: ModelFile | None) -> schema.Record:
@@ -340,20 +246,29 @@ class Runner:
         cfg = self.cfg
         cells = [c for c in all_cells(cfg, self.bench) if c[0] == quant]
         todo = [c for c in cells if c[3] in mine and c not in done]
-        cq = self.bench.get("context_quants") or cfg.quants
-        mem_todo = [m.key for m in mem_cells(self.bench) if quant in cq and (quant, *m.key) not in self.mem_done]
-        if todo or mem_todo:
+        side = self._side_keys(quant, v)
+        side_todo = [k for k in side if (quant, *k) not in self.side_done]
+        if todo or side_todo:
             mf = resolved.get(quant) or self._resolve(writer, head, quant)
             if mf is None:
                 return  # its error record is written; later rounds skip it
             resolved[quant] = mf
             paths[quant] = mf.path
             skip = [[t, d, r] for (_, t, d, r) in cells if (quant, t, d, r) not in todo]
-            skip_mem = [list(m.key) for m in mem_cells(self.bench) if m.key not in mem_todo]
-            self._measure(writer, head, quant, mf, skip, len(todo), skip_mem, len(mem_todo))
-            self.mem_done.update((quant, *k) for k in mem_todo)  # tried: errors are not retried
+            skip_side = [list(k) for k in side if k not in side_todo]
+            self._measure(writer, head, quant, mf, skip, len(todo), skip_side, len(side_todo))
+            self.side_done.update((quant, *k) for k in side_todo)  # tried: errors are not retried
         elif v == 0:
             self.echo(f"{head} already measured (resume): skipped")
+
+    def _side_keys(self, quant: str, v: int) -> list[tuple]:
+        """The keys of `quant`'s memory-test contexts (bench.context_quants) and of its batched cells whose
+        repetitions fall on visit `v`, less those that cannot fit a fixed context (said when the run starts)."""
+        cq = self.bench.get("context_quants") or self.cfg.quants
+        reps = set(visit_reps(self.bench["batched"]["repetitions"], self.bench["rounds"], v))
+        big = {(c.pp, c.tg, c.pl) for c in batched.too_big(self.bench)}
+        return ([m.key for m in mem_cells(self.bench)] if quant in cq else []) + [
+            c.key for c in batched.cells(self.bench) if c.rep in reps and (c.pp, c.tg, c.pl) not in big]
 
     def quality(self, writer: schema.RecordWriter, done: set[str]) -> None:
         """The quality test after the sweep: every quant not yet scored (`done`) against the reference, in one
@@ -404,11 +319,11 @@ class Runner:
             return None
 
     def _measure(self, writer, head: str, quant: str, mf: ModelFile, skip: list, n_todo: int,
-                 skip_mem: list | None = None, n_mem: int = 0) -> None:
+                 skip_side: list | None = None, n_side: int = 0) -> None:
         t0 = time.monotonic()
         size = mf.path.stat().st_size
         built = " (built now)" if mf.built_now else ""
-        contexts = f" and {n_mem} contexts (memory test)" if n_mem else ""
+        contexts = f" and {n_side} contexts and batched cells" if n_side else ""
         self.echo(f"{head} {mf.path.name} {size / 1e6:,.0f} MB{built}; measuring {n_todo} repetitions{contexts}")
         logs = self.run_dir / "logs"
         base = {"run_id": self.run_id, "quant": quant, "weights": mf.weights, "weights_ref": mf.weights_ref,
@@ -418,21 +333,21 @@ class Runner:
         # architecture llama.cpp loads (its structure is still validated before llama.cpp sees it)
         expect = None if self.cfg.model.source == "local" else "llama"
         job = worker.make_job(mf.path, self.bench, base, logs / f"{quant}.llama.log", skip_cells=skip,
-                              skip_mem=skip_mem, expect_arch=expect)
-        res = self._child(job, writer, quant, n_todo + n_mem, logs / f"{quant}.stderr")
+                              skip_mem=skip_side, expect_arch=expect)
+        res = self._child(job, writer, quant, n_todo + n_side, logs / f"{quant}.stderr")
         if res.error:
             self._fail(writer, head, quant, res.error, mf, after=res.n_records)
         else:
             self.echo(f"{head} done: {res.n_records} records in {time.monotonic() - t0:,.0f} s")
 
     def _child(self, job: dict, writer, label: str, n_todo: int, stderr_path: Path) -> ChildResult:
-        bar = _Bar(n_todo, label, enabled=self.progress)
+        bar = Bar(n_todo, label, enabled=self.progress)
 
         def on_record(d: dict) -> None:
             rec = schema.from_dict(d)
             if self.visit is not None:  # where in the sweep it was measured: the round and the visiting order
                 rec = dataclasses.replace(rec, extra={**rec.extra, "visit": self.visit})
-            (self.mem_writer if rec.test == "mem" and self.mem_writer is not None else writer).write(rec)
+            self.side_writers.get(rec.test, writer).write(rec)
             bar.update(1)
 
         try:
@@ -505,30 +420,6 @@ class Runner:
         writer.write(self._error_record(quant, error, mf))
         kept = f" ({after} repetitions measured before it are kept)" if after else ""
         self.echo(f"{head} ERROR: {error}{kept}")
-
-
-class _Bar:
-    """A tqdm bar on stderr with a status text, or nothing when progress is off."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self._bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=f"  {desc}", unit="rep", leave=False, file=sys.stderr,
-                              disable=None)  # None: no bar when stderr is not a terminal (a log file)
-
-    def update(self, n: int) -> None:
-        if self._bar:
-            self._bar.update(n)
-
-    def status(self, msg: str) -> None:
-        if self._bar:
-            self._bar.set_postfix_str(msg, refresh=True)
-
-    def close(self) -> None:
-        if self._bar:
-            self._bar.close()
 
 
 def _state_after(env_path: Path) -> None:
@@ -689,17 +580,23 @@ def run(cfg: Config, out: Path | None = None, resume: Path | None = None, progre
         except schema.SchemaError as e:
             raise RunError(f"--resume: {e}") from None
     known = {r.quant: r.file_path for r in previous if r.status == "ok" and r.file_path}
-    mem_path = run_dir / "contexts.jsonl"
-    if resume and mem_path.is_file():
-        try:
-            runner.mem_done = {(r.quant, *MemCell.of_record(r).key) for r in schema.read_records(mem_path)}
-        except schema.SchemaError as e:
-            raise RunError(f"--resume: {e}") from None
+    side = {"mem": (run_dir / "contexts.jsonl", MemCell), "batched": (run_dir / "batched.jsonl", batched.BatchedCell)}
+    for test, (path, cell) in side.items():
+        if resume and path.is_file():
+            try:
+                runner.side_done |= {(r.quant, *cell.of_record(r).key) for r in schema.read_records(path)
+                                     if test == "mem" or r.status == "ok"}
+            except schema.SchemaError as e:
+                raise RunError(f"--resume: {e}") from None
+    for c in batched.too_big(runner.bench):
+        runner.echo(f"batched pp {c.pp} tg {c.tg} pl {c.pl}: needs {c.n_kv(runner.bench['batched']['kv_unified'])} "
+                    f"KV cells, more than -c {runner.bench['batched']['ctx']}: skipped, as llama-batched-bench does")
     with contextlib.ExitStack() as stack:
         stack.callback(_state_after, env_path)  # the machine's state when the sweep ends (or is interrupted)
         writer = stack.enter_context(schema.RecordWriter(run_dir / "records.jsonl"))
-        if runner.bench.get("contexts"):
-            runner.mem_writer = stack.enter_context(schema.RecordWriter(mem_path))
+        for test, (path, _) in side.items():
+            if runner.bench.get("contexts") if test == "mem" else runner.bench["batched"]["npl"]:
+                runner.side_writers[test] = stack.enter_context(schema.RecordWriter(path))
         if probes_wanted(cfg):
             probe_writer = stack.enter_context(schema.RecordWriter(probe_path))
             runner.run(writer, done, probe_writer, probes_done, known)

@@ -56,8 +56,8 @@ def make_job(path: str | os.PathLike, bench: dict[str, Any], record_base: dict[s
              *, skip_cells: list | None = None, skip_mem: list | None = None, expect_arch: str | None = "llama"
              ) -> dict[str, Any]:
     """The one job this worker takes (JSON on stdin): the file, the resolved bench settings with the cells
-    already measured (`skip_cells` [test, depth, rep], `skip_mem` memory-test keys), the fields every record of
-    it starts from, where llama.cpp's log goes, and the architecture its header must name (checked before
+    already measured (`skip_cells` [test, depth, rep], `skip_mem` memory-test and batched keys), the fields every
+    record of it starts from, where llama.cpp's log goes, and the architecture its header must name (checked before
     llama.cpp opens it; None accepts any)."""
     return {
         "path": str(path),
