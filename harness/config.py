@@ -24,6 +24,7 @@ SOURCES = ("synthetic", "hub", "local")
 ARCHITECTURES = ("llama-3.2-1b", "tiny")  # kept in step with harness.sources.synthetic.ARCHS
 FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
 FLASH_ATTN = ("auto", "on", "off")
+LLAMA_MAX_SEQ = 256  # src/llama-cparams.h of the pinned llama.cpp: sequences one context holds
 # KV cache types llama.cpp takes for type_k / type_v (llama-bench's -ctk / -ctv), as ggml type ids
 CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
 # The model keys each source takes.
@@ -431,6 +432,9 @@ def _batched(data: Any) -> BatchedSpec:
     if floor < 0:
         raise ConfigError(f"bench.batched.floor_tg_per_user must be >= 0 tokens/s, got {floor:g}")
     kw["floor_tg_per_user"] = floor
+    if kw["npl"] and max(kw["npl"]) > LLAMA_MAX_SEQ:
+        raise ConfigError(f"bench.batched.npl (-npl) {max(kw['npl'])}: llama.cpp holds at most {LLAMA_MAX_SEQ} "
+                          "sequences in one context (LLAMA_MAX_SEQ)")
     if kw["pps"] and kw["npl"] and max(kw["npl"]) < 2:
         raise ConfigError("bench.batched.pps (-pps) shares one prompt among users, but -npl has only 1 user: "
                           "give -npl more than 1 (e.g. 1,4,16) or drop -pps")
