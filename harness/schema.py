@@ -109,9 +109,10 @@ class Record:
     # drop
     memory_breakdown: dict[str, dict[str, Any]] | None = None  # llama.cpp's own accounting of this context, to
     # the byte (llama_get_memory_breakdown): {buffer type: {"model", "context" (KV), "compute" bytes, "host"}}
-    memory_breakdown_simulated: dict[str, dict[str, Any]] | None = None  # "mem": the same from a model loaded
-    # with no_alloc (nothing allocated: llama.cpp's --fit arithmetic), for the same context
-    simulate_ns: int | None = None  # "mem": wall time of that simulated context
+    memory_breakdown_simulated: dict[str, dict[str, Any]] | None = None  # "mem", "batched": the same from a model
+    # loaded with no_alloc (nothing allocated: llama.cpp's --fit arithmetic), for the same context (batched: the
+    # same n_seq_max and kv_unified)
+    simulate_ns: int | None = None  # "mem", "batched": wall time of that simulated context
     quality: dict[str, Any] | None = None  # test "quality": llama-perplexity's statistics of this quant against
     # the reference (ppl, ppl_base, ln_ppl_ratio, kld_mean, kld_median, kld_p99, same_top, dp_rms, ... with
     # their uncertainties; harness.measure.quality), the text and the reference in `extra`

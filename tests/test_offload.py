@@ -192,7 +192,7 @@ def test_simulate_command(tiny_file):
     assert p.returncode == 0, p.stderr
     lines = [x for x in p.stdout.splitlines() if x.startswith("tiny-Q4_K_M")]
     assert len(lines) == 4 and "nothing was allocated" in p.stdout
-    kv = {(x.split()[1], x.split()[3]): float(x.split()[7].replace(",", "")) for x in lines}
+    kv = {(x.split()[1], x.split()[5]): float(x.split()[9].replace(",", "")) for x in lines}  # n_ctx, fa: KV host
     assert kv[("131072", "on")] == 256 * kv[("512", "on")]  # f16 KV grows with the context, by the byte
     p = run_cli("simulate", "-m", "/nonexistent.gguf")
     assert p.returncode == 2 and "no such file" in p.stderr and "Traceback" not in p.stderr

@@ -21,6 +21,7 @@ users arriving at once (``t_pp``: every first token comes out of the prompt phas
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ import numpy as np
 
 from harness.config import FLASH_ATTN_TYPES
 from harness.measure import breakdown, machine, memory
+
+log = logging.getLogger(__name__)
 
 WARMUP_TOKENS = 16  # llama-batched-bench's warm-up: 16 random tokens of sequence 0
 
@@ -195,9 +198,10 @@ def figures(cell: BatchedCell, t: dict[str, float], settings: dict[str, Any]) ->
 
 
 def run(s, bench: dict[str, Any], model_fields: dict[str, Any], todo: list[BatchedCell], emit, progress,
-        watch, after_load: dict[str, Any], context_fields: Callable, capture) -> None:
+        watch, after_load: dict[str, Any], context_fields: Callable, capture, sim=None) -> None:
     """The batched cells `todo` on loaded session `s`: one record each (an error record for a cell whose context
-    or decode fails; the others go on)."""
+    or decode fails; the others go on). With `sim` (a breakdown.Simulator of the same file) each record also has
+    the same context by llama.cpp's arithmetic alone."""
     b = bench["batched"]
     unified = bool(b.get("kv_unified"))
     fixed = int(b.get("ctx") or 0)
@@ -241,6 +245,13 @@ def run(s, bench: dict[str, Any], model_fields: dict[str, Any], todo: list[Batch
                 fig = figures(cell, t, settings)
                 dev = watch.fields({"after_load": after_load, "after_context": after_ctx, "after_test": watch.read()})
                 dev["memory_breakdown"] = breakdown.breakdown(ctx)
+                if sim is not None:  # the same context (n_ctx asked, K/V, fa, n_seq_max, unified) with no_alloc
+                    kv = (bench.get("cache_type_k") or ["f16"])[0], (bench.get("cache_type_v") or ["f16"])[0]
+                    try:
+                        dev["memory_breakdown_simulated"], dev["simulate_ns"] = sim.cell(
+                            n_ctx, kv, bench["flash_attn"], n_seq_max=n_seq, kv_unified=unified)
+                    except breakdown.SimulateError as e:
+                        log.warning("%s", e)
                 emit({**base, **ctx_fields, **dev, "n_ctx": n_kv_max, "wall_ns": int(fig["t"] * 1e9),
                       "tokens_per_s": fig["speed"], "batched": fig,
                       "rss_bytes": memory.rss_bytes(), "rss_peak_bytes": memory.peak_rss_bytes(), **memory.rss_parts(),

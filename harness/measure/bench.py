@@ -369,8 +369,9 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
                       gpu_sampler, emit, progress, watch, after_load)
         skip_mem = {tuple(c) for c in bench.get("skip_mem", ())}
         cells = [c for c in mem_cells(bench) if c.key not in skip_mem]
+        todo = [c for c in batched.cells(bench) if c.key not in skip_mem]
         sim = None
-        if cells:  # the same contexts by llama.cpp's arithmetic alone (a no_alloc model), beside the real ones
+        if cells or todo:  # the same contexts by llama.cpp's arithmetic alone (a no_alloc model), beside the real ones
             try:
                 sim = breakdown.Simulator(path, bench)
                 stack.callback(sim.free)
@@ -378,9 +379,9 @@ def measure(path: str, bench: dict[str, Any], emit: Callable[[dict[str, Any]], N
                 log.warning("%s", e)
         for cell in cells:
             _run_mem(s, cell, model_fields, nvml, gpu_sampler, emit, progress, watch, after_load, sim)
-        todo = [c for c in batched.cells(bench) if c.key not in skip_mem]
         if todo:
-            batched.run(s, bench, model_fields, todo, emit, progress, watch, after_load, _context_fields, capture)
+            batched.run(s, bench, model_fields, todo, emit, progress, watch, after_load, _context_fields, capture,
+                        sim)
 
 
 def _context_fields(ctx_log: list[str], model_fields: dict[str, Any]) -> dict[str, Any]:

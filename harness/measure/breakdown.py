@@ -1,7 +1,8 @@
 """llama.cpp's own memory arithmetic, with and without the memory: its per-buffer-type breakdown of a context
 (``llama_get_memory_breakdown``: model, context (KV) and compute bytes), and the same for a model loaded with
 ``no_alloc`` ("only load metadata and simulate memory allocations", what llama.cpp's ``--fit`` uses), which gives
-any quant x context x K/V type x flash attention on the devices at hand in milliseconds, with nothing allocated.
+any quant x context x K/V type x flash attention x parallel sequences (unified KV cache or split by sequence)
+on the devices at hand in milliseconds, with nothing allocated.
 
 ``llama_get_memory_breakdown`` is exported by libllama but is C++ (it returns a ``std::map``): a ten-line C shim
 compiled once with the C++ compiler that built llama.cpp flattens it into arrays (cached beside the harness's
@@ -20,7 +21,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,23 @@ def breakdown(ctx) -> dict[str, dict[str, int]] | None:
     return out
 
 
+class SimCell(NamedTuple):
+    """One simulated context, with llama.cpp's own sizes of it."""
+    breakdown: dict[str, dict[str, Any]] | None  # as breakdown(): bytes by buffer type; None without the shim
+    ns: int  # wall time to create the context and read its breakdown
+    n_ctx: int  # llama_n_ctx: the context as llama.cpp makes it (padded to 256; split: n_seq_max x n_ctx_seq)
+    n_ctx_seq: int  # llama_n_ctx_seq: each sequence's context (n_ctx / n_seq_max padded to 256; unified: n_ctx)
+    n_seq_max: int  # parallel sequences (llama.cpp's --parallel)
+    kv_unified: bool  # one KV buffer shared by all sequences (llama.cpp's --kv-unified)
+
+
+def max_seq() -> int:
+    """llama.cpp's LLAMA_MAX_SEQ: the most parallel sequences a context takes (256 in the pinned source)."""
+    import llama_cpp
+
+    return int(llama_cpp.llama_max_parallel_sequences())
+
+
 class Simulator:
     """A model loaded with no_alloc (metadata only, llama.cpp's --fit way: no mmap, nothing read), whose contexts
     are created with nothing allocated, to read llama.cpp's breakdown of what they would take."""
@@ -181,8 +199,10 @@ class Simulator:
         if not self.model:
             raise SimulateError(f"llama.cpp could not load {path} with no_alloc")
 
-    def cell(self, n_ctx: int, kv: tuple[str, str], flash_attn: str) -> tuple[dict | None, int]:
-        """(breakdown, ns) of one context, or raise SimulateError where llama.cpp refuses it."""
+    def context(self, n_ctx: int, kv: tuple[str, str], flash_attn: str, n_seq_max: int = 1,
+                kv_unified: bool = False) -> SimCell:
+        """One context of `n_ctx` tokens for `n_seq_max` sequences (split evenly between them unless `kv_unified`),
+        as llama.cpp would make it; SimulateError where llama.cpp refuses it."""
         from harness.config import CACHE_TYPES, FLASH_ATTN_TYPES
 
         lib, b = self.lib, self.bench
@@ -194,16 +214,33 @@ class Simulator:
         cp.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
         cp.type_k, cp.type_v = CACHE_TYPES[kv[0]], CACHE_TYPES[kv[1]]
         cp.swa_full = False
+        cp.n_seq_max = n_seq_max
+        cp.kv_unified = kv_unified
+        users = f", {n_seq_max} sequences" + (" unified" if kv_unified else "") if n_seq_max != 1 else ""
+        # llama.cpp reserves one output row per sequence in a buffer of min(n_ctx, n_batch) rows, and aborts the
+        # process where there are more (GGML_ASSERT in llama_context::output_reserve of the pinned source)
+        rows = min(n_ctx, cp.n_batch)
+        if n_seq_max > rows:
+            raise SimulateError(f"llama.cpp refuses a context of {n_ctx} tokens{users}: it holds at most "
+                                f"min(n_ctx, n_batch {cp.n_batch}) = {rows} sequences (and aborts on more)")
         t0 = time.perf_counter_ns()
         ctx = lib.llama_init_from_model(self.model, cp)
         if not ctx:
             raise SimulateError(f"llama.cpp refuses a context of {n_ctx} tokens (KV {kv[0]}/{kv[1]}, "
-                                f"flash_attn {flash_attn})")
+                                f"flash_attn {flash_attn}{users})")
         try:
             bd = breakdown(ctx)
-            return bd, time.perf_counter_ns() - t0
+            ns = time.perf_counter_ns() - t0
+            return SimCell(bd, ns, int(lib.llama_n_ctx(ctx)), int(lib.llama_n_ctx_seq(ctx)), int(n_seq_max),
+                           bool(kv_unified))
         finally:
             lib.llama_free(ctx)
+
+    def cell(self, n_ctx: int, kv: tuple[str, str], flash_attn: str, n_seq_max: int = 1,
+             kv_unified: bool = False) -> tuple[dict | None, int]:
+        """(breakdown, ns) of one context (:meth:`context`)."""
+        c = self.context(n_ctx, kv, flash_attn, n_seq_max, kv_unified)
+        return c.breakdown, c.ns
 
     def free(self) -> None:
         if self.model:
