@@ -144,14 +144,20 @@ def _run(args) -> int:
     records = schema.read_records(run_dir / "records.jsonl")
     frame = summary.records_frame(records)
     groups = cluster_groups(frame)
+    batched_path = run_dir / "batched.jsonl"
     for g in groups or [None]:
         part = frame if g is None else of_group(frame, g)
         if g is not None:
             print(f"device group {g}:")
-        print(summary.text_table(summary.per_quant(part)))
+        if len(part) or not batched_path.is_file():  # a batched-only run has its own table below
+            print(summary.text_table(summary.per_quant(part)))
     mem_path = run_dir / "contexts.jsonl"
     if mem_path.is_file():
         print(summary.context_table(summary.records_frame(schema.read_records(mem_path))))
+    if batched_path.is_file():
+        from harness.report import serving
+
+        print(serving.text_table(summary.records_frame(schema.read_records(batched_path))))
     probe_path = run_dir / "probes.jsonl"
     if probe_path.is_file():
         try:

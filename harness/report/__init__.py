@@ -2,7 +2,8 @@
 
 ``python -m harness report RESULTS_DIR [--out DIR]`` reads ``records.jsonl`` and ``env.json`` and writes
 ``reports/<run-id>/``: ``report.md``, a self-contained ``report.html`` (figures embedded as PNG),
-``summary.csv`` (the per-quant table) and ``calibration.json`` (:mod:`harness.analysis.calibration`).
+``summary.csv`` (the per-quant table), ``calibration.json`` (:mod:`harness.analysis.calibration`) and, where the
+run has the batched test (``batched.jsonl``), ``serving.csv`` (:mod:`harness.report.serving`).
 
 Every table and figure is a pure function of the records DataFrame, the environment dict and the
 calibration dict, so the report is tested on records made in the test.
@@ -21,7 +22,8 @@ from harness import schema
 from harness.analysis import calibration, crossgpu, kernels, points, summary
 from harness.catalog import page
 from harness.config import output_dir
-from harness.report.figures import fig_page_gpus, fig_quality, figures
+from harness.report import serving
+from harness.report.figures import fig_page_gpus, fig_quality, fig_serving, figures
 from harness.report.render import render_html, render_markdown
 from harness.report.tables import (
     CONTEXT_HEAD,
@@ -97,6 +99,14 @@ def load_quality(results_dir: str | Path) -> pd.DataFrame | None:
     return summary.records_frame(schema.read_records(path))
 
 
+def load_batched(results_dir: str | Path) -> pd.DataFrame | None:
+    """The batched test's records (batched.jsonl), None where the run made none."""
+    path = Path(results_dir) / "batched.jsonl"
+    if not path.is_file():
+        return None
+    return summary.records_frame(schema.read_records(path))
+
+
 def load_probes(results_dir: str | Path) -> pd.DataFrame | None:
     """The kernel-probe records of a results folder (probes.jsonl), None where the run measured none."""
     path = Path(results_dir) / "probes.jsonl"
@@ -108,18 +118,22 @@ def load_probes(results_dir: str | Path) -> pd.DataFrame | None:
 def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: dict, run_id: str,
               probe_df: pd.DataFrame | None = None, ctxp: pd.DataFrame | None = None,
               gpus: tuple[dict, list[dict]] | None = None, mem_df: pd.DataFrame | None = None,
-              qp: pd.DataFrame | None = None, qdf: pd.DataFrame | None = None) -> list[tuple]:
+              qp: pd.DataFrame | None = None, qdf: pd.DataFrame | None = None,
+              serving_blocks: list[tuple] | None = None, everything: pd.DataFrame | None = None) -> list[tuple]:
     """The report as (kind, payload) blocks, rendered to markdown or HTML: ("h", text), ("p", markdown-ish
-    text), ("list", [lines]), ("table", head, rows), ("fig", name), ("raw-md", text)."""
+    text), ("list", [lines]), ("table", head, rows), ("fig", name), ("raw-md", text). `everything`: the pp/tg
+    records with the batched test's, for what the report says of the files (weights, model, versions)."""
     ok = df[df.status == "ok"] if len(df) else df
-    versions = ", ".join(sorted(ok.llama_cpp_version.dropna().unique())) if len(ok) else ""
+    every = everything if everything is not None else df
+    every_ok = every[every.status == "ok"] if len(every) else every
+    versions = ", ".join(sorted(every_ok.llama_cpp_version.dropna().unique())) if len(every_ok) else ""
     harness = env.get("harness") or {}
-    head = ("Llama 3.2 1B quants: the page's claims vs measurements" if points.is_page_model(df)
+    head = ("Llama 3.2 1B quants: the page's claims vs measurements" if points.is_page_model(every)
             else "GGUF files measured with llama.cpp")
     s: list[tuple] = [("h1", f"{head} - run {run_id}")]
-    s.append(("p", weights_statement(df)))
-    if len(ok) and not points.is_page_model(df):
-        models = sorted(ok.model_desc.dropna().astype(str).unique())
+    s.append(("p", weights_statement(every)))
+    if len(every_ok) and not points.is_page_model(every):
+        models = sorted(every_ok.model_desc.dropna().astype(str).unique())
         whose = "this model's own" if len(models) == 1 else f"these {len(models)} models' own, fitted together"
         s.append(("p", f"The page covers Llama 3.2 1B only, and these files are not it ({', '.join(models[:4])}): no "
                        f"page figures or verdicts here; speed, memory, llama.cpp's buffers and the calibration are "
@@ -127,7 +141,9 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
     s.append(("p", device_statement(device)))
     s.append(("p", f"llama-cpp-python {versions or '-'}; harness commit {harness.get('commit') or '-'}"
                    f"{' (dirty)' if harness.get('dirty') else ''}; environment recorded {env.get('utc') or '-'}."))
-    s.append(("p", _settings_line(ok)))
+    s.append(("p", _settings_line(ok) if len(ok) or not serving_blocks else
+                   "No pp or tg test in this run (bench.n_prompt and bench.n_gen are 0): the batched test only, in "
+                   "Serving below."))
     reach = _llama_bandwidth_line(t, device, env)
     if reach:
         s.append(("p", reach))
@@ -190,6 +206,7 @@ def _sections(df: pd.DataFrame, env: dict, t: pd.DataFrame, cal: dict, device: d
         if len(errors):
             s.append(("h2", "Failures"))
             s.append(("list", [f"{r.quant}: {r.error}" for r in errors.itertuples()]))
+    s += serving_blocks or []
     if qp is not None and len(qp):
         r0 = qdf[qdf.status == "ok"].iloc[0]
         x = r0.extra or {}
@@ -362,28 +379,39 @@ def _settings_line(ok: pd.DataFrame) -> str:
 
 def build(df: pd.DataFrame, env: dict, run_id: str, results_dir: str | None = None,
           tensor_types: dict[str, dict] | None = None, probe_df: pd.DataFrame | None = None,
-          mem_df: pd.DataFrame | None = None, quality_df: pd.DataFrame | None = None
+          mem_df: pd.DataFrame | None = None, quality_df: pd.DataFrame | None = None,
+          batched_df: pd.DataFrame | None = None, floor_tg_per_user: float = 0.0
           ) -> tuple[pd.DataFrame, dict, dict[str, bytes], str, str]:
     """Everything the report holds, computed from the records: (per-quant table, calibration, figures,
     markdown, html). `tensor_types` ({quant: {ggml type: weights}}) lets the calibration cost each tensor's
-    kernel; `probe_df` (kernel-probe records) measures those costs."""
+    kernel; `probe_df` (kernel-probe records) measures those costs; `batched_df` (the batched test's records) and
+    `floor_tg_per_user` (the config's, tokens/s) make the Serving section."""
     ctxp = points.context_points(mem_df)
     cal = calibration.calibrate(df, env, run_id=run_id, results_dir=results_dir, tensor_types=tensor_types,
                                 probe_costs=kernels.costs(probe_df), ctxp=ctxp)
+    has_batched = batched_df is not None and (batched_df.status == "ok").any()
+    every = pd.concat([df, batched_df]) if has_batched and len(df) else batched_df if has_batched else df
+    if has_batched and not (df.status == "ok").any():  # the batched test only: its records say where it ran
+        cal["device"] = {**calibration.run_device(batched_df, env), "page_model": points.is_page_model(batched_df)}
     device = cal["device"]
     t = quant_table(df, device, cal, ctxp)
     ctx = context_table(df, device)
     figs = figures(t, ctx, cal, device, ctxp)
+    serving_blocks = serving.section(batched_df, device, floor_tg_per_user, points.is_page_model(every))
+    cells = serving.cells(batched_df)
+    if len(cells) and cells.s_tg.notna().any():
+        figs["serving.png"] = fig_serving(cells, floor_tg_per_user)
     gpus = None  # the page on its GPUs: the shipped cross-device calibration, for the page's model only
-    if points.is_page_model(df):
+    if points.is_page_model(every):
         xcal = crossgpu.load_shipped()
         gpus = (xcal, crossgpu.page_gpus(xcal))
         figs["page_gpus.png"] = fig_page_gpus(gpus[1])
     qp = quality_points(quality_df, t) if quality_df is not None and len(quality_df) else None
     if qp is not None and len(qp):
         figs["quality.png"] = fig_quality(qp)
-    sections = _sections(df, env, t, cal, device, run_id, probe_df, ctxp, gpus, mem_df, qp, quality_df)
-    title = f"{'Llama 3.2 1B quants' if points.is_page_model(df) else 'GGUF files'} - run {run_id}"
+    sections = _sections(df, env, t, cal, device, run_id, probe_df, ctxp, gpus, mem_df, qp, quality_df,
+                         serving_blocks, every)
+    title = f"{'Llama 3.2 1B quants' if points.is_page_model(every) else 'GGUF files'} - run {run_id}"
     return t, cal, figs, render_markdown(sections, figs), render_html(sections, figs, title)
 
 
@@ -419,21 +447,27 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
             node_envs = sorted(results_dir.glob(f"env-{slug}-*.json"))
             genv = json.loads(node_envs[0].read_text()) if node_envs else env
             _write_one(of_group(df, g), genv, f"{run_id} [{g}]", results_dir, out / slug,
-                       of_group(load_contexts(results_dir), g))
+                       of_group(load_contexts(results_dir), g), batched_df=of_group(load_batched(results_dir), g))
         return out
-    return _write_one(df, env, run_id, results_dir, out, load_contexts(results_dir), load_probes(results_dir))
+    return _write_one(df, env, run_id, results_dir, out, load_contexts(results_dir), load_probes(results_dir),
+                      load_batched(results_dir))
 
 
 def _write_one(df: pd.DataFrame, env: dict, run_id: str, results_dir: Path, out: Path,
-               mem_df: pd.DataFrame | None, probe_df: pd.DataFrame | None = None) -> Path:
+               mem_df: pd.DataFrame | None, probe_df: pd.DataFrame | None = None,
+               batched_df: pd.DataFrame | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     t, cal, figs, md, page_html = build(df, env, run_id, str(results_dir), points.tensor_types_from_records(df),
-                                        probe_df, mem_df, load_quality(results_dir))
+                                        probe_df, mem_df, load_quality(results_dir), batched_df,
+                                        serving.floor_of(results_dir))
     for name, png in figs.items():
         (out / name).write_bytes(png)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(page_html)
     t.to_csv(out / "summary.csv", index=False)
+    cells = serving.cells(batched_df)
+    if len(cells):
+        cells.to_csv(out / "serving.csv", index=False)
     calibration.write(cal, out / "calibration.json")
     log.info("report written to %s", out)
     return out

@@ -271,6 +271,45 @@ def fig_page_gpus(gpus: list[dict]) -> bytes:
     return _png(fig)
 
 
+def fig_serving(c: pd.DataFrame, floor: float = 0.0) -> bytes:
+    """The batched test (harness.report.serving.cells): aggregate S_TG (left) and each user's tg (right) against
+    the number of users pl (log scale), one line per quant (a line style per cell where the run has several), min-max
+    whiskers over the repetitions, the per-user floor where the config names one."""
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.get_cmap("tab10")
+    c = c[c.s_tg.notna()]
+    qs = list(dict.fromkeys(c.quant))
+    cellkeys = list(dict.fromkeys(zip(c.pp, c.tg, c.pps)))
+    styles = ["-", "--", ":", "-."]
+    for (quant, pp, tg, pps), d in c.groupby(["quant", "pp", "tg", "pps"], sort=False):
+        d = d.sort_values("pl")
+        k = cellkeys.index((pp, tg, pps))
+        label = quant + (f", pp {pp} tg {tg}" + (" shared" if pps else "") if len(cellkeys) > 1 else "")
+        style = {"marker": "o", "ms": 4, "capsize": 3, "color": colors(qs.index(quant) % 10),
+                 "ls": styles[k % len(styles)], "label": label}
+        for ax, col in ((a1, "s_tg"), (a2, "per_user")):
+            y = d[col].to_numpy(float)
+            lo, hi = d[f"{col}_min"].to_numpy(float), d[f"{col}_max"].to_numpy(float)
+            err = [np.nan_to_num(y - lo), np.nan_to_num(hi - y)]
+            ax.errorbar(d.pl, y, yerr=err, **style)
+    if floor:
+        a2.axhline(floor, color="#c44e52", lw=1, ls="--", label=f"floor {floor:g} tok/s per user")
+    pls = sorted(c.pl.unique())
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(pls, [str(p) for p in pls])
+        ax.set_xlabel("users decoding at once (pl)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    a1.set_ylabel("S_TG, tokens/s (all users)")
+    a1.set_title("Aggregate generation speed")
+    a2.set_ylabel("tokens/s per user (S_TG / pl)")
+    a2.set_title("Each user's generation speed")
+    a2.legend(fontsize=7)
+    return _png(fig)
+
+
 def figures(t: pd.DataFrame, ctx: pd.DataFrame, cal: dict, device: dict,
             ctxp: pd.DataFrame | None = None) -> dict[str, bytes]:
     """{file name: PNG bytes}; the context plots only where more than one depth was measured."""
@@ -299,6 +338,9 @@ CAPTIONS = {
     "quality.png": "Each quant's mean KL divergence from the reference against the memory it needs, coloured by its "
                    "generation speed; ringed and joined: the quants no other beats on both (worth choosing); the "
                    "page's quality claim beside the quants it gives one for.",
+    "serving.png": "The batched test: aggregate generation speed (S_TG, left) and each user's (S_TG / pl, right) "
+                   "against the number of users decoding at once (log scale), medians with min-max whiskers over the "
+                   "repetitions.",
     "roofline.png": "Speed against bytes read per token, with the bandwidth roofline and the fitted model.",
     "context.png": "Memory and speed against the context length.",
     "page_gpus.png": "The page's GPUs: its speed rule with its ±20% band against the model's size, the "
