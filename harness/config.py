@@ -404,14 +404,14 @@ def _bench(data: Any) -> BenchSpec:
     kw["shuffle"] = _typed("bench.shuffle", data.get("shuffle", d.shuffle), bool)
     mem = _typed("bench.memory_limit_mb", data.get("memory_limit_mb", d.memory_limit_mb), int, allow_none=True)
     kw["memory_limit_mb"] = None if mem is None else _positive("bench.memory_limit_mb", mem)
-    kw["batched"] = _batched(data.get("batched", {}))
+    kw["batched"] = _batched(data.get("batched", {}), kw["n_batch"])
     if kw["n_prompt"] == 0 and kw["n_gen"] == 0 and not kw["contexts"] and not kw["batched"].npl:
         raise ConfigError("bench.n_prompt and bench.n_gen are both 0, and there is no memory test (bench.contexts) "
                           "and no batched test (bench.batched.npl): nothing to measure")
     return BenchSpec(**kw)
 
 
-def _batched(data: Any) -> BatchedSpec:
+def _batched(data: Any, n_batch: int) -> BatchedSpec:
     """bench.batched, llama-batched-bench's flags: each cell must fit a fixed context, -pps needs users to share."""
     if not isinstance(data, dict):
         raise ConfigError(f"bench.batched must be a mapping (npp, ntg, npl, ...), got {type(data).__name__}")
@@ -435,10 +435,18 @@ def _batched(data: Any) -> BatchedSpec:
     if kw["npl"] and max(kw["npl"]) > LLAMA_MAX_SEQ:
         raise ConfigError(f"bench.batched.npl (-npl) {max(kw['npl'])}: llama.cpp holds at most {LLAMA_MAX_SEQ} "
                           "sequences in one context (LLAMA_MAX_SEQ)")
-    if kw["pps"] and kw["npl"] and max(kw["npl"]) < 2:
+    return _batched_fits(BatchedSpec(**kw), n_batch)
+
+
+def _batched_fits(spec: BatchedSpec, n_batch: int) -> BatchedSpec:
+    """What llama.cpp would abort on or skip, refused in one line: more users than a batch outputs, -pps for one
+    user, a fixed context that holds no cell."""
+    if spec.npl and max(spec.npl) > n_batch:
+        raise ConfigError(f"bench.batched.npl (-npl) {max(spec.npl)}: more users than the batch holds (-b {n_batch}; "
+                          "llama.cpp outputs at most n_batch tokens a decode, one per user): raise -b")
+    if spec.pps and spec.npl and max(spec.npl) < 2:
         raise ConfigError("bench.batched.pps (-pps) shares one prompt among users, but -npl has only 1 user: "
                           "give -npl more than 1 (e.g. 1,4,16) or drop -pps")
-    spec = BatchedSpec(**kw)
     if spec.ctx and spec.npl:
         need = {(pp, tg, pl): _batched_kv(spec, pp, tg, pl) for pp in spec.npp for tg in spec.ntg for pl in spec.npl}
         if min(need.values()) > spec.ctx:

@@ -139,3 +139,12 @@ def test_on_the_rpc_device(tmp_path, tiny_file):
         assert r.kv_buffers and all(k.startswith("RPC0[") for k in r.kv_buffers)  # the users' KV on the device
         assert r.device_used_bytes > 0 and "after_test" in r.device_memory
     assert recs[1].kv_bytes == 4 * recs[0].kv_bytes
+
+
+def test_small_cells_and_more_users_than_the_batch(tmp_path, tiny_file):
+    # a cell needing fewer KV cells than the 16-token warm-up: llama.cpp lowers the context's batch to 12 (it aborts
+    # on a bigger decode); the warm-up follows it down
+    recs, _, _ = _run(tmp_path, tiny_file, "small", npp=[4], ntg=[2], npl=[2])
+    assert [(r.status, r.batched["n_kv"]) for r in recs] == [("ok", 12)]
+    r = run_cli("run", "-m", str(tiny_file("Q4_0")), "-npl", "2,32", "-b", "16", "--no-report")
+    assert r.returncode == 2 and "more users than the batch holds (-b 16" in r.stderr

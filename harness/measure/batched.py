@@ -231,11 +231,12 @@ def run(s, bench: dict[str, Any], model_fields: dict[str, Any], todo: list[Batch
                 ctx_fields = context_fields(ctx_log, model_fields)
                 after_ctx = watch.read()
                 if not fixed or not warmed:
-                    _warm_up(s, ctx, bench["n_batch"], rng)
+                    _warm_up(s, ctx, rng)
                     warmed = True
                 with capture.paused(breakdown.null_log()):
                     st0 = machine.snapshot()
-                    t = run_cell(s, ctx, cell, unified, bench["n_batch"], rng)
+                    # llama.cpp lowers a context's batch to its n_ctx where that is smaller: chunks of what it takes
+                    t = run_cell(s, ctx, cell, unified, min(bench["n_batch"], s.lib.llama_n_batch(ctx)), rng)
                 state = machine.during(st0, machine.snapshot(), t["t_pp"] + t["t_tg"], bench["threads"], s.device)
                 n_kv_max = int(s.lib.llama_n_ctx(ctx))
                 settings = {"n_kv_max": n_kv_max, "n_batch": bench["n_batch"], "n_ubatch": bench["n_ubatch"],
@@ -271,14 +272,16 @@ def _context(s, bench: dict[str, Any], n_ctx: int, n_seq: int, unified: bool):
     return s.new_context(n_ctx, kv, bench["flash_attn"], n_seq_max=n_seq, kv_unified=unified)
 
 
-def _warm_up(s, ctx, n_batch: int, rng: np.random.Generator) -> None:
-    """batched-bench's warm-up: 16 random tokens of sequence 0, decoded and synchronized, untimed."""
+def _warm_up(s, ctx, rng: np.random.Generator) -> None:
+    """batched-bench's warm-up: 16 random tokens of sequence 0 (fewer where the context's batch is smaller),
+    decoded and synchronized, untimed."""
     lib = s.lib
-    w = _SeqBatch(lib, WARMUP_TOKENS)
+    n = min(WARMUP_TOKENS, lib.llama_n_batch(ctx))
+    w = _SeqBatch(lib, n)
     try:
-        w.fill(rng.integers(0, s.n_vocab, WARMUP_TOKENS, dtype=np.int32), np.arange(WARMUP_TOKENS),
-               np.zeros(WARMUP_TOKENS, dtype=np.int32), np.zeros(WARMUP_TOKENS, dtype=np.int8))
-        _decode_all(lib, ctx, w.chunks(n_batch), sync_each=True)
+        w.fill(rng.integers(0, s.n_vocab, n, dtype=np.int32), np.arange(n), np.zeros(n, dtype=np.int32),
+               np.zeros(n, dtype=np.int8))
+        _decode_all(lib, ctx, [w.batch], sync_each=True)
     finally:
         w.free()
         lib.llama_memory_clear(lib.llama_get_memory(ctx), False)
