@@ -148,3 +148,19 @@ def test_small_cells_and_more_users_than_the_batch(tmp_path, tiny_file):
     assert [(r.status, r.batched["n_kv"]) for r in recs] == [("ok", 12)]
     r = run_cli("run", "-m", str(tiny_file("Q4_0")), "-npl", "2,32", "-b", "16", "--no-report")
     assert r.returncode == 2 and "more users than the batch holds (-b 16" in r.stderr
+
+
+def test_rounds_share_the_repetitions(tmp_path, tiny_file):
+    from harness.measure import runner
+
+    cfg = config.from_dict({
+        "name": "rounds", "model": {"source": "local", "files": {"Q4_K_M": str(tiny_file("Q4_K_M"))}},
+        "bench": {"n_prompt": 0, "n_gen": 0, "rounds": 2, "repetitions": 2, "n_batch": 32, "n_ubatch": 32,
+                  "threads": 1, "batched": {"npp": [8], "ntg": [4], "npl": [1, 2], "repetitions": 3}},
+        "probes": {"enabled": False},
+    })
+    run_dir, _ = runner.run(cfg, out=tmp_path / "r", progress=False, echo=lambda s: None)
+    recs = schema.read_records(run_dir / "batched.jsonl")
+    # 3 repetitions over 2 rounds: 0 and 1 on the first visit, 2 on the second; each cell and repetition once
+    assert sorted((r.batched["pl"], r.rep, r.extra["visit"]["round"]) for r in recs) == [
+        (1, 0, 1), (1, 1, 1), (1, 2, 2), (2, 0, 1), (2, 1, 1), (2, 2, 2)]
