@@ -252,7 +252,7 @@ class Runner:
             mf = resolved.get(quant) or self._resolve(writer, head, quant)
             if mf is None:
                 return  # its error record is written; later rounds skip it
-            resolved[quant] = mf
+            resolved[quant] = mf._replace(built_now=False)  # a later round's visit says nothing was built
             paths[quant] = mf.path
             skip = [[t, d, r] for (_, t, d, r) in cells if (quant, t, d, r) not in todo]
             skip_side = [list(k) for k in self._side_keys(quant) if k not in side_todo]  # other visits' too
