@@ -1,6 +1,8 @@
 """``python -m harness estimate``: the page's estimate for a device and quant beside the calibrated one.
 
     python -m harness estimate --device "RTX 4090" --quant Q4_K_M [--context 8192] [--calibration FILE ...]
+    python -m harness estimate --device "H100 SXM" --quant Q4_K_M --users 16 --context 4096   # serving:
+        N users at C tokens each, memory term by term and a batched step model (harness.estimate_serving)
 
 The page's estimate is its own rule (:mod:`harness.catalog.page`). The calibrated estimate comes from a
 ``calibration.json`` written by ``python -m harness report``: the one from the same device if given, else
@@ -493,6 +495,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backend", choices=["cuda", "vulkan", "rocm", "metal"],
                    help="llama.cpp's backend on a GPU (default: CUDA on NVIDIA, ROCm on AMD, Metal on Apple)")
     p.add_argument("--json", action="store_true", help="the same figures as one JSON object on stdout")
+    from harness import estimate_serving
+
+    estimate_serving.add_arguments(p)
 
 
 def _error(msg: str) -> int:
@@ -507,6 +512,11 @@ def main(args) -> int:
         return _error(str(e))
     if args.context < 0:
         return _error("--context must be >= 0")
+    from harness import estimate_serving
+
+    bad = estimate_serving.check(args)
+    if bad:
+        return _error(bad)
     if args.bandwidth is not None and not args.bandwidth > 0:
         return _error("--bandwidth must be a positive number of GB/s")
     try:
@@ -517,6 +527,8 @@ def main(args) -> int:
         device = resolve_device(args.device, args.bandwidth, cals, args.vendor)
     except devices.UnknownDevice as e:
         return _error(str(e))
+    if args.users is not None:  # N users at C tokens each: memory term by term and a batched step model
+        return estimate_serving.main(args, device, cals)
     pg = page_estimate(device, args.quant)
     doc: dict[str, Any] = {"device": device, "quant": args.quant, "context": args.context, "page": pg}
     if device["kind"] != "cpu":
