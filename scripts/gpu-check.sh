@@ -20,9 +20,10 @@
 #              must say device=cuda
 #   5 collect  environment and logs, packed into OUT_DIR/gpu-check.tar.gz
 # OUT_DIR ends with at most 8 files (what the device tool returns): gpu-check.log (all output), stages.tsv,
-# records.jsonl, env.json, summary.csv, report.md, contexts.jsonl (the memory test), and gpu-check.tar.gz
-# (results/, report/, contexts/ (tg at depth), logs/, env/). The run writes outside OUT_DIR; records.jsonl,
-# contexts.jsonl and env.json are copied into OUT_DIR every few seconds while it runs, so a call killed at its
+# records.jsonl, env.json, summary.csv, report.md, contexts.jsonl (the memory test) or batched.jsonl (a serving
+# config's batched test: give it GPU_CHECK_CONTEXTS_CONFIG= too), and gpu-check.tar.gz (results/, report/,
+# contexts/ (tg at depth), logs/, env/). The run writes outside OUT_DIR; records.jsonl, contexts.jsonl,
+# batched.jsonl and env.json are copied into OUT_DIR every few seconds while it runs, so a call killed at its
 # limit (no exit trap then) still brings back every record measured by then.
 #
 # Environment:
@@ -118,7 +119,7 @@ die() { # CODE MESSAGE: the one loud line, then stage 5 runs from the exit trap
 RES=$WORK/results
 mirror() {
   local f
-  for f in records.jsonl contexts.jsonl env.json; do
+  for f in records.jsonl contexts.jsonl batched.jsonl env.json; do
     if [ -f "$RES/$f" ] && ! cmp -s "$RES/$f" "$OUT_DIR/$f"; then
       cp "$RES/$f" "$OUT_DIR/.$f.part" && mv "$OUT_DIR/.$f.part" "$OUT_DIR/$f"
     fi
@@ -519,19 +520,22 @@ mirror
 case "$run_rc" in 124|137) run_rc=130 ;; esac  # timeout's own codes: the deadline, then KILL 15 s later
 echo "harness run: exit $run_rc"
 if [ -f "$RES/records.jsonl" ]; then
-  "$VPY" - "$RES/records.jsonl" "$CONFIG" "${GPU_CHECK_QUANTS:-}" <<'EOF' || { [ "$run_rc" != 0 ] || run_rc=1; }
+  "$VPY" - "$RES" "$CONFIG" "${GPU_CHECK_QUANTS:-}" <<'EOF' || { [ "$run_rc" != 0 ] || run_rc=1; }
 import collections
 import json
+import os
 import sys
 
 from harness import config
 
 cfg = config.load(sys.argv[2], {"quants": sys.argv[3]} if sys.argv[3] else None)
 by = collections.defaultdict(collections.Counter)
-for line in open(sys.argv[1]):
-    if line.strip():
-        r = json.loads(line)
-        by[r["quant"]][r["device"] if r["status"] == "ok" else "error"] += 1
+for name in ("records.jsonl", "batched.jsonl"):  # a serving config's records are all batched
+    path = os.path.join(sys.argv[1], name)
+    for line in open(path) if os.path.exists(path) else ():
+        if line.strip():
+            r = json.loads(line)
+            by[r["quant"]][r["device"] if r["status"] == "ok" else "error"] += 1
 bad = []
 for q in cfg.quants:
     c = by.get(q)

@@ -256,7 +256,7 @@ class Runner:
             paths[quant] = mf.path
             skip = [[t, d, r] for (_, t, d, r) in cells if (quant, t, d, r) not in todo]
             skip_side = [list(k) for k in self._side_keys(quant) if k not in side_todo]  # other visits' too
-            self._measure(writer, head, quant, mf, skip, len(todo), skip_side, len(side_todo))
+            self._measure(writer, head, quant, mf, skip, len(todo), skip_side, side_todo)
             self.side_done.update((quant, *k) for k in side_todo)  # tried: errors are not retried
         elif v == 0:
             self.echo(f"{head} already measured (resume): skipped")
@@ -321,12 +321,15 @@ class Runner:
             return None
 
     def _measure(self, writer, head: str, quant: str, mf: ModelFile, skip: list, n_todo: int,
-                 skip_side: list | None = None, n_side: int = 0) -> None:
+                 skip_side: list | None = None, side_todo: list | None = None) -> None:
         t0 = time.monotonic()
         size = mf.path.stat().st_size
         built = " (built now)" if mf.built_now else ""
-        contexts = f" and {n_side} contexts and batched cells" if n_side else ""
-        self.echo(f"{head} {mf.path.name} {size / 1e6:,.0f} MB{built}; measuring {n_todo} repetitions{contexts}")
+        n_mem = sum(k[0] == "mem" for k in side_todo or ())
+        n_side = len(side_todo or ())
+        what = [f"{n} {name}" for n, name in ((n_todo, "repetitions"), (n_mem, "contexts (memory test)"),
+                                              (n_side - n_mem, "batched cells")) if n]
+        self.echo(f"{head} {mf.path.name} {size / 1e6:,.0f} MB{built}; measuring {' and '.join(what)}")
         logs = self.run_dir / "logs"
         base = {"run_id": self.run_id, "quant": quant, "weights": mf.weights, "weights_ref": mf.weights_ref,
                 "file_path": str(mf.path), "file_bytes": size, "file_sha256": mf.sha256,
