@@ -528,7 +528,7 @@ def main(args) -> int:
     except devices.UnknownDevice as e:
         return _error(str(e))
     if args.users is not None:  # N users at C tokens each: memory term by term and a batched step model
-        return estimate_serving.main(args, device, cals)
+        return estimate_serving.main(args, device, cals, _error, _json)
     pg = page_estimate(device, args.quant)
     doc: dict[str, Any] = {"device": device, "quant": args.quant, "context": args.context, "page": pg}
     if device["kind"] != "cpu":

@@ -368,10 +368,9 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(args, device: dict[str, Any], cals: list[dict]) -> int:
-    """The serving estimate for resolved `device` (harness.estimate.main has checked the quant and device)."""
-    from harness.estimate import _error, _json
-
+def main(args, device: dict[str, Any], cals: list[dict], _error, _json) -> int:
+    """The serving estimate for resolved `device` (harness.estimate.main has checked the quant and device, and
+    hands in its one-line error and its JSON printer)."""
     try:
         files = find_batched(args.batched)
         prompt = args.prompt or min(512, args.context)

@@ -33,8 +33,8 @@ INSTALL_HINT = "pip install -e '.[cluster]'"
 
 # View name -> the file each run folder holds for it (all three in the record schema).
 RECORD_FILES = {"records": "records.jsonl", "probes": "probes.jsonl", "contexts": "contexts.jsonl",
-                "quality": "quality.jsonl"}
-VIEWS = ("records", "probes", "contexts", "quality", "runs", "bench", "env")
+                "quality": "quality.jsonl", "batched": "batched.jsonl"}
+VIEWS = ("records", "probes", "contexts", "quality", "batched", "runs", "bench", "env")
 
 # Nested fields (buffers per name, tensor types, `extra` with keys that differ between runs) are read as JSON,
 # so runs whose nested keys differ never fail to read together; DuckDB queries them with ->, ->> and json_*.
@@ -154,7 +154,7 @@ RUNS_SQL = """
                  list(DISTINCT gpu_name ORDER BY gpu_name) FILTER (gpu_name IS NOT NULL) AS gpu_names,
                  list(DISTINCT llama_cpp_version ORDER BY llama_cpp_version)
                      FILTER (llama_cpp_version IS NOT NULL) AS llama_cpp_versions
-          FROM records GROUP BY folder) r
+          FROM (SELECT * FROM records UNION ALL BY NAME SELECT * FROM batched) GROUP BY folder) r
     LEFT JOIN env e USING (folder)
     ORDER BY r.run"""
 

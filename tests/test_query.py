@@ -64,7 +64,7 @@ def test_every_line_of_every_committed_run_is_a_row():
     con = query.connect([RESULTS])
     for view, fname in query.RECORD_FILES.items():
         got = dict(con.execute(f"SELECT run, count(*) FROM {view} GROUP BY run").fetchall())
-        want = {p.parent.name: len(lines(p)) for p in RESULTS.glob(f"*/{fname}")}
+        want = {p.parent.name: n for p in RESULTS.glob(f"*/{fname}") if (n := len(lines(p)))}  # an empty file: no rows
         assert got == want, view
         # the committed runs are of synthetic weights, which the quality test refuses: its view is read from a
         # real-weights run in tests/test_quality.py
