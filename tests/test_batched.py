@@ -164,3 +164,22 @@ def test_rounds_share_the_repetitions(tmp_path, tiny_file):
     # 3 repetitions over 2 rounds: 0 and 1 on the first visit, 2 on the second; each cell and repetition once
     assert sorted((r.batched["pl"], r.rep, r.extra["visit"]["round"]) for r in recs) == [
         (1, 0, 1), (1, 1, 1), (1, 2, 2), (2, 0, 1), (2, 1, 1), (2, 2, 2)]
+
+
+def test_only_the_context_quants_run_the_memory_test_once(tmp_path, tiny_file):
+    """Memory-test contexts and batched cells share one path: a quant outside bench.context_quants runs no context,
+    and over two rounds each context is made once (a regression made every quant run them on every visit)."""
+    from harness.measure import runner
+
+    cfg = config.from_dict({
+        "name": "cq", "model": {"source": "local", "files": {q: str(tiny_file(q)) for q in ("Q4_K_M", "Q8_0")}},
+        "bench": {"n_prompt": 8, "n_gen": 4, "rounds": 2, "repetitions": 2, "n_batch": 32, "n_ubatch": 32,
+                  "threads": 1, "contexts": [256, 512], "context_quants": ["Q4_K_M"],
+                  "batched": {"npp": [8], "ntg": [4], "npl": [2], "repetitions": 1}},
+        "probes": {"enabled": False},
+    })
+    run_dir, _ = runner.run(cfg, out=tmp_path / "cq", progress=False, echo=lambda s: None)
+    mem = schema.read_records(run_dir / "contexts.jsonl")
+    assert sorted((r.quant, r.n_ctx) for r in mem) == [("Q4_K_M", 256), ("Q4_K_M", 512)]
+    bat = schema.read_records(run_dir / "batched.jsonl")
+    assert sorted((r.quant, r.rep) for r in bat) == [("Q4_K_M", 0), ("Q8_0", 0)]

@@ -255,19 +255,18 @@ class Runner:
             resolved[quant] = mf._replace(built_now=False)  # a later round's visit says nothing was built
             paths[quant] = mf.path
             skip = [[t, d, r] for (_, t, d, r) in cells if (quant, t, d, r) not in todo]
-            skip_side = [list(k) for k in self._side_keys(quant) if k not in side_todo]  # other visits' too
+            every = [m.key for m in mem_cells(self.bench)] + [c.key for c in batched.cells(self.bench)]
+            skip_side = [list(k) for k in every if k not in side_todo]  # other quants', visits' and rounds' too
             self._measure(writer, head, quant, mf, skip, len(todo), skip_side, side_todo)
             self.side_done.update((quant, *k) for k in side_todo)  # tried: errors are not retried
         elif v == 0:
             self.echo(f"{head} already measured (resume): skipped")
 
-    def _side_keys(self, quant: str, v: int | None = None) -> list[tuple]:
+    def _side_keys(self, quant: str, v: int) -> list[tuple]:
         """The keys of `quant`'s memory-test contexts (bench.context_quants) and of its batched cells whose
-        repetitions fall on visit `v` (every visit's where None), less those that cannot fit a fixed context (said
-        when the run starts)."""
+        repetitions fall on visit `v`, less those that cannot fit a fixed context (said when the run starts)."""
         cq = self.bench.get("context_quants") or self.cfg.quants
-        n = self.bench["batched"]["repetitions"]
-        reps = set(range(n) if v is None else visit_reps(n, self.bench["rounds"], v))
+        reps = set(visit_reps(self.bench["batched"]["repetitions"], self.bench["rounds"], v))
         big = {(c.pp, c.tg, c.pl) for c in batched.too_big(self.bench)}
         return ([m.key for m in mem_cells(self.bench)] if quant in cq else []) + [
             c.key for c in batched.cells(self.bench) if c.rep in reps and (c.pp, c.tg, c.pl) not in big]
